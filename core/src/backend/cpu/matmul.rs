@@ -1,0 +1,294 @@
+//! `out[T, N] = x[T, K] · w[N, K]ᵀ + bias[N]` — every linear layer and the LM head.
+//!
+//! Weights are `[out, in]` (the `nn.Linear` layout), so each output is a dot product of one row
+//! of `x` with one row of `w`. Each output is reduced with one 8-lane accumulator over `K` in
+//! chunks of 8, then a fixed horizontal sum, then the scalar tail, then the bias: the same
+//! operations whatever the tile it sits in, the number of rows `T`, or the thread that runs it.
+//! This is what makes a decode step (T = 1) and a full-sequence forward agree bit for bit. The
+//! `gemm` crate reorders reductions by problem size, so it cannot keep that promise.
+//!
+//! Threads split the output rectangle into disjoint blocks; within a block, tiles of 4 rows × 3
+//! columns (12 independent accumulators) keep the FMA units busy; few rows use 1 × 8 tiles.
+
+use rayon::prelude::*;
+
+use super::simd::{isa, Isa};
+use super::SendPtr;
+
+/// `out[t*n + j] = dot(x[t*k..][..k], w[j*k..][..k]) + bias[j]` for all `t < rows`, `j < n`.
+pub fn matmul(
+    out: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    rows: usize,
+    n: usize,
+    k: usize,
+) {
+    assert!(
+        x.len() >= rows * k && w.len() >= n * k && out.len() >= rows * n,
+        "matmul operands too short for {rows}x{n}x{k}"
+    );
+    if let Some(b) = bias {
+        assert!(b.len() >= n, "matmul bias too short");
+    }
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let row_block = if rows <= 4 {
+        rows
+    } else {
+        64.min(rows.next_multiple_of(4))
+    };
+    let row_blocks = rows.div_ceil(row_block);
+    let col_blocks_wanted = (4 * threads).div_ceil(row_blocks).max(1);
+    let col_block = n.div_ceil(col_blocks_wanted).next_multiple_of(24).max(24);
+    let col_blocks = n.div_ceil(col_block);
+    let dst = SendPtr(out.as_mut_ptr());
+    (0..row_blocks * col_blocks)
+        .into_par_iter()
+        .for_each(|task| {
+            let (rb, cb) = (task / col_blocks, task % col_blocks);
+            let rect = Rect {
+                r0: rb * row_block,
+                r1: ((rb + 1) * row_block).min(rows),
+                c0: cb * col_block,
+                c1: ((cb + 1) * col_block).min(n),
+            };
+            let dst = dst;
+            // SAFETY: tasks cover disjoint rectangles of `out`, which holds rows*n values (asserted).
+            unsafe { compute_rect(dst.0, x, w, bias, n, k, rect) };
+        });
+}
+
+#[derive(Clone, Copy)]
+struct Rect {
+    r0: usize,
+    r1: usize,
+    c0: usize,
+    c1: usize,
+}
+
+/// Writes the outputs of `rect` (row stride `n`).
+///
+/// # Safety
+/// `out` must be valid for writes of `rect.r1 * n` values and no other thread may touch `rect`.
+unsafe fn compute_rect(
+    out: *mut f32,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    k: usize,
+    rect: Rect,
+) {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2+FMA detected; the caller's contract covers `out`.
+        Isa::Avx2Fma => unsafe { avx2::rect(out, x, w, bias, n, k, rect) },
+        _ => {
+            for r in rect.r0..rect.r1 {
+                for c in rect.c0..rect.c1 {
+                    let xs = &x[r * k..(r + 1) * k];
+                    let ws = &w[c * k..(c + 1) * k];
+                    let mut s = super::simd::dot(xs, ws);
+                    if let Some(b) = bias {
+                        s += b[c];
+                    }
+                    // SAFETY: r < rect.r1 and c < n, inside the caller's region.
+                    unsafe { *out.add(r * n + c) = s };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::super::simd::x86::hsum;
+    use super::Rect;
+
+    /// # Safety
+    /// AVX2+FMA present; `out` valid for `rect.r1 * n` writes, region exclusive to the caller.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rect(
+        out: *mut f32,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        n: usize,
+        k: usize,
+        r: Rect,
+    ) {
+        let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+        let rows = r.r1 - r.r0;
+        // SAFETY (all tile calls below): every tile reads rows r.r0..r.r1 of x and c0..c1 of w,
+        // inside the lengths asserted by `matmul`, and writes only inside `r`.
+        if rows >= 4 {
+            let mut c = r.c0;
+            while c < r.c1 {
+                let cols = (r.c1 - c).min(3);
+                let mut row = r.r0;
+                while row < r.r1 {
+                    let take = if r.r1 - row >= 4 { 4 } else { 1 };
+                    unsafe {
+                        match (take, cols) {
+                            (4, 3) => tile::<4, 3>(out, x, w, bias, n, k, row, c),
+                            (4, 2) => tile::<4, 2>(out, x, w, bias, n, k, row, c),
+                            (4, _) => tile::<4, 1>(out, x, w, bias, n, k, row, c),
+                            (_, 3) => tile::<1, 3>(out, x, w, bias, n, k, row, c),
+                            (_, 2) => tile::<1, 2>(out, x, w, bias, n, k, row, c),
+                            _ => tile::<1, 1>(out, x, w, bias, n, k, row, c),
+                        }
+                    }
+                    row += take;
+                }
+                c += cols;
+            }
+        } else {
+            for row in r.r0..r.r1 {
+                let mut c = r.c0;
+                while c + 8 <= r.c1 {
+                    unsafe { tile::<1, 8>(out, x, w, bias, n, k, row, c) };
+                    c += 8;
+                }
+                while c < r.c1 {
+                    unsafe { tile::<1, 1>(out, x, w, bias, n, k, row, c) };
+                    c += 1;
+                }
+            }
+        }
+    }
+
+    /// MR rows × NR columns of outputs starting at (row, col).
+    ///
+    /// # Safety
+    /// `row + MR` rows of `x` and `col + NR` rows of `w` exist (length `k` each); `out` is valid
+    /// at `(row + i) * n + col + j` for the tile, and exclusive to the caller.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const MR: usize, const NR: usize>(
+        out: *mut f32,
+        x: &[f32],
+        w: &[f32],
+        bias: *const f32,
+        n: usize,
+        k: usize,
+        row: usize,
+        col: usize,
+    ) {
+        let xp = unsafe { x.as_ptr().add(row * k) };
+        let wp = unsafe { w.as_ptr().add(col * k) };
+        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+        let chunks = k / 8;
+        for ch in 0..chunks {
+            let off = ch * 8;
+            let mut wv = [_mm256_setzero_ps(); NR];
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = unsafe { _mm256_loadu_ps(wp.add(j * k + off)) };
+            }
+            for (i, acc_row) in acc.iter_mut().enumerate() {
+                let xv = unsafe { _mm256_loadu_ps(xp.add(i * k + off)) };
+                for (a, wj) in acc_row.iter_mut().zip(wv.iter()) {
+                    *a = _mm256_fmadd_ps(xv, *wj, *a);
+                }
+            }
+        }
+        for (i, acc_row) in acc.iter().enumerate() {
+            for (j, a) in acc_row.iter().enumerate() {
+                let mut s = hsum(*a);
+                for kk in chunks * 8..k {
+                    s += unsafe { *xp.add(i * k + kk) * *wp.add(j * k + kk) };
+                }
+                if !bias.is_null() {
+                    s += unsafe { *bias.add(col + j) };
+                }
+                unsafe { *out.add((row + i) * n + col + j) = s };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0)
+                    - 0.5
+            })
+            .collect()
+    }
+
+    fn naive(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, n: usize, k: usize) -> Vec<f64> {
+        let mut out = vec![0f64; rows * n];
+        for r in 0..rows {
+            for c in 0..n {
+                let mut s: f64 = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
+                    .sum();
+                if let Some(b) = b {
+                    s += b[c] as f64;
+                }
+                out[r * n + c] = s;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_naive_on_awkward_shapes() {
+        for &(rows, n, k) in &[
+            (1, 1, 1),
+            (1, 7, 13),
+            (3, 5, 8),
+            (4, 3, 16),
+            (5, 29, 63),
+            (17, 50, 64),
+            (70, 31, 9),
+            (0, 4, 4),
+            (4, 0, 4),
+        ] {
+            let x = values(rows * k, 1);
+            let w = values(n * k, 2);
+            let b = values(n, 3);
+            let mut out = vec![0f32; rows * n];
+            matmul(&mut out, &x, &w, Some(&b), rows, n, k);
+            let want = naive(&x, &w, Some(&b), rows, n, k);
+            for (o, e) in out.iter().zip(&want) {
+                assert!((*o as f64 - e).abs() < 1e-4, "{rows}x{n}x{k}: {o} vs {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn each_row_is_bitwise_independent_of_batch_and_threads() {
+        let (rows, n, k) = (37, 45, 72);
+        let x = values(rows * k, 4);
+        let w = values(n * k, 5);
+        let mut full = vec![0f32; rows * n];
+        matmul(&mut full, &x, &w, None, rows, n, k);
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        for r in 0..rows {
+            let mut single = vec![0f32; n];
+            one.install(|| matmul(&mut single, &x[r * k..(r + 1) * k], &w, None, 1, n, k));
+            assert_eq!(
+                single.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                full[r * n..(r + 1) * n]
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>(),
+                "row {r}"
+            );
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! CPU kernels in f32.
+//!
+//! The engine's promise is that a token's log-prob is the same, bit for bit, whether it was
+//! computed during a decode step (one row), inside a long prefill, next to other sequences, or on
+//! any number of threads. Every kernel here therefore computes each output value with one fixed
+//! sequence of floating-point operations that depends only on the reduction length: threads split
+//! the *outputs*, never a reduction, and tiles of different shapes run the same per-output code.
+//!
+//! Dimension names used across the model code: `T` packed tokens in a call, `C` hidden size,
+//! `NH`/`NKV` query/KV heads, `HS` head size, `V` vocabulary, `F` MLP width.
+
+pub mod activation;
+pub mod attention;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+pub mod simd;
+pub mod softmax;
+
+/// A raw pointer that may cross threads. Used only where each thread writes a disjoint region,
+/// which the user states in a `// SAFETY:` line.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: the pointer is only dereferenced by code that guarantees disjoint writes.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}

@@ -1,0 +1,124 @@
+//! Runtime ISA detection (one chokepoint) and the few vector primitives shared by kernels.
+//!
+//! `RLX_FORCE_SCALAR=1` selects the portable path even where AVX2+FMA exist, so tests can exercise
+//! it. A process always uses one path, so results are reproducible within a machine.
+
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    /// x86-64 with AVX2 and FMA: 8 f32 lanes.
+    Avx2Fma,
+}
+
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(detect)
+}
+
+fn detect() -> Isa {
+    if std::env::var_os("RLX_FORCE_SCALAR").is_some_and(|v| v == "1") {
+        return Isa::Scalar;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2Fma;
+        }
+    }
+    Isa::Scalar
+}
+
+/// Dot product with a fixed summation order for a given length.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() returned Avx2Fma only after detecting both features.
+        Isa::Avx2Fma => unsafe { x86::dot(a, b) },
+        _ => dot_scalar(a, b),
+    }
+}
+
+/// `y += alpha * x` elementwise.
+pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += alpha * x;
+    }
+}
+
+fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            lanes[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut s = reduce8(&lanes);
+    for i in chunks * 8..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// Sums 8 lanes in the same pairwise order the AVX2 path uses.
+pub(crate) fn reduce8(l: &[f32; 8]) -> f32 {
+    let q = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    let d = [q[0] + q[2], q[1] + q[3]];
+    d[0] + d[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Horizontal sum: (lo + hi) pairwise, matching `reduce8`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn hsum(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let s = _mm_add_ss(d, _mm_shuffle_ps(d, d, 0b01));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let chunks = n / 8;
+        let mut acc = _mm256_setzero_ps();
+        for c in 0..chunks {
+            // SAFETY: c*8 + 8 <= n <= len of both slices.
+            let (va, vb) = unsafe {
+                (
+                    _mm256_loadu_ps(a.as_ptr().add(c * 8)),
+                    _mm256_loadu_ps(b.as_ptr().add(c * 8)),
+                )
+            };
+            acc = _mm256_fmadd_ps(va, vb, acc);
+        }
+        let mut s = hsum(acc);
+        for i in chunks * 8..n {
+            s += a[i] * b[i];
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_matches_f64_reference() {
+        for n in [0, 1, 7, 8, 9, 63, 64, 100] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(&a, &b) as f64 - exact).abs() < 1e-4, "n={n}");
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Batched generation: one prefill of all prompts (packed), then one decode step per new token
+//! for every sequence still running. Each sequence has its own KV cache, sized for the whole
+//! request up front, and its own sampler stream.
+
+use crate::backend::cpu::attention::Slot;
+use crate::backend::cpu::softmax::log_prob_of;
+use crate::error::Result;
+use crate::kv_cache::{zeroed, KvCache};
+use crate::model::{Model, Scratch};
+use crate::sampling::{Sampler, SamplingParams};
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It produced a stop token (kept as its last token).
+    Stop,
+    /// It reached `max_new_tokens`.
+    Length,
+    /// The streaming callback asked it to stop.
+    Cancelled,
+}
+
+/// One sequence's output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// New tokens only (not the prompt).
+    pub tokens: Vec<u32>,
+    /// For each new token, its log-prob under `softmax(logits / T)` (T = 1 when greedy), before
+    /// any penalty or top-k/p filter — what a training forward over the same tokens computes.
+    pub logprobs: Vec<f32>,
+    pub finish_reason: FinishReason,
+}
+
+/// Called for every generated token: (sequence index, token id, its log-prob). Returning
+/// `false` stops that sequence.
+pub type StreamCallback<'a> = dyn FnMut(usize, u32, f32) -> bool + Send + 'a;
+
+impl Model {
+    /// Generates a continuation for each prompt. Same `seed` ⇒ same tokens, whatever the batch.
+    pub fn generate<S: AsRef<[u32]> + Sync>(
+        &self,
+        prompts: &[S],
+        params: &SamplingParams,
+        mut on_token: Option<&mut StreamCallback<'_>>,
+    ) -> Result<Vec<Generation>> {
+        params.validate()?;
+        for p in prompts {
+            self.check_tokens(p.as_ref(), params.max_new_tokens)?;
+        }
+        let stop: Vec<u32> = params
+            .stop_token_ids
+            .clone()
+            .unwrap_or_else(|| self.eos_token_ids().to_vec());
+        let lp_temperature = params.logprob_temperature();
+        let cfg = self.config();
+        let v = cfg.vocab_size;
+        self.install(|| {
+            let n = prompts.len();
+            let mut caches = prompts
+                .iter()
+                .map(|p| KvCache::new(cfg, p.as_ref().len() + params.max_new_tokens))
+                .collect::<Result<Vec<_>>>()?;
+            let mut samplers: Vec<Sampler> = (0..n).map(|i| Sampler::new(params.seed, i)).collect();
+            let mut history: Vec<Vec<u32>> = prompts.iter().map(|p| p.as_ref().to_vec()).collect();
+            let mut outs: Vec<Generation> = (0..n)
+                .map(|_| Generation {
+                    tokens: Vec::with_capacity(params.max_new_tokens),
+                    logprobs: Vec::with_capacity(params.max_new_tokens),
+                    finish_reason: FinishReason::Length,
+                })
+                .collect();
+            if params.max_new_tokens == 0 || n == 0 {
+                return Ok(outs);
+            }
+            let mut s = Scratch::default();
+            let c = cfg.hidden_size;
+
+            // Prefill every prompt in one packed call; keep each one's last hidden row.
+            let mut tokens: Vec<u32> = Vec::new();
+            let mut slots: Vec<Slot> = Vec::new();
+            let mut last_rows = Vec::with_capacity(n);
+            for (i, p) in prompts.iter().enumerate() {
+                let p = p.as_ref();
+                tokens.extend_from_slice(p);
+                slots.extend((0..p.len()).map(|pos| Slot { seq: i, pos }));
+                last_rows.push(tokens.len() - 1);
+            }
+            self.forward(&tokens, &slots, &mut caches, &mut s)?;
+            let mut hidden = vec![0f32; n * c];
+            for (i, &r) in last_rows.iter().enumerate() {
+                hidden[i * c..(i + 1) * c].copy_from_slice(&s.h[r * c..(r + 1) * c]);
+            }
+            let mut logits = zeroed(n * v)?;
+            let mut active: Vec<usize> = (0..n).collect();
+
+            while !active.is_empty() {
+                self.lm_head(&mut logits, &hidden, active.len());
+                let mut still = Vec::with_capacity(active.len());
+                for (row, &seq) in active.iter().enumerate() {
+                    let l = &logits[row * v..(row + 1) * v];
+                    let tok = samplers[seq].sample(l, &history[seq], params);
+                    let lp = log_prob_of(l, lp_temperature, tok as usize);
+                    history[seq].push(tok);
+                    let out = &mut outs[seq];
+                    out.tokens.push(tok);
+                    out.logprobs.push(lp);
+                    let keep_going = match on_token.as_deref_mut() {
+                        Some(cb) => cb(seq, tok, lp),
+                        None => true,
+                    };
+                    if stop.contains(&tok) {
+                        out.finish_reason = FinishReason::Stop;
+                    } else if !keep_going {
+                        out.finish_reason = FinishReason::Cancelled;
+                    } else if out.tokens.len() < params.max_new_tokens {
+                        still.push(seq);
+                    }
+                }
+                active = still;
+                if active.is_empty() {
+                    break;
+                }
+                // Decode step: the newest token of every running sequence.
+                tokens.clear();
+                slots.clear();
+                for &seq in &active {
+                    let h = &history[seq];
+                    tokens.push(h[h.len() - 1]);
+                    slots.push(Slot {
+                        seq,
+                        pos: h.len() - 1,
+                    });
+                }
+                self.forward(&tokens, &slots, &mut caches, &mut s)?;
+                hidden[..active.len() * c].copy_from_slice(&s.h[..active.len() * c]);
+            }
+            Ok(outs)
+        })
+    }
+
+    /// Text in, text out: encodes `prompt` (with the tokenizer's special tokens), generates, and
+    /// decodes the new tokens (skipping special tokens).
+    pub fn generate_text(&self, prompt: &str, params: &SamplingParams) -> Result<String> {
+        let tok = self.require_tokenizer()?;
+        let ids = tok.encode(prompt, true)?;
+        let out = self.generate(&[ids], params, None)?;
+        let new = out.first().map(|g| g.tokens.as_slice()).unwrap_or_default();
+        tok.decode(new, true)
+    }
+}

@@ -1,0 +1,194 @@
+//! The decoder forward pass over a packed batch: tokens of several sequences concatenated, each
+//! with its sequence and position (`Slot`). Prefill and decode are the same call: a prefill
+//! passes a sequence's prompt, a decode step passes one token per sequence.
+
+use crate::backend::cpu::activation::{add_inplace, gelu_tanh, silu_mul};
+use crate::backend::cpu::attention::{attention, Heads, KvView, Slot};
+use crate::backend::cpu::matmul::matmul;
+use crate::backend::cpu::norm::{layernorm, rmsnorm};
+use crate::backend::cpu::rope;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+
+use super::weights::{Linear, Mlp, Norm};
+use super::Model;
+
+/// Activation buffers for one call, reused across decode steps (`Vec::resize` keeps capacity).
+#[derive(Default)]
+pub(crate) struct Scratch {
+    /// `(T, C)` residual stream.
+    pub x: Vec<f32>,
+    /// `(T, C)` normed input of a sub-block; after `forward`, the final-normed hidden states.
+    pub h: Vec<f32>,
+    /// `(T, NH·HS)`.
+    q: Vec<f32>,
+    /// `(T, NKV·HS)`.
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// `(T, NH·HS)` attention output before the projection.
+    att: Vec<f32>,
+    /// `(T, C)` sub-block output before the residual add.
+    out: Vec<f32>,
+    /// `(T, F)` MLP hidden (and the SwiGLU `up` branch).
+    m1: Vec<f32>,
+    m2: Vec<f32>,
+    positions: Vec<usize>,
+    next_pos: Vec<usize>,
+}
+
+impl Model {
+    /// Runs all layers over `tokens`, appending their K/V to `caches[slot.seq]`; leaves the
+    /// final-normed hidden states in `s.h` as `(T, C)`.
+    pub(crate) fn forward(
+        &self,
+        tokens: &[u32],
+        slots: &[Slot],
+        caches: &mut [KvCache],
+        s: &mut Scratch,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let (t, c) = (tokens.len(), cfg.hidden_size);
+        if slots.len() != t {
+            return Err(Error::invalid("one slot per token is required"));
+        }
+        // Positions of each sequence must continue its cache without gaps.
+        s.next_pos.clear();
+        s.next_pos.extend(caches.iter().map(KvCache::len));
+        for (&tok, slot) in tokens.iter().zip(slots) {
+            if tok as usize >= cfg.vocab_size {
+                return Err(Error::TokenOutOfRange {
+                    id: tok,
+                    vocab: cfg.vocab_size,
+                });
+            }
+            let next = s
+                .next_pos
+                .get_mut(slot.seq)
+                .ok_or_else(|| Error::invalid("slot names a missing sequence"))?;
+            if slot.pos != *next {
+                return Err(Error::invalid("token positions must continue the cache"));
+            }
+            if slot.pos >= caches[slot.seq].capacity() || slot.pos >= cfg.max_position_embeddings {
+                return Err(Error::ContextOverflow {
+                    requested: slot.pos + 1,
+                    max: caches[slot.seq].capacity().min(cfg.max_position_embeddings),
+                });
+            }
+            *next += 1;
+        }
+        let (qd, kvd, f) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        s.x.resize(t * c, 0.0);
+        s.h.resize(t * c, 0.0);
+        s.q.resize(t * qd, 0.0);
+        s.k.resize(t * kvd, 0.0);
+        s.v.resize(t * kvd, 0.0);
+        s.att.resize(t * qd, 0.0);
+        s.out.resize(t * c, 0.0);
+        s.m1.resize(t * f, 0.0);
+        s.m2.resize(t * f, 0.0);
+        s.positions.clear();
+        s.positions.extend(slots.iter().map(|sl| sl.pos));
+
+        self.embed(tokens, &s.positions, &mut s.x);
+        let rope_tables = self
+            .rope_inv_freq
+            .as_ref()
+            .map(|f| rope::tables(f, &s.positions));
+        let heads = Heads {
+            nh: cfg.num_heads,
+            nkv: cfg.num_kv_heads,
+            hs: cfg.head_dim,
+        };
+
+        for (l, layer) in self.weights.layers.iter().enumerate() {
+            // Attention block.
+            self.norm(&layer.attn_norm, &mut s.h, &s.x);
+            linear(&mut s.q, &s.h, &layer.q, t);
+            linear(&mut s.k, &s.h, &layer.k, t);
+            linear(&mut s.v, &s.h, &layer.v, t);
+            if let Some((cos, sin)) = &rope_tables {
+                rope::apply(&mut s.q, cos, sin, heads.nh, heads.hs);
+                rope::apply(&mut s.k, cos, sin, heads.nkv, heads.hs);
+            }
+            for (i, slot) in slots.iter().enumerate() {
+                caches[slot.seq].write(
+                    l,
+                    slot.pos,
+                    &s.k[i * kvd..(i + 1) * kvd],
+                    &s.v[i * kvd..(i + 1) * kvd],
+                );
+            }
+            let views: Vec<KvView<'_>> = caches
+                .iter()
+                .map(|cache| {
+                    let (k, v) = cache.layer(l);
+                    KvView { k, v }
+                })
+                .collect();
+            attention(&mut s.att, &s.q, slots, &views, heads);
+            linear(&mut s.out, &s.att, &layer.o, t);
+            add_inplace(&mut s.x, &s.out);
+
+            // MLP block.
+            self.norm(&layer.mlp_norm, &mut s.h, &s.x);
+            match &layer.mlp {
+                Mlp::Gelu { fc, proj } => {
+                    linear(&mut s.m1, &s.h, fc, t);
+                    gelu_tanh(&mut s.m1);
+                    linear(&mut s.out, &s.m1, proj, t);
+                }
+                Mlp::SwiGlu { gate, up, down } => {
+                    linear(&mut s.m1, &s.h, gate, t);
+                    linear(&mut s.m2, &s.h, up, t);
+                    silu_mul(&mut s.m1, &s.m2);
+                    linear(&mut s.out, &s.m1, down, t);
+                }
+            }
+            add_inplace(&mut s.x, &s.out);
+        }
+        self.norm(&self.weights.final_norm, &mut s.h, &s.x);
+        for (cache, &next) in caches.iter_mut().zip(&s.next_pos) {
+            cache.set_len(next);
+        }
+        Ok(())
+    }
+
+    /// `x = wte[token] (+ wpe[pos])`.
+    fn embed(&self, tokens: &[u32], positions: &[usize], x: &mut [f32]) {
+        let c = self.config.hidden_size;
+        let wte = self.weights.tok_emb.as_slice();
+        let wpe = self.weights.pos_emb.as_ref().map(|p| p.as_slice());
+        for (i, (&tok, &pos)) in tokens.iter().zip(positions).enumerate() {
+            let row = &mut x[i * c..(i + 1) * c];
+            row.copy_from_slice(&wte[tok as usize * c..][..c]);
+            if let Some(wpe) = wpe {
+                for (r, p) in row.iter_mut().zip(&wpe[pos * c..][..c]) {
+                    *r += p;
+                }
+            }
+        }
+    }
+
+    fn norm(&self, norm: &Norm, out: &mut [f32], x: &[f32]) {
+        let (c, eps) = (self.config.hidden_size, self.config.norm_eps);
+        match norm {
+            Norm::Layer { w, b } => layernorm(out, x, w.as_slice(), b.as_slice(), c, eps),
+            Norm::Rms { w } => rmsnorm(out, x, w.as_slice(), c, eps),
+        }
+    }
+}
+
+/// `out (T, out) = x (T, in) · Wᵀ + b`.
+fn linear(out: &mut [f32], x: &[f32], layer: &Linear, t: usize) {
+    let shape = layer.w.shape();
+    let (n, k) = (shape[0], shape[1]);
+    matmul(
+        &mut out[..t * n],
+        &x[..t * k],
+        layer.w.as_slice(),
+        layer.b.as_ref().map(|b| b.as_slice()),
+        t,
+        n,
+        k,
+    );
+}

@@ -1,0 +1,354 @@
+//! `Model`: a loaded decoder with its tokenizer, and the token-level primitives on it —
+//! `logits`, `logprobs` (here) and `generate` (in `generate.rs`).
+
+mod forward;
+mod weights;
+
+use std::path::{Path, PathBuf};
+
+use rayon::ThreadPool;
+use serde_json::Value;
+
+use crate::backend::cpu::attention::Slot;
+use crate::backend::cpu::matmul::matmul;
+use crate::backend::cpu::rope;
+use crate::backend::cpu::softmax::log_prob_of;
+use crate::config::{generation_eos_ids, ModelConfig};
+use crate::error::{Error, Result};
+use crate::kv_cache::{zeroed, KvCache};
+use crate::tokenizer::Tokenizer;
+use crate::weights::SafetensorsCheckpoint;
+
+pub(crate) use forward::Scratch;
+pub use weights::ModelWeights;
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Worker threads for this model's calls; 0 = rayon's global pool (one per core).
+    pub threads: usize,
+}
+
+pub struct Model {
+    config: ModelConfig,
+    weights: ModelWeights,
+    tokenizer: Option<Tokenizer>,
+    eos_token_ids: Vec<u32>,
+    rope_inv_freq: Option<Vec<f64>>,
+    pool: Option<ThreadPool>,
+    source: PathBuf,
+}
+
+/// Rows of the LM head computed at once when scoring whole sequences: bounds the logits buffer
+/// to `LOGIT_ROWS × V` instead of `T × V`.
+const LOGIT_ROWS: usize = 32;
+/// Tokens packed into one forward when scoring many sequences.
+const PACK_TOKENS: usize = 2048;
+
+impl Model {
+    /// Loads an HF model folder: `config.json`, `model.safetensors` (or shards with
+    /// `model.safetensors.index.json`), and when present `tokenizer.json`,
+    /// `tokenizer_config.json`, `generation_config.json`.
+    pub fn load(path: impl AsRef<Path>, options: LoadOptions) -> Result<Model> {
+        let dir = path.as_ref();
+        if !dir.exists() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            ));
+        }
+        if !dir.is_dir() {
+            return Err(Error::format(
+                dir,
+                "expected a model folder (config.json + model.safetensors)",
+            ));
+        }
+        let pool = build_pool(options.threads)?;
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let load = || -> Result<ModelWeights> {
+            let ck = SafetensorsCheckpoint::open_dir(dir)?;
+            ModelWeights::from_safetensors(&ck, &config)
+        };
+        let weights = match &pool {
+            Some(p) => p.install(load)?,
+            None => load()?,
+        };
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let eos_token_ids = default_eos_ids(dir, &config, tokenizer.as_ref())?;
+        let rope_inv_freq = config
+            .rope
+            .as_ref()
+            .map(|r| rope::inv_freq(r, config.head_dim));
+        Ok(Model {
+            config,
+            weights,
+            tokenizer,
+            eos_token_ids,
+            rope_inv_freq,
+            pool,
+            source: dir.to_path_buf(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn weights(&self) -> &ModelWeights {
+        &self.weights
+    }
+
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// The tokenizer, or an error saying the model has none.
+    pub fn require_tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or(Error::NoTokenizer)
+    }
+
+    /// Tokens that end generation by default (`generation_config.json`, else `config.json`, else
+    /// the tokenizer's `eos_token`).
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// Runs `f` on this model's thread pool.
+    pub(crate) fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+
+    /// Checks that a sequence is non-empty, in the vocabulary, and fits the context.
+    pub(crate) fn check_tokens(&self, tokens: &[u32], extra: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::invalid("a sequence needs at least one token"));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::TokenOutOfRange { id, vocab });
+        }
+        let requested = tokens.len().saturating_add(extra);
+        let max = self.config.max_position_embeddings;
+        if requested > max {
+            return Err(Error::ContextOverflow { requested, max });
+        }
+        if let Some(window) = self.config.sliding_window {
+            if requested > window {
+                return Err(Error::Unsupported(format!(
+                    "sequence of {requested} positions exceeds the model's sliding window \
+                     ({window}); rlx does not implement sliding-window attention"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Full logits `(T, V)` of one sequence, row `t` predicting token `t + 1`.
+    pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_tokens(tokens, 0)?;
+        self.install(|| {
+            let mut cache = [KvCache::new(&self.config, tokens.len())?];
+            let slots: Vec<Slot> = (0..tokens.len()).map(|pos| Slot { seq: 0, pos }).collect();
+            let mut s = Scratch::default();
+            self.forward(tokens, &slots, &mut cache, &mut s)?;
+            let v = self.config.vocab_size;
+            let mut logits = zeroed(tokens.len() * v)?;
+            self.lm_head(&mut logits, &s.h, tokens.len());
+            Ok(logits)
+        })
+    }
+
+    /// Per-token log-probs: for each sequence, `log p(x_t | x_<t)` for `t = 1..len` under
+    /// `softmax(logits / temperature)` (`len - 1` values; temperature 0 means 1).
+    ///
+    /// The values are bitwise identical to those `generate` reports for the same tokens.
+    pub fn logprobs<S: AsRef<[u32]> + Sync>(
+        &self,
+        sequences: &[S],
+        temperature: f32,
+    ) -> Result<Vec<Vec<f32>>> {
+        let temperature = checked_temperature(temperature)?;
+        for seq in sequences {
+            self.check_tokens(seq.as_ref(), 0)?;
+        }
+        self.install(|| {
+            let mut out: Vec<Vec<f32>> = Vec::with_capacity(sequences.len());
+            let mut s = Scratch::default();
+            let mut start = 0;
+            while start < sequences.len() {
+                // Pack whole sequences up to a token budget (at least one sequence).
+                let mut end = start + 1;
+                let mut tokens = sequences[start].as_ref().len();
+                while end < sequences.len() && tokens + sequences[end].as_ref().len() <= PACK_TOKENS
+                {
+                    tokens += sequences[end].as_ref().len();
+                    end += 1;
+                }
+                out.extend(self.logprobs_packed(&sequences[start..end], temperature, &mut s)?);
+                start = end;
+            }
+            Ok(out)
+        })
+    }
+
+    /// Sum of log-probs over the tokens selected by `mask` (one flag per token; token 0 has no
+    /// log-prob and must not be selected) — the response log-likelihood of RLHF objectives.
+    pub fn masked_logprob_sums<S: AsRef<[u32]> + Sync>(
+        &self,
+        sequences: &[S],
+        masks: &[Vec<bool>],
+        temperature: f32,
+    ) -> Result<Vec<f64>> {
+        if masks.len() != sequences.len() {
+            return Err(Error::invalid(format!(
+                "{} masks for {} sequences",
+                masks.len(),
+                sequences.len()
+            )));
+        }
+        for (i, (seq, mask)) in sequences.iter().zip(masks).enumerate() {
+            if mask.len() != seq.as_ref().len() {
+                return Err(Error::invalid(format!(
+                    "mask {i} has {} entries for a sequence of {} tokens",
+                    mask.len(),
+                    seq.as_ref().len()
+                )));
+            }
+            if mask.first() == Some(&true) {
+                return Err(Error::invalid(format!(
+                    "mask {i} selects token 0, which has no log-prob"
+                )));
+            }
+        }
+        let lps = self.logprobs(sequences, temperature)?;
+        Ok(lps
+            .iter()
+            .zip(masks)
+            .map(|(lp, mask)| {
+                lp.iter()
+                    .zip(&mask[1..])
+                    .filter(|(_, &m)| m)
+                    .map(|(&v, _)| v as f64)
+                    .sum()
+            })
+            .collect())
+    }
+
+    fn logprobs_packed<S: AsRef<[u32]>>(
+        &self,
+        sequences: &[S],
+        temperature: f32,
+        s: &mut Scratch,
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut tokens = Vec::new();
+        let mut slots = Vec::new();
+        let mut caches = Vec::with_capacity(sequences.len());
+        for (i, seq) in sequences.iter().enumerate() {
+            let seq = seq.as_ref();
+            tokens.extend_from_slice(seq);
+            slots.extend((0..seq.len()).map(|pos| Slot { seq: i, pos }));
+            caches.push(KvCache::new(&self.config, seq.len())?);
+        }
+        self.forward(&tokens, &slots, &mut caches, s)?;
+        let (c, v) = (self.config.hidden_size, self.config.vocab_size);
+        // Row r of the packed batch predicts tokens[r + 1] unless r is a sequence's last token.
+        let mut rows: Vec<(usize, u32)> = Vec::with_capacity(tokens.len());
+        let mut offset = 0;
+        for seq in sequences {
+            let seq = seq.as_ref();
+            for t in 1..seq.len() {
+                rows.push((offset + t - 1, seq[t]));
+            }
+            offset += seq.len();
+        }
+        let mut lps = vec![0f32; rows.len()];
+        let mut hidden = vec![0f32; LOGIT_ROWS * c];
+        let mut logits = zeroed(LOGIT_ROWS * v)?;
+        for (chunk, lp_chunk) in rows.chunks(LOGIT_ROWS).zip(lps.chunks_mut(LOGIT_ROWS)) {
+            for (i, &(r, _)) in chunk.iter().enumerate() {
+                hidden[i * c..(i + 1) * c].copy_from_slice(&s.h[r * c..(r + 1) * c]);
+            }
+            self.lm_head(&mut logits, &hidden, chunk.len());
+            for (i, (&(_, target), lp)) in chunk.iter().zip(lp_chunk.iter_mut()).enumerate() {
+                *lp = log_prob_of(&logits[i * v..(i + 1) * v], temperature, target as usize);
+            }
+        }
+        let mut out = Vec::with_capacity(sequences.len());
+        let mut taken = 0;
+        for seq in sequences {
+            let n = seq.as_ref().len() - 1;
+            out.push(lps[taken..taken + n].to_vec());
+            taken += n;
+        }
+        Ok(out)
+    }
+
+    /// `logits (rows, V) = hidden (rows, C) · headᵀ`.
+    pub(crate) fn lm_head(&self, logits: &mut [f32], hidden: &[f32], rows: usize) {
+        let (c, v) = (self.config.hidden_size, self.config.vocab_size);
+        matmul(
+            &mut logits[..rows * v],
+            &hidden[..rows * c],
+            self.weights.lm_head().as_slice(),
+            None,
+            rows,
+            v,
+            c,
+        );
+    }
+}
+
+pub(crate) fn checked_temperature(t: f32) -> Result<f32> {
+    if !(t.is_finite() && t >= 0.0) {
+        return Err(Error::invalid(format!(
+            "temperature must be a finite number ≥ 0, got {t}"
+        )));
+    }
+    Ok(if t == 0.0 { 1.0 } else { t })
+}
+
+fn build_pool(threads: usize) -> Result<Option<ThreadPool>> {
+    if threads == 0 {
+        return Ok(None);
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map(Some)
+        .map_err(|e| Error::invalid(format!("cannot start {threads} threads: {e}")))
+}
+
+fn default_eos_ids(dir: &Path, cfg: &ModelConfig, tok: Option<&Tokenizer>) -> Result<Vec<u32>> {
+    let gen_path = dir.join("generation_config.json");
+    if gen_path.is_file() {
+        let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: gen_path.clone(),
+            message: e.to_string(),
+        })?;
+        if let Some(ids) = generation_eos_ids(&value)? {
+            if let Some(&id) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                return Err(Error::TokenOutOfRange {
+                    id,
+                    vocab: cfg.vocab_size,
+                });
+            }
+            return Ok(ids);
+        }
+    }
+    if !cfg.eos_token_ids.is_empty() {
+        return Ok(cfg.eos_token_ids.clone());
+    }
+    Ok(tok
+        .and_then(Tokenizer::eos_token_id)
+        .filter(|&id| (id as usize) < cfg.vocab_size)
+        .into_iter()
+        .collect())
+}

@@ -1,0 +1,188 @@
+//! The model's parameters, gathered from a checkpoint under their HF names and checked against
+//! the config's shapes. All linear weights are `[out, in]`.
+
+use crate::config::{Family, ModelConfig};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use crate::weights::SafetensorsCheckpoint;
+
+pub struct Linear {
+    /// `(out, in)`.
+    pub w: Tensor,
+    /// `(out)`.
+    pub b: Option<Tensor>,
+}
+
+pub enum Norm {
+    Layer { w: Tensor, b: Tensor },
+    Rms { w: Tensor },
+}
+
+pub enum Mlp {
+    /// GPT-2: `proj(gelu(fc(x)))`.
+    Gelu { fc: Linear, proj: Linear },
+    /// Llama: `down(silu(gate(x)) * up(x))`.
+    SwiGlu {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+}
+
+pub struct Layer {
+    pub attn_norm: Norm,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub mlp_norm: Norm,
+    pub mlp: Mlp,
+}
+
+pub struct ModelWeights {
+    /// `(V, C)`.
+    pub tok_emb: Tensor,
+    /// `(P, C)` learned positions (GPT-2 only).
+    pub pos_emb: Option<Tensor>,
+    pub layers: Vec<Layer>,
+    pub final_norm: Norm,
+    /// `(V, C)`; `None` when tied to `tok_emb`.
+    pub lm_head: Option<Tensor>,
+}
+
+impl ModelWeights {
+    pub fn lm_head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.tok_emb)
+    }
+
+    pub fn from_safetensors(ck: &SafetensorsCheckpoint, cfg: &ModelConfig) -> Result<Self> {
+        match cfg.family() {
+            Family::Gpt2 => gpt2(ck, cfg),
+            Family::Llama => llama(ck, cfg),
+        }
+    }
+}
+
+fn llama(ck: &SafetensorsCheckpoint, cfg: &ModelConfig) -> Result<ModelWeights> {
+    let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+    let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+        Ok(Linear {
+            w: ck.tensor(&format!("{name}.weight"), &[out, inp])?,
+            b: if bias {
+                Some(ck.tensor(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            },
+        })
+    };
+    let rms = |name: &str| -> Result<Norm> {
+        Ok(Norm::Rms {
+            w: ck.tensor(&format!("{name}.weight"), &[c])?,
+        })
+    };
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        layers.push(Layer {
+            attn_norm: rms(&format!("{p}.input_layernorm"))?,
+            q: linear(&format!("{p}.self_attn.q_proj"), qd, c, cfg.qkv_bias)?,
+            k: linear(&format!("{p}.self_attn.k_proj"), kvd, c, cfg.qkv_bias)?,
+            v: linear(&format!("{p}.self_attn.v_proj"), kvd, c, cfg.qkv_bias)?,
+            o: linear(&format!("{p}.self_attn.o_proj"), c, qd, cfg.attn_out_bias)?,
+            mlp_norm: rms(&format!("{p}.post_attention_layernorm"))?,
+            mlp: Mlp::SwiGlu {
+                gate: linear(&format!("{p}.mlp.gate_proj"), f, c, cfg.mlp_bias)?,
+                up: linear(&format!("{p}.mlp.up_proj"), f, c, cfg.mlp_bias)?,
+                down: linear(&format!("{p}.mlp.down_proj"), c, f, cfg.mlp_bias)?,
+            },
+        });
+    }
+    let lm_head = if cfg.tie_word_embeddings {
+        None
+    } else {
+        Some(ck.tensor("lm_head.weight", &[v, c])?)
+    };
+    Ok(ModelWeights {
+        tok_emb: ck.tensor("model.embed_tokens.weight", &[v, c])?,
+        pos_emb: None,
+        layers,
+        final_norm: rms("model.norm")?,
+        lm_head,
+    })
+}
+
+fn gpt2(ck: &SafetensorsCheckpoint, cfg: &ModelConfig) -> Result<ModelWeights> {
+    let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    // Checkpoints saved from GPT2LMHeadModel prefix names with `transformer.`; the original
+    // OpenAI conversions do not.
+    let prefix = if ck.contains("transformer.wte.weight") {
+        "transformer."
+    } else {
+        ""
+    };
+    let name = |n: &str| format!("{prefix}{n}");
+    // Conv1D stores `(in, out)`; transpose to `(out, in)`.
+    let conv = |n: &str, inp: usize, out: usize| -> Result<Linear> {
+        Ok(Linear {
+            w: ck.tensor_transposed(&name(&format!("{n}.weight")), [inp, out])?,
+            b: Some(ck.tensor(&name(&format!("{n}.bias")), &[out])?),
+        })
+    };
+    let ln = |n: &str| -> Result<Norm> {
+        Ok(Norm::Layer {
+            w: ck.tensor(&name(&format!("{n}.weight")), &[c])?,
+            b: ck.tensor(&name(&format!("{n}.bias")), &[c])?,
+        })
+    };
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for l in 0..cfg.num_layers {
+        let p = format!("h.{l}");
+        // The fused c_attn `(C, 3C)` becomes three `(C, C)` projections.
+        let qkv = conv(&format!("{p}.attn.c_attn"), c, 3 * c)?;
+        let (q, k, v) = split_rows(&qkv, c, c)?;
+        layers.push(Layer {
+            attn_norm: ln(&format!("{p}.ln_1"))?,
+            q,
+            k,
+            v,
+            o: conv(&format!("{p}.attn.c_proj"), c, c)?,
+            mlp_norm: ln(&format!("{p}.ln_2"))?,
+            mlp: Mlp::Gelu {
+                fc: conv(&format!("{p}.mlp.c_fc"), c, f)?,
+                proj: conv(&format!("{p}.mlp.c_proj"), f, c)?,
+            },
+        });
+    }
+    let lm_head = if cfg.tie_word_embeddings {
+        None
+    } else {
+        Some(ck.tensor("lm_head.weight", &[v, c])?)
+    };
+    Ok(ModelWeights {
+        tok_emb: ck.tensor(&name("wte.weight"), &[v, c])?,
+        pos_emb: Some(ck.tensor(&name("wpe.weight"), &[cfg.max_position_embeddings, c])?),
+        layers,
+        final_norm: ln("ln_f")?,
+        lm_head,
+    })
+}
+
+/// Splits a `(3·rows, cols)` projection into three `(rows, cols)` ones.
+fn split_rows(fused: &Linear, rows: usize, cols: usize) -> Result<(Linear, Linear, Linear)> {
+    let w = fused.w.as_slice();
+    let b = fused.b.as_ref().map(|b| b.as_slice());
+    let part = |i: usize| -> Result<Linear> {
+        let wv = w[i * rows * cols..(i + 1) * rows * cols].to_vec();
+        let bv = b.map(|b| b[i * rows..(i + 1) * rows].to_vec());
+        let bad = || Error::Config("c_attn does not split into q, k, v".into());
+        Ok(Linear {
+            w: Tensor::owned(wv, vec![rows, cols]).ok_or_else(bad)?,
+            b: match bv {
+                Some(bv) => Some(Tensor::owned(bv, vec![rows]).ok_or_else(bad)?),
+                None => None,
+            },
+        })
+    };
+    Ok((part(0)?, part(1)?, part(2)?))
+}
