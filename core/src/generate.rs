@@ -33,7 +33,7 @@ pub struct Generation {
 
 /// Called for every generated token: (sequence index, token id, its log-prob). Returning
 /// `false` stops that sequence.
-pub type StreamCallback<'a> = dyn FnMut(usize, u32, f32) -> bool + Send + 'a;
+pub type StreamCallback<'a> = dyn FnMut(usize, u32, f32) -> bool + 'a;
 
 impl Model {
     /// Generates a continuation for each prompt. Same `seed` ⇒ same tokens, whatever the batch.
@@ -54,7 +54,8 @@ impl Model {
         let lp_temperature = params.logprob_temperature();
         let cfg = self.config();
         let v = cfg.vocab_size;
-        self.install(|| {
+        // Compute runs on the model's pool; sampling and the callback stay on the caller's thread.
+        {
             let n = prompts.len();
             let mut caches = prompts
                 .iter()
@@ -85,7 +86,7 @@ impl Model {
                 slots.extend((0..p.len()).map(|pos| Slot { seq: i, pos }));
                 last_rows.push(tokens.len() - 1);
             }
-            self.forward(&tokens, &slots, &mut caches, &mut s)?;
+            self.install(|| self.forward(&tokens, &slots, &mut caches, &mut s))?;
             let mut hidden = vec![0f32; n * c];
             for (i, &r) in last_rows.iter().enumerate() {
                 hidden[i * c..(i + 1) * c].copy_from_slice(&s.h[r * c..(r + 1) * c]);
@@ -94,7 +95,7 @@ impl Model {
             let mut active: Vec<usize> = (0..n).collect();
 
             while !active.is_empty() {
-                self.lm_head(&mut logits, &hidden, active.len());
+                self.install(|| self.lm_head(&mut logits, &hidden, active.len()));
                 let mut still = Vec::with_capacity(active.len());
                 for (row, &seq) in active.iter().enumerate() {
                     let l = &logits[row * v..(row + 1) * v];
@@ -131,11 +132,11 @@ impl Model {
                         pos: h.len() - 1,
                     });
                 }
-                self.forward(&tokens, &slots, &mut caches, &mut s)?;
+                self.install(|| self.forward(&tokens, &slots, &mut caches, &mut s))?;
                 hidden[..active.len() * c].copy_from_slice(&s.h[..active.len() * c]);
             }
             Ok(outs)
-        })
+        }
     }
 
     /// Text in, text out: encodes `prompt` (with the tokenizer's special tokens), generates, and

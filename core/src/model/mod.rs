@@ -39,6 +39,16 @@ pub struct Model {
     source: PathBuf,
 }
 
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("source", &self.source)
+            .field("architecture", &self.config.architecture)
+            .field("has_tokenizer", &self.tokenizer.is_some())
+            .finish()
+    }
+}
+
 /// Rows of the LM head computed at once when scoring whole sequences: bounds the logits buffer
 /// to `LOGIT_ROWS × V` instead of `T × V`.
 const LOGIT_ROWS: usize = 32;

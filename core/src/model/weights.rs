@@ -81,6 +81,7 @@ fn llama(ck: &SafetensorsCheckpoint, cfg: &ModelConfig) -> Result<ModelWeights> 
             w: ck.tensor(&format!("{name}.weight"), &[c])?,
         })
     };
+    let tok_emb = ck.tensor("model.embed_tokens.weight", &[v, c])?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
@@ -104,7 +105,7 @@ fn llama(ck: &SafetensorsCheckpoint, cfg: &ModelConfig) -> Result<ModelWeights> 
         Some(ck.tensor("lm_head.weight", &[v, c])?)
     };
     Ok(ModelWeights {
-        tok_emb: ck.tensor("model.embed_tokens.weight", &[v, c])?,
+        tok_emb,
         pos_emb: None,
         layers,
         final_norm: rms("model.norm")?,
@@ -135,6 +136,8 @@ fn gpt2(ck: &SafetensorsCheckpoint, cfg: &ModelConfig) -> Result<ModelWeights> {
             b: ck.tensor(&name(&format!("{n}.bias")), &[c])?,
         })
     };
+    let tok_emb = ck.tensor(&name("wte.weight"), &[v, c])?;
+    let pos_emb = ck.tensor(&name("wpe.weight"), &[cfg.max_position_embeddings, c])?;
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for l in 0..cfg.num_layers {
         let p = format!("h.{l}");
@@ -160,8 +163,8 @@ fn gpt2(ck: &SafetensorsCheckpoint, cfg: &ModelConfig) -> Result<ModelWeights> {
         Some(ck.tensor("lm_head.weight", &[v, c])?)
     };
     Ok(ModelWeights {
-        tok_emb: ck.tensor(&name("wte.weight"), &[v, c])?,
-        pos_emb: Some(ck.tensor(&name("wpe.weight"), &[cfg.max_position_embeddings, c])?),
+        tok_emb,
+        pos_emb: Some(pos_emb),
         layers,
         final_norm: ln("ln_f")?,
         lm_head,

@@ -1,0 +1,211 @@
+//! `rlx`: the engine from the shell. Output goes to stdout; errors go to stderr with a non-zero
+//! exit code.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use rlx::{LoadOptions, Model, SamplingParams, TextStream};
+
+#[derive(Parser)]
+#[command(
+    name = "rlx",
+    version,
+    about = "Run and fine-tune decoder language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a prompt; streams only the new text to stdout (no chat template).
+    Generate(GenerateArgs),
+    /// Print per-token log-probs of a text as JSON: {"tokens": [...], "logprobs": [...]}.
+    Logprobs(LogprobsArgs),
+    /// Time prefill and decode on a model; prints one JSON object.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Worker threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    prompt: String,
+}
+
+#[derive(Args)]
+struct LogprobsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    text: String,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prefill: usize,
+    /// Tokens generated (batch 1, greedy) for the decode measurement.
+    #[arg(long, default_value_t = 64)]
+    decode: usize,
+    /// Timed repetitions (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Logprobs(a) => logprobs(a),
+        Command::Bench(a) => bench(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rlx: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+fn load(args: &ModelArgs) -> Result<Model, rlx::Error> {
+    Model::load(
+        &args.model,
+        LoadOptions {
+            threads: args.threads,
+        },
+    )
+}
+
+fn generate(a: GenerateArgs) -> CliResult {
+    let model = load(&a.model)?;
+    let tok = model.require_tokenizer()?;
+    let prompt = tok.encode(&a.prompt, true)?;
+    let params = SamplingParams {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        stop_token_ids: None,
+        seed: a.seed,
+    };
+    let mut stream = TextStream::new();
+    let mut stdout = std::io::stdout().lock();
+    let mut failure: Option<Box<dyn std::error::Error>> = None;
+    let mut on_token = |_seq: usize, id: u32, _lp: f32| -> bool {
+        let piece = match stream.push(tok, id) {
+            Ok(p) => p,
+            Err(e) => {
+                failure = Some(e.into());
+                return false;
+            }
+        };
+        if let Some(piece) = piece {
+            if let Err(e) = stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+            {
+                // A closed pipe (e.g. `| head`) ends generation quietly.
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    failure = Some(e.into());
+                }
+                return false;
+            }
+        }
+        true
+    };
+    model.generate(&[prompt], &params, Some(&mut on_token))?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let _ = writeln!(std::io::stdout());
+    Ok(())
+}
+
+fn logprobs(a: LogprobsArgs) -> CliResult {
+    let model = load(&a.model)?;
+    let ids = model.require_tokenizer()?.encode(&a.text, true)?;
+    let lps = model.logprobs(&[ids.clone()], a.temperature)?;
+    let lps = lps.into_iter().next().unwrap_or_default();
+    let json = serde_json::json!({ "tokens": ids, "logprobs": lps });
+    println!("{json}");
+    Ok(())
+}
+
+fn bench(a: BenchArgs) -> CliResult {
+    let model = load(&a.model)?;
+    let v = model.config().vocab_size as u32;
+    // Deterministic pseudo-random prompt ids (no tokenizer needed).
+    let prompt: Vec<u32> = (0..a.prefill as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % v)
+        .collect();
+    let repeats = a.repeats.max(1);
+    let mut prefill_best = f64::INFINITY;
+    for _ in 0..repeats {
+        let t = Instant::now();
+        model.logits(&prompt)?;
+        prefill_best = prefill_best.min(t.elapsed().as_secs_f64());
+    }
+    // Decode: a one-token prompt, then `decode` greedy steps without stopping at EOS.
+    let params = SamplingParams {
+        stop_token_ids: Some(Vec::new()),
+        ..SamplingParams::greedy(a.decode)
+    };
+    let mut decode_best = f64::INFINITY;
+    for _ in 0..repeats {
+        let t = Instant::now();
+        model.generate(&[&prompt[..1]], &params, None)?;
+        decode_best = decode_best.min(t.elapsed().as_secs_f64());
+    }
+    let json = serde_json::json!({
+        "engine": "rlx",
+        "threads": a.model.threads,
+        "prefill_tokens": a.prefill,
+        "prefill_seconds": prefill_best,
+        "prefill_tok_per_s": a.prefill as f64 / prefill_best,
+        "decode_tokens": a.decode,
+        "decode_seconds": decode_best,
+        "decode_tok_per_s": a.decode as f64 / decode_best,
+    });
+    println!("{json}");
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! The `rlx` command on the fixture models: output equals the library's, errors exit non-zero.
+
+use std::process::{Command, Output};
+
+use rlx::{LoadOptions, Model, SamplingParams};
+use rlx_tests::fixture;
+
+fn rlx(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rlx"))
+        .args(args)
+        .output()
+        .expect("run rlx")
+}
+
+#[test]
+fn generate_streams_the_greedy_continuation() {
+    for name in ["gpt2-f32", "llama-f32"] {
+        let dir = fixture(name);
+        let path = dir.to_str().unwrap();
+        let out = rlx(&[
+            "generate",
+            "--model",
+            path,
+            "--max-new-tokens",
+            "10",
+            "The answer is",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let model = Model::load(&dir, LoadOptions::default()).unwrap();
+        let want = model
+            .generate_text("The answer is", &SamplingParams::greedy(10))
+            .unwrap();
+        let got = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(got.strip_suffix('\n').unwrap(), want, "{name}");
+    }
+}
+
+#[test]
+fn sampling_flags_are_reproducible() {
+    let path = fixture("llama-f32");
+    let path = path.to_str().unwrap();
+    let args = [
+        "generate",
+        "--model",
+        path,
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "40",
+        "--seed",
+        "7",
+        "hello",
+    ];
+    let a = rlx(&args);
+    let b = rlx(&args);
+    assert!(a.status.success());
+    assert_eq!(a.stdout, b.stdout);
+}
+
+#[test]
+fn logprobs_prints_json_matching_the_library() {
+    let dir = fixture("llama-f32");
+    let out = rlx(&[
+        "logprobs",
+        "--model",
+        dir.to_str().unwrap(),
+        "Hello world, 123",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let model = Model::load(&dir, LoadOptions::default()).unwrap();
+    let ids = model
+        .require_tokenizer()
+        .unwrap()
+        .encode("Hello world, 123", true)
+        .unwrap();
+    let tokens: Vec<u32> = json["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(tokens, ids);
+    assert_eq!(
+        ids[0], 1,
+        "llama-style tokenizer adds BOS like transformers"
+    );
+    let lps: Vec<f32> = json["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let want = model.logprobs(&[ids], 1.0).unwrap();
+    assert_eq!(lps, want[0]);
+}
+
+#[test]
+fn errors_go_to_stderr_with_a_failing_exit_code() {
+    let out = rlx(&["generate", "--model", "/no/such/folder", "hi"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("rlx: ") && err.contains("/no/such/folder"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+
+    let path = fixture("gpt2-f32");
+    let out = rlx(&[
+        "generate",
+        "--model",
+        path.to_str().unwrap(),
+        "--max-new-tokens",
+        "100000",
+        "hi",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("context length"), "{err}");
+    assert!(!err.contains("panicked"));
+
+    let out = rlx(&[
+        "logprobs",
+        "--model",
+        path.to_str().unwrap(),
+        "--temperature",
+        "-1",
+        "hi",
+    ]);
+    assert!(!out.status.success());
+}
