@@ -157,7 +157,11 @@ fn generate(a: GenerateArgs) -> CliResult {
     if let Some(e) = failure {
         return Err(e);
     }
-    let _ = writeln!(std::io::stdout());
+    let mut stdout = std::io::stdout().lock();
+    if let Some(rest) = stream.finish(tok)? {
+        let _ = stdout.write_all(rest.as_bytes());
+    }
+    let _ = writeln!(stdout);
     Ok(())
 }
 

@@ -112,4 +112,15 @@ impl TextStream {
         self.emitted = text.len();
         Ok(piece)
     }
+
+    /// Whatever text is still held back at the end (e.g. bytes that never formed a character).
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>> {
+        let text = tok.decode(&self.ids, true)?;
+        let piece = text
+            .get(self.emitted..)
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned);
+        self.emitted = text.len();
+        Ok(piece)
+    }
 }
