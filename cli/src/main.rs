@@ -168,7 +168,7 @@ fn generate(a: GenerateArgs) -> CliResult {
 fn logprobs(a: LogprobsArgs) -> CliResult {
     let model = load(&a.model)?;
     let ids = model.require_tokenizer()?.encode(&a.text, true)?;
-    let lps = model.logprobs(&[ids.clone()], a.temperature)?;
+    let lps = model.logprobs(std::slice::from_ref(&ids), a.temperature)?;
     let lps = lps.into_iter().next().unwrap_or_default();
     let json = serde_json::json!({ "tokens": ids, "logprobs": lps });
     println!("{json}");

@@ -28,7 +28,7 @@ fn check(name: &str) {
             want[at]
         );
 
-        let lp = model.logprobs(&[ids.clone()], 1.0).unwrap();
+        let lp = model.logprobs(std::slice::from_ref(ids), 1.0).unwrap();
         let (d, at) = max_abs_diff(&lp[0], reference.tensor(&format!("logprobs_{i}")));
         assert!(
             d <= TOL,
@@ -36,7 +36,7 @@ fn check(name: &str) {
         );
 
         let t = reference.temperature_case;
-        let lp = model.logprobs(&[ids.clone()], t).unwrap();
+        let lp = model.logprobs(std::slice::from_ref(ids), t).unwrap();
         let (d, at) = max_abs_diff(&lp[0], reference.tensor(&format!("logprobs_t07_{i}")));
         assert!(
             d <= TOL,
@@ -49,7 +49,7 @@ fn check(name: &str) {
             ..SamplingParams::greedy(case.greedy_new_tokens.len())
         };
         let out = model
-            .generate(&[case.greedy_prompt.clone()], &params, None)
+            .generate(std::slice::from_ref(&case.greedy_prompt), &params, None)
             .unwrap();
         assert_eq!(
             out[0].tokens, case.greedy_new_tokens,

@@ -273,8 +273,8 @@ impl Model {
         let mut offset = 0;
         for seq in sequences {
             let seq = seq.as_ref();
-            for t in 1..seq.len() {
-                rows.push((offset + t - 1, seq[t]));
+            for (t, &target) in seq.iter().enumerate().skip(1) {
+                rows.push((offset + t - 1, target));
             }
             offset += seq.len();
         }

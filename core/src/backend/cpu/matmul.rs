@@ -56,9 +56,8 @@ pub fn matmul(
                 c0: cb * col_block,
                 c1: ((cb + 1) * col_block).min(n),
             };
-            let dst = dst;
             // SAFETY: tasks cover disjoint rectangles of `out`, which holds rows*n values (asserted).
-            unsafe { compute_rect(dst.0, x, w, bias, n, k, rect) };
+            unsafe { compute_rect(dst.get(), x, w, bias, n, k, rect) };
         });
 }
 

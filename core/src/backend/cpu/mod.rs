@@ -25,3 +25,10 @@ pub(crate) struct SendPtr(pub *mut f32);
 unsafe impl Send for SendPtr {}
 // SAFETY: as above.
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// Going through a method makes closures capture the whole (Send) wrapper, not the field.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
