@@ -17,10 +17,10 @@ use crate::config::{generation_eos_ids, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::{zeroed, KvCache};
 use crate::tokenizer::Tokenizer;
-use crate::weights::SafetensorsCheckpoint;
+use crate::weights::{config_from_gguf, GgufFile, GgufSource, SafetensorsCheckpoint};
 
 pub(crate) use forward::Scratch;
-pub use weights::ModelWeights;
+pub use weights::{ModelWeights, TensorSource};
 
 /// How to load a model.
 #[derive(Debug, Clone, Default)]
@@ -67,17 +67,14 @@ impl Model {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
             ));
         }
-        if !dir.is_dir() {
-            return Err(Error::format(
-                dir,
-                "expected a model folder (config.json + model.safetensors)",
-            ));
-        }
         let pool = build_pool(options.threads)?;
+        if dir.is_file() {
+            return Self::load_gguf(dir, pool);
+        }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let load = || -> Result<ModelWeights> {
             let ck = SafetensorsCheckpoint::open_dir(dir)?;
-            ModelWeights::from_safetensors(&ck, &config)
+            ModelWeights::from_source(&ck, &config)
         };
         let weights = match &pool {
             Some(p) => p.install(load)?,
@@ -97,6 +94,38 @@ impl Model {
             rope_inv_freq,
             pool,
             source: dir.to_path_buf(),
+        })
+    }
+
+    /// A single `.gguf` file: config from its metadata, tensors dequantized to f32.
+    fn load_gguf(path: &Path, pool: Option<ThreadPool>) -> Result<Model> {
+        let file = GgufFile::open(path)?;
+        let config = config_from_gguf(&file)?;
+        let load = || {
+            ModelWeights::from_source(
+                &GgufSource {
+                    file: &file,
+                    config: &config,
+                },
+                &config,
+            )
+        };
+        let weights = match &pool {
+            Some(p) => p.install(load)?,
+            None => load()?,
+        };
+        let rope_inv_freq = config
+            .rope
+            .as_ref()
+            .map(|r| rope::inv_freq(r, config.head_dim));
+        Ok(Model {
+            eos_token_ids: config.eos_token_ids.clone(),
+            config,
+            weights,
+            tokenizer: None,
+            rope_inv_freq,
+            pool,
+            source: path.to_path_buf(),
         })
     }
 

@@ -6,6 +6,27 @@ use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use crate::weights::SafetensorsCheckpoint;
 
+/// Where tensors come from, by HF name: a safetensors checkpoint or a GGUF file.
+pub trait TensorSource {
+    fn contains(&self, name: &str) -> bool;
+    /// The tensor `name` as f32 with exactly `shape`.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// A tensor stored `(rows, cols)` returned as `(cols, rows)` (GPT-2's Conv1D).
+    fn tensor_transposed(&self, name: &str, stored: [usize; 2]) -> Result<Tensor>;
+}
+
+impl TensorSource for SafetensorsCheckpoint {
+    fn contains(&self, name: &str) -> bool {
+        SafetensorsCheckpoint::contains(self, name)
+    }
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        SafetensorsCheckpoint::tensor(self, name, shape)
+    }
+    fn tensor_transposed(&self, name: &str, stored: [usize; 2]) -> Result<Tensor> {
+        SafetensorsCheckpoint::tensor_transposed(self, name, stored)
+    }
+}
+
 pub struct Linear {
     /// `(out, in)`.
     pub w: Tensor,
@@ -55,7 +76,7 @@ impl ModelWeights {
         self.lm_head.as_ref().unwrap_or(&self.tok_emb)
     }
 
-    pub fn from_safetensors(ck: &SafetensorsCheckpoint, cfg: &ModelConfig) -> Result<Self> {
+    pub fn from_source(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<Self> {
         match cfg.family() {
             Family::Gpt2 => gpt2(ck, cfg),
             Family::Llama => llama(ck, cfg),
@@ -63,7 +84,7 @@ impl ModelWeights {
     }
 }
 
-fn llama(ck: &SafetensorsCheckpoint, cfg: &ModelConfig) -> Result<ModelWeights> {
+fn llama(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<ModelWeights> {
     let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
     let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
@@ -113,7 +134,7 @@ fn llama(ck: &SafetensorsCheckpoint, cfg: &ModelConfig) -> Result<ModelWeights> 
     })
 }
 
-fn gpt2(ck: &SafetensorsCheckpoint, cfg: &ModelConfig) -> Result<ModelWeights> {
+fn gpt2(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<ModelWeights> {
     let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     // Checkpoints saved from GPT2LMHeadModel prefix names with `transformer.`; the original
     // OpenAI conversions do not.

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Reference outputs of a GGUF model computed by transformers (which dequantizes GGUF itself).
+
+    python3 tests/gguf_reference.py models/SmolLM2-135M-Instruct.Q4_1.gguf models/reference-smollm2
+
+Writes OUT/reference.json and OUT/reference.safetensors in the format of the fixture folders
+(see gen_fixtures.py). Needs torch, transformers and gguf.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+GREEDY_NEW_TOKENS = 16
+TEMPERATURE = 0.7
+
+# Fixed token ids (below the vocabulary size; the first starts with <|im_start|> = 1).
+CASES = [
+    [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198],
+    [504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30],
+    [28, 30, 33, 30, 34, 30, 35, 30, 36, 30, 37, 30, 38],
+]
+
+
+def main() -> None:
+    gguf, out = Path(sys.argv[1]), Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
+    tensors, cases = {}, []
+    with torch.no_grad():
+        for i, ids in enumerate(CASES):
+            x = torch.tensor([ids])
+            logits = model(x).logits[0].float()
+            target = x[0, 1:]
+            lp = torch.log_softmax(logits, -1)[:-1].gather(1, target[:, None])[:, 0]
+            lp_t = torch.log_softmax(logits / TEMPERATURE, -1)[:-1].gather(1, target[:, None])[:, 0]
+            tensors[f"logits_{i}"] = logits.contiguous()
+            tensors[f"logprobs_{i}"] = lp.contiguous()
+            tensors[f"logprobs_t07_{i}"] = lp_t.contiguous()
+            gen = model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=GREEDY_NEW_TOKENS,
+                min_new_tokens=GREEDY_NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=2,
+            )
+            cases.append(
+                {"input_ids": ids, "greedy_prompt": ids, "greedy_new_tokens": gen[0, len(ids):].tolist()}
+            )
+    save_file(tensors, out / "reference.safetensors")
+    meta = {"cases": cases, "temperature_case": TEMPERATURE, "source": gguf.name}
+    (out / "reference.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+//! Parity on the real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) with transformers loading
+//! the same file. Tolerance: logits max |Δ| ≤ 1e-3; greedy continuations identical.
+//!
+//! Needs `models/SmolLM2-135M-Instruct.Q4_1.gguf` and the reference written by
+//! `tests/gguf_reference.py` into `models/reference-smollm2/` (`scripts/fetch_model.sh` does
+//! both); skipped with a printed reason when they are absent.
+
+use std::path::{Path, PathBuf};
+
+use rlx::{LoadOptions, Model, SamplingParams};
+use rlx_tests::{max_abs_diff, Reference};
+
+fn models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
+#[test]
+fn smollm2_matches_transformers() {
+    let gguf = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let refdir = models_dir().join("reference-smollm2");
+    if !gguf.is_file() || !refdir.join("reference.json").is_file() {
+        eprintln!(
+            "SKIPPED: {} or its reference is missing (run scripts/fetch_model.sh)",
+            gguf.display()
+        );
+        return;
+    }
+    let model = Model::load(&gguf, LoadOptions::default()).unwrap();
+    assert_eq!(model.config().num_kv_heads, 3);
+    let reference = Reference::load(&refdir);
+    let v = model.config().vocab_size;
+    for (i, case) in reference.cases.iter().enumerate() {
+        let logits = model.logits(&case.input_ids).unwrap();
+        let (d, at) = max_abs_diff(&logits, reference.tensor(&format!("logits_{i}")));
+        eprintln!("case {i}: logits max |Δ| = {d:e}");
+        assert!(
+            d <= 1e-3,
+            "case {i}: max |Δ| = {d:e} at token {} vocab {}",
+            at / v,
+            at % v
+        );
+        let lp = model
+            .logprobs(std::slice::from_ref(&case.input_ids), 1.0)
+            .unwrap();
+        let (d, _) = max_abs_diff(&lp[0], reference.tensor(&format!("logprobs_{i}")));
+        assert!(d <= 1e-3, "case {i}: log-probs max |Δ| = {d:e}");
+        let params = SamplingParams {
+            stop_token_ids: Some(Vec::new()),
+            ..SamplingParams::greedy(case.greedy_new_tokens.len())
+        };
+        let out = model
+            .generate(std::slice::from_ref(&case.greedy_prompt), &params, None)
+            .unwrap();
+        assert_eq!(out[0].tokens, case.greedy_new_tokens, "case {i}");
+    }
+}
