@@ -26,9 +26,40 @@ CASES = [
 ]
 
 
+# Texts for tokenizer parity: unicode, whitespace runs, digits, code, emoji, special tokens.
+TEXTS = [
+    "What is the capital of France?",
+    "  leading spaces, trailing spaces   ",
+    "Numbers: 12345, 3.14159, 1,000,000 and 2026-11-29.",
+    "def f(x):\n\treturn x ** 2  # square\n\n\nprint(f(12))",
+    "Unicode: café naïve Straße 東京 Москва Ελληνικά 🤖😀👍🏽",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "Tabs\tand\nnewlines\r\n and    multiple     spaces",
+    "email@example.com https://example.org/path?q=1&r=2 #hashtag @user",
+    "",
+]
+
+
+def tokenizer_cases(gguf: Path, out: Path) -> None:
+    """Ids from transformers' GGUF tokenizer with the digit split that its conversion drops."""
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    backend = tok.backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), backend.pre_tokenizer]
+    )
+    cases = [{"text": t, "ids": backend.encode(t, add_special_tokens=True).ids} for t in TEXTS]
+    (out / "tokenizer_cases.json").write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n")
+
+
 def main() -> None:
     gguf, out = Path(sys.argv[1]), Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
+    tokenizer_cases(gguf, out)
+    if (out / "reference.json").is_file():
+        return
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     ).eval()

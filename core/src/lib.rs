@@ -20,6 +20,7 @@ pub mod model;
 pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;
+pub mod tokenizer_gguf;
 pub mod weights;
 
 pub use config::{Architecture, Family, ModelConfig};

@@ -37,6 +37,11 @@ impl Tokenizer {
         Ok(Some(tok))
     }
 
+    /// Wraps a built tokenizer; `eos_token` names its end-of-sequence token, if any.
+    pub fn with_eos(inner: tokenizers::Tokenizer, eos_token: Option<String>) -> Self {
+        Tokenizer { inner, eos_token }
+    }
+
     pub fn from_tokenizer(inner: tokenizers::Tokenizer) -> Self {
         Tokenizer {
             inner,

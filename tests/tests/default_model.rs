@@ -54,3 +54,36 @@ fn smollm2_matches_transformers() {
         assert_eq!(out[0].tokens, case.greedy_new_tokens, "case {i}");
     }
 }
+
+#[test]
+fn smollm2_tokenizer_from_gguf_matches_reference_ids() {
+    let gguf = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let cases = models_dir().join("reference-smollm2/tokenizer_cases.json");
+    if !gguf.is_file() || !cases.is_file() {
+        eprintln!(
+            "SKIPPED: {} or tokenizer_cases.json is missing",
+            gguf.display()
+        );
+        return;
+    }
+    let model = Model::load(&gguf, LoadOptions::default()).unwrap();
+    let tok = model.require_tokenizer().unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cases).unwrap()).unwrap();
+    for case in cases.as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text, true).unwrap(), want, "{text:?}");
+        assert_eq!(
+            tok.decode(&want, false).unwrap(),
+            text,
+            "round trip of {text:?}"
+        );
+    }
+    assert_eq!(model.eos_token_ids(), &[2]);
+}

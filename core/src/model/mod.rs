@@ -17,6 +17,7 @@ use crate::config::{generation_eos_ids, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::{zeroed, KvCache};
 use crate::tokenizer::Tokenizer;
+use crate::tokenizer_gguf::tokenizer_from_gguf;
 use crate::weights::{config_from_gguf, GgufFile, GgufSource, SafetensorsCheckpoint};
 
 pub(crate) use forward::Scratch;
@@ -122,7 +123,7 @@ impl Model {
             eos_token_ids: config.eos_token_ids.clone(),
             config,
             weights,
-            tokenizer: None,
+            tokenizer: tokenizer_from_gguf(&file)?,
             rope_inv_freq,
             pool,
             source: path.to_path_buf(),

@@ -172,9 +172,11 @@ impl GgufFile {
         let alignment = match metadata.get("general.alignment") {
             None => DEFAULT_ALIGNMENT,
             Some(MetaValue::U32(a)) if a.is_power_of_two() && *a <= (1 << 20) => *a as usize,
-            Some(other) => return Err(r.err(format!(
+            Some(other) => {
+                return Err(r.err(format!(
                 "general.alignment must be a power of two up to 1 MiB stored as u32, got {other:?}"
-            ))),
+            )))
+            }
         };
         let mut raw = Vec::with_capacity(n_tensors as usize);
         let mut names = HashSet::new();
