@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use rlx::{LoadOptions, Model, SamplingParams, TextStream};
+use rlx::{LoadOptions, Message, Model, SamplingParams, TextStream};
 
 #[derive(Parser)]
 #[command(
@@ -26,15 +26,40 @@ enum Command {
     Generate(GenerateArgs),
     /// Print per-token log-probs of a text as JSON: {"tokens": [...], "logprobs": [...]}.
     Logprobs(LogprobsArgs),
+    /// Chat with an instruct model: one answer for QUESTION, or a conversation on stdin
+    /// (/reset clears it, /quit or Ctrl-D ends it).
+    Chat(ChatArgs),
     /// Time prefill and decode on a model; prints one JSON object.
     Bench(BenchArgs),
 }
 
 #[derive(Args)]
-struct ModelArgs {
-    /// Model folder (config.json, model.safetensors, tokenizer.json).
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Default: the model's generation_config.json, else greedy.
     #[arg(long)]
-    model: PathBuf,
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A system message to start the conversation with.
+    #[arg(long)]
+    system: Option<String>,
+    question: Option<String>,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// An HF model folder (config.json, model.safetensors, tokenizer.json) or a .gguf file.
+    /// Default: $RLX_MODEL, else models/SmolLM2-135M-Instruct.Q4_1.gguf (scripts/fetch_model.sh).
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -92,6 +117,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => generate(a),
         Command::Logprobs(a) => logprobs(a),
+        Command::Chat(a) => chat(a),
         Command::Bench(a) => bench(a),
     };
     match result {
@@ -105,29 +131,46 @@ fn main() -> ExitCode {
 
 type CliResult = Result<(), Box<dyn std::error::Error>>;
 
-fn load(args: &ModelArgs) -> Result<Model, rlx::Error> {
-    Model::load(
-        &args.model,
-        LoadOptions {
-            threads: args.threads,
-        },
-    )
+const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn load(args: &ModelArgs) -> Result<Model, Box<dyn std::error::Error>> {
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => default_model()?,
+    };
+    let options = LoadOptions {
+        threads: args.threads,
+    };
+    Ok(Model::load(&path, options)?)
 }
 
-fn generate(a: GenerateArgs) -> CliResult {
-    let model = load(&a.model)?;
+/// $RLX_MODEL, or the default model under the current folder or above the executable
+/// (`target/release/rlx` sits two levels below the repository).
+fn default_model() -> Result<PathBuf, Box<dyn std::error::Error>> {
+    if let Some(p) = std::env::var_os("RLX_MODEL") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut candidates = vec![PathBuf::from(DEFAULT_MODEL)];
+    if let Ok(exe) = std::env::current_exe() {
+        candidates.extend(
+            exe.ancestors()
+                .skip(1)
+                .take(4)
+                .map(|d| d.join(DEFAULT_MODEL)),
+        );
+    }
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        format!("no --model given and the default model {DEFAULT_MODEL} was not found; run scripts/fetch_model.sh").into()
+    })
+}
+
+/// Generates from `prompt`, streaming the text to stdout; returns the new tokens.
+fn stream_generate(
+    model: &Model,
+    prompt: Vec<u32>,
+    params: &SamplingParams,
+) -> Result<Vec<u32>, Box<dyn std::error::Error>> {
     let tok = model.require_tokenizer()?;
-    let prompt = tok.encode(&a.prompt, true)?;
-    let params = SamplingParams {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        repetition_penalty: a.repetition_penalty,
-        stop_token_ids: None,
-        seed: a.seed,
-    };
     let mut stream = TextStream::new();
     let mut stdout = std::io::stdout().lock();
     let mut failure: Option<Box<dyn std::error::Error>> = None;
@@ -153,7 +196,7 @@ fn generate(a: GenerateArgs) -> CliResult {
         }
         true
     };
-    model.generate(&[prompt], &params, Some(&mut on_token))?;
+    let out = model.generate(&[prompt], params, Some(&mut on_token))?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -162,6 +205,85 @@ fn generate(a: GenerateArgs) -> CliResult {
         let _ = stdout.write_all(rest.as_bytes());
     }
     let _ = writeln!(stdout);
+    let _ = stdout.flush();
+    Ok(out.into_iter().next().map(|g| g.tokens).unwrap_or_default())
+}
+
+fn chat(a: ChatArgs) -> CliResult {
+    let model = load(&a.model)?;
+    let defaults = model.generation_defaults();
+    let params = SamplingParams {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature.unwrap_or(defaults.temperature),
+        top_p: a.top_p.unwrap_or(defaults.top_p),
+        top_k: a.top_k.unwrap_or(defaults.top_k),
+        seed: a.seed,
+        ..defaults.clone()
+    };
+    let start: Vec<Message> = a
+        .system
+        .iter()
+        .map(|s| Message::new("system", s.clone()))
+        .collect();
+    let mut messages = start.clone();
+    let ask = |messages: &mut Vec<Message>, question: String| -> CliResult {
+        messages.push(Message::new("user", question));
+        let prompt = model.encode_chat(messages, true)?;
+        let needed = prompt.len() + params.max_new_tokens;
+        let max = model.config().max_position_embeddings;
+        if needed > max {
+            return Err(format!("the conversation needs {needed} positions but the model has {max}; /reset to start over").into());
+        }
+        let reply = stream_generate(&model, prompt, &params)?;
+        let text = model.require_tokenizer()?.decode(&reply, true)?;
+        messages.push(Message::new("assistant", text));
+        Ok(())
+    };
+    if let Some(q) = a.question {
+        return ask(&mut messages, q);
+    }
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        eprint!("> ");
+        line.clear();
+        if stdin.read_line(&mut line)? == 0 {
+            eprintln!();
+            return Ok(());
+        }
+        match line.trim() {
+            "" => continue,
+            "/quit" | "/exit" => return Ok(()),
+            "/reset" => {
+                messages = start.clone();
+                eprintln!("(conversation cleared)");
+            }
+            q => {
+                if let Err(e) = ask(&mut messages, q.to_owned()) {
+                    // Keep the session alive; drop the unanswered question.
+                    messages.pop();
+                    eprintln!("rlx: {e}");
+                }
+            }
+        }
+    }
+}
+
+fn generate(a: GenerateArgs) -> CliResult {
+    let model = load(&a.model)?;
+    let tok = model.require_tokenizer()?;
+    let prompt = tok.encode(&a.prompt, true)?;
+    let params = SamplingParams {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+        stop_token_ids: None,
+        seed: a.seed,
+    };
+    stream_generate(&model, prompt, &params)?;
     Ok(())
 }
 
@@ -203,6 +325,7 @@ fn bench(a: BenchArgs) -> CliResult {
     let json = serde_json::json!({
         "engine": "rlx",
         "threads": a.model.threads,
+        "model": model.source().display().to_string(),
         "prefill_tokens": a.prefill,
         "prefill_seconds": prefill_best,
         "prefill_tok_per_s": a.prefill as f64 / prefill_best,

@@ -41,6 +41,8 @@ pub enum Error {
     // === Tokenizer ===
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
     #[error("this model was loaded without a tokenizer (no tokenizer.json)")]
     NoTokenizer,
 

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod backend;
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -23,6 +24,7 @@ pub mod tokenizer;
 pub mod tokenizer_gguf;
 pub mod weights;
 
+pub use chat::{ChatTemplate, Message};
 pub use config::{Architecture, Family, ModelConfig};
 pub use error::{Error, Result};
 pub use generate::{FinishReason, Generation, StreamCallback};

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     eos_token: Option<String>,
+    bos_token: Option<String>,
 }
 
 impl Tokenizer {
@@ -24,6 +25,7 @@ impl Tokenizer {
         let mut tok = Tokenizer {
             inner,
             eos_token: None,
+            bos_token: None,
         };
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.is_file() {
@@ -33,20 +35,34 @@ impl Tokenizer {
                 message: e.to_string(),
             })?;
             tok.eos_token = special_token(&cfg, "eos_token");
+            tok.bos_token = special_token(&cfg, "bos_token");
         }
         Ok(Some(tok))
     }
 
     /// Wraps a built tokenizer; `eos_token` names its end-of-sequence token, if any.
-    pub fn with_eos(inner: tokenizers::Tokenizer, eos_token: Option<String>) -> Self {
-        Tokenizer { inner, eos_token }
+    pub fn with_special(
+        inner: tokenizers::Tokenizer,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Self {
+        Tokenizer {
+            inner,
+            eos_token,
+            bos_token,
+        }
     }
 
     pub fn from_tokenizer(inner: tokenizers::Tokenizer) -> Self {
-        Tokenizer {
-            inner,
-            eos_token: None,
-        }
+        Self::with_special(inner, None, None)
+    }
+
+    pub fn bos_token(&self) -> Option<&str> {
+        self.bos_token.as_deref()
+    }
+
+    pub fn eos_token(&self) -> Option<&str> {
+        self.eos_token.as_deref()
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (a BOS

@@ -128,8 +128,8 @@ pub fn tokenizer_from_gguf(f: &GgufFile) -> Result<Option<Tokenizer>> {
             .map_err(|e| bad(&format!("BOS template: {e}")))?;
         inner.with_post_processor(Some(template));
     }
-    let eos_name = eos.map(|e| tokens[e as usize].to_string());
-    Ok(Some(Tokenizer::with_eos(inner, eos_name)))
+    let name = |id: Option<u32>| id.map(|i| tokens[i as usize].to_string());
+    Ok(Some(Tokenizer::with_special(inner, name(bos), name(eos))))
 }
 
 fn bad(msg: &str) -> Error {

@@ -13,9 +13,11 @@ use crate::backend::cpu::attention::Slot;
 use crate::backend::cpu::matmul::matmul;
 use crate::backend::cpu::rope;
 use crate::backend::cpu::softmax::log_prob_of;
+use crate::chat::{ChatTemplate, Message};
 use crate::config::{generation_eos_ids, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::{zeroed, KvCache};
+use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 use crate::tokenizer_gguf::tokenizer_from_gguf;
 use crate::weights::{config_from_gguf, GgufFile, GgufSource, SafetensorsCheckpoint};
@@ -34,6 +36,9 @@ pub struct Model {
     config: ModelConfig,
     weights: ModelWeights,
     tokenizer: Option<Tokenizer>,
+    chat_template: Option<ChatTemplate>,
+    /// Sampling defaults from `generation_config.json` (greedy when it does not sample).
+    generation_defaults: SamplingParams,
     eos_token_ids: Vec<u32>,
     rope_inv_freq: Option<Vec<f64>>,
     pool: Option<ThreadPool>,
@@ -82,6 +87,20 @@ impl Model {
             None => load()?,
         };
         let tokenizer = Tokenizer::from_dir(dir)?;
+        let chat_template = match (
+            &tokenizer,
+            read_json_opt(&dir.join("tokenizer_config.json"))?,
+        ) {
+            (Some(tok), Some(cfg)) => match hf_chat_template(&cfg) {
+                Some(src) => Some(template_for(tok, &src)?),
+                None => None,
+            },
+            _ => None,
+        };
+        let generation_defaults = match read_json_opt(&dir.join("generation_config.json"))? {
+            Some(g) => generation_defaults(&g),
+            None => SamplingParams::greedy(SamplingParams::default().max_new_tokens),
+        };
         let eos_token_ids = default_eos_ids(dir, &config, tokenizer.as_ref())?;
         let rope_inv_freq = config
             .rope
@@ -91,6 +110,8 @@ impl Model {
             config,
             weights,
             tokenizer,
+            chat_template,
+            generation_defaults,
             eos_token_ids,
             rope_inv_freq,
             pool,
@@ -119,11 +140,22 @@ impl Model {
             .rope
             .as_ref()
             .map(|r| rope::inv_freq(r, config.head_dim));
+        let tokenizer = tokenizer_from_gguf(&file)?;
         Ok(Model {
             eos_token_ids: config.eos_token_ids.clone(),
             config,
             weights,
-            tokenizer: tokenizer_from_gguf(&file)?,
+            chat_template: match (&tokenizer, file.get("tokenizer.chat_template")) {
+                (Some(tok), Some(src)) => {
+                    let src = src.as_str().ok_or_else(|| {
+                        Error::Template("tokenizer.chat_template must be a string".into())
+                    })?;
+                    Some(template_for(tok, src)?)
+                }
+                _ => None,
+            },
+            tokenizer,
+            generation_defaults: SamplingParams::greedy(SamplingParams::default().max_new_tokens),
             rope_inv_freq,
             pool,
             source: path.to_path_buf(),
@@ -145,6 +177,31 @@ impl Model {
     /// The tokenizer, or an error saying the model has none.
     pub fn require_tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or(Error::NoTokenizer)
+    }
+
+    /// The model's chat template, if it ships one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// Sampling defaults from `generation_config.json`; greedy when the model has none.
+    pub fn generation_defaults(&self) -> &SamplingParams {
+        &self.generation_defaults
+    }
+
+    /// Token ids of a conversation rendered with the chat template (no extra special tokens,
+    /// as transformers' `apply_chat_template(tokenize=True)`).
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::Template("this model has no chat template".into()))?;
+        let text = template.render(messages, add_generation_prompt)?;
+        self.require_tokenizer()?.encode(&text, false)
     }
 
     /// Tokens that end generation by default (`generation_config.json`, else `config.json`, else
@@ -342,6 +399,73 @@ impl Model {
             v,
             c,
         );
+    }
+}
+
+fn read_json_opt(path: &Path) -> Result<Option<Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+}
+
+/// `chat_template` of a `tokenizer_config.json`: a string, or a list of named templates (the
+/// one named `default` is used).
+fn hf_chat_template(cfg: &Value) -> Option<String> {
+    match cfg.get("chat_template")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(list) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        _ => None,
+    }
+}
+
+fn template_for(tok: &Tokenizer, source: &str) -> Result<ChatTemplate> {
+    ChatTemplate::new(source, tok.bos_token(), tok.eos_token())
+}
+
+/// Sampling settings a `generation_config.json` asks for (transformers' names).
+fn generation_defaults(g: &Value) -> SamplingParams {
+    let num = |k: &str| g.get(k).and_then(Value::as_f64);
+    let base = SamplingParams::default();
+    let sample = g.get("do_sample").and_then(Value::as_bool).unwrap_or(false);
+    SamplingParams {
+        max_new_tokens: g
+            .get("max_new_tokens")
+            .and_then(Value::as_u64)
+            .map_or(base.max_new_tokens, |v| v as usize),
+        temperature: if sample {
+            num("temperature").unwrap_or(1.0) as f32
+        } else {
+            0.0
+        },
+        top_k: if sample {
+            num("top_k").unwrap_or(0.0) as usize
+        } else {
+            0
+        },
+        top_p: if sample {
+            num("top_p").unwrap_or(1.0) as f32
+        } else {
+            1.0
+        },
+        min_p: if sample {
+            num("min_p").unwrap_or(0.0) as f32
+        } else {
+            0.0
+        },
+        repetition_penalty: num("repetition_penalty").unwrap_or(1.0) as f32,
+        ..base
     }
 }
 
