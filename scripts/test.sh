@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# Runs every test of the project: formatting, lints, the Rust workspace (unit, parity,
-# agreement, bad-input, CLI and C ABI tests) and the Python package's pytest suite.
+# Runs every test of the project: formatting, lints, the Rust workspace (unit, parity, agreement,
+# bad-input, GGUF, CLI and C ABI tests) and the Python package's pytest suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+echo "== python tools (numpy, pytest, maturin)"
+python3 -m pip install --quiet --root-user-action=ignore numpy pytest maturin
+
+echo "== default model (for the real-model parity tests)"
+./scripts/fetch_model.sh || echo "default model unavailable: its tests will be skipped"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -14,4 +20,4 @@ echo "== cargo test"
 cargo test --workspace
 
 echo "== python package"
-./scripts/python_tests.sh
+./python/test.sh

@@ -43,7 +43,7 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
-    #[error("this model was loaded without a tokenizer (no tokenizer.json)")]
+    #[error("this model has no tokenizer (no tokenizer.json in its folder, or no tokenizer.ggml.* metadata in its GGUF)")]
     NoTokenizer,
 
     // === Inputs ===

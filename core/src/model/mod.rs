@@ -482,6 +482,9 @@ fn build_pool(threads: usize) -> Result<Option<ThreadPool>> {
     if threads == 0 {
         return Ok(None);
     }
+    if threads > 1024 {
+        return Err(Error::invalid(format!("{threads} threads requested; at most 1024")));
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()

@@ -1,0 +1,224 @@
+//! The model handle: load, free, and what a caller needs to know about it.
+//!
+//! `rlx_model` is a Box behind an opaque pointer. It starts with a magic word that is checked on
+//! every entry and overwritten on free, so a stray or already-freed pointer is usually reported
+//! as RLX_INVALID_ARGUMENT instead of being used. That check is best effort (sqlite's "not
+//! foolproof"): using a freed model is still undefined behaviour.
+
+use std::ffi::{c_char, CStr};
+use std::path::PathBuf;
+
+use rlx_core::{LoadOptions, Model};
+
+use crate::ptr::{c_str, OutBuf, OutPtr};
+use crate::status::{boundary, boundary_value, rlx_status, FfiError, FfiResult};
+
+const LIVE: u64 = u64::from_le_bytes(*b"rlxmodel");
+const FREED: u64 = u64::from_le_bytes(*b"rlxfreed");
+
+/// A loaded model: weights, config and, when the checkpoint has one, tokenizer.
+///
+/// Create with rlx_model_load; free with rlx_model_free. A model is immutable once loaded, so
+/// one model may be used by several threads at once; rlx_model_free must not run concurrently
+/// with any other call on the same model.
+#[allow(non_camel_case_types)]
+pub struct rlx_model {
+    magic: u64,
+    model: Model,
+}
+
+// Sharing one handle across threads relies on this.
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<Model>()
+};
+
+/// How to load a model. Start from rlx_model_default_params() and change the fields you need:
+/// fields are only ever appended, and each new one's default keeps the old behaviour.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct rlx_model_params {
+    /// Worker threads for this model's calls. 0 = one per CPU core, from a pool shared by all
+    /// models loaded with 0.
+    pub threads: u32,
+}
+
+/// Borrows the model behind a handle.
+///
+/// # Safety
+/// `model` is NULL or a pointer from rlx_model_load.
+pub(crate) unsafe fn model_ref<'a>(model: *const rlx_model) -> FfiResult<&'a Model> {
+    if model.is_null() {
+        return Err(FfiError::null("model"));
+    }
+    // SAFETY: non-NULL, and the caller promises it came from rlx_model_load. Only the magic
+    // word is read before it is checked (no reference to the whole struct yet); reading it from
+    // a freed handle is the undefined case the header documents.
+    if unsafe { std::ptr::addr_of!((*model).magic).read() } != LIVE {
+        return Err(FfiError::invalid(
+            "`model` is not a live rlx_model (already freed, or not from rlx_model_load)",
+        ));
+    }
+    // SAFETY: the magic says this is a live model from rlx_model_load; it stays valid until
+    // rlx_model_free, which the caller must not run concurrently.
+    Ok(unsafe { &(*model).model })
+}
+
+/// The default load parameters (threads = 0).
+#[no_mangle]
+pub extern "C" fn rlx_model_default_params() -> rlx_model_params {
+    rlx_model_params { threads: 0 }
+}
+
+fn path_from(c: &CStr) -> FfiResult<PathBuf> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        Ok(PathBuf::from(std::ffi::OsStr::from_bytes(c.to_bytes())))
+    }
+    #[cfg(not(unix))]
+    {
+        c.to_str()
+            .map(PathBuf::from)
+            .map_err(|_| FfiError::invalid("`path` is not valid UTF-8"))
+    }
+}
+
+/// Loads a model: a Hugging Face folder (config.json, model.safetensors or shards with
+/// model.safetensors.index.json, and when present tokenizer.json, tokenizer_config.json,
+/// generation_config.json) or a single GGUF file.
+///
+/// `path`: the folder or file, NUL-terminated. `params`: NULL for rlx_model_default_params().
+/// On success `*out_model` receives a new model owned by the caller: free it with
+/// rlx_model_free. On failure `*out_model` is set to NULL.
+///
+/// Returns RLX_OK; RLX_NULL_POINTER (`path` or `out_model` is NULL); RLX_IO (the path or a file
+/// in the folder cannot be read); RLX_FORMAT (malformed config or weights); RLX_UNSUPPORTED (an
+/// architecture or dtype rlx does not run); RLX_TOKENIZER (tokenizer.json is malformed);
+/// RLX_INVALID_ARGUMENT (the thread pool cannot be created).
+///
+/// # Safety
+/// `path` is NULL or a NUL-terminated string; `params` is NULL or points to an
+/// rlx_model_params; `out_model` is NULL or valid for one pointer write.
+#[no_mangle]
+pub unsafe extern "C" fn rlx_model_load(
+    path: *const c_char,
+    params: *const rlx_model_params,
+    out_model: *mut *mut rlx_model,
+) -> rlx_status {
+    boundary(|| {
+        // SAFETY: the caller guarantees `out_model` is NULL or writable.
+        let out = unsafe { OutPtr::new(out_model, "out_model") }?;
+        out.set(std::ptr::null_mut());
+        // SAFETY: the caller guarantees `path` is NULL or NUL-terminated.
+        let path = path_from(unsafe { c_str(path, "path") }?)?;
+        let params = if params.is_null() {
+            rlx_model_default_params()
+        } else {
+            // SAFETY: non-NULL, and the caller guarantees it points to an rlx_model_params;
+            // the struct is plain data, so a copy is a valid value.
+            unsafe { params.read_unaligned() }
+        };
+        let threads = usize::try_from(params.threads)
+            .map_err(|_| FfiError::invalid("`threads` does not fit this platform"))?;
+        let model = Model::load(&path, LoadOptions { threads })?;
+        out.set(Box::into_raw(Box::new(rlx_model { magic: LIVE, model })));
+        Ok(())
+    })
+}
+
+/// Frees a model from rlx_model_load. NULL is a no-op. A handle that is not live (for example
+/// one already freed) is usually detected and left alone, with rlx_last_error() saying so; do not
+/// rely on that: the model must not be used after this call.
+///
+/// # Safety
+/// `model` is NULL or a pointer from rlx_model_load that no other thread is using.
+#[no_mangle]
+pub unsafe extern "C" fn rlx_model_free(model: *mut rlx_model) {
+    boundary(|| {
+        if model.is_null() {
+            return Ok(());
+        }
+        // SAFETY: the caller guarantees the pointer came from rlx_model_load and that no other
+        // call uses it now; as in `model_ref`, only the magic word is read before the check.
+        if unsafe { std::ptr::addr_of!((*model).magic).read() } != LIVE {
+            return Err(FfiError::invalid(
+                "rlx_model_free: not a live rlx_model (double free?)",
+            ));
+        }
+        // SAFETY: live (checked above), so produced by Box::into_raw in rlx_model_load and not
+        // yet freed; poisoning the magic first lets a later double free be noticed.
+        let boxed = unsafe {
+            std::ptr::addr_of_mut!((*model).magic).write(FREED);
+            Box::from_raw(model)
+        };
+        drop(boxed);
+        Ok(())
+    });
+}
+
+/// The model's vocabulary size V: every token id must be < V. 0 if `model` is NULL or not live
+/// (rlx_last_error() says which).
+///
+/// # Safety
+/// `model` is NULL or a live pointer from rlx_model_load.
+#[no_mangle]
+pub unsafe extern "C" fn rlx_model_vocab_size(model: *const rlx_model) -> usize {
+    boundary_value(0, || {
+        // SAFETY: forwarded caller contract.
+        Ok(unsafe { model_ref(model) }?.config().vocab_size)
+    })
+    .0
+}
+
+/// The model's context length: the most positions (prompt + generated tokens) one sequence may
+/// use. 0 if `model` is NULL or not live (rlx_last_error() says which).
+///
+/// # Safety
+/// `model` is NULL or a live pointer from rlx_model_load.
+#[no_mangle]
+pub unsafe extern "C" fn rlx_model_context_length(model: *const rlx_model) -> usize {
+    boundary_value(0, || {
+        // SAFETY: forwarded caller contract.
+        Ok(unsafe { model_ref(model) }?
+            .config()
+            .max_position_embeddings)
+    })
+    .0
+}
+
+/// Copies the token ids that end generation by default (from generation_config.json, else
+/// config.json, else the tokenizer's eos_token) into `out` (capacity `cap`); `*n_written`
+/// receives how many. The list may be empty.
+///
+/// Returns RLX_OK; RLX_NULL_POINTER; RLX_INVALID_ARGUMENT (not a live model);
+/// RLX_BUFFER_TOO_SMALL (`*n_written` = the count needed, nothing copied).
+///
+/// # Safety
+/// `model` is NULL or a live model; `out` is NULL or valid for `cap` writes; `n_written` is NULL
+/// or valid for one write.
+#[no_mangle]
+pub unsafe extern "C" fn rlx_model_eos_token_ids(
+    model: *const rlx_model,
+    out: *mut u32,
+    cap: usize,
+    n_written: *mut usize,
+) -> rlx_status {
+    boundary(|| {
+        // SAFETY: forwarded caller contracts.
+        let (n_written, model) =
+            unsafe { (OutPtr::new(n_written, "n_written")?, model_ref(model)?) };
+        n_written.set(0);
+        // SAFETY: forwarded caller contract.
+        let out = unsafe { OutBuf::new(out, cap, "out") }?;
+        let ids = model.eos_token_ids();
+        if ids.len() > out.capacity() {
+            n_written.set(ids.len());
+            return Err(FfiError::too_small("eos token ids", ids.len(), cap));
+        }
+        out.write(ids)?;
+        n_written.set(ids.len());
+        Ok(())
+    })
+}

@@ -1,0 +1,32 @@
+"""rlx: run decoder language models (GPT-2, Llama family) on the CPU.
+
+>>> import rlx
+>>> model = rlx.Model.load("path/to/model")
+>>> prompt = model.encode("Hello")
+>>> out = model.generate([prompt], max_new_tokens=16, temperature=0.0)[0]
+>>> lp = model.logprobs([prompt + out.tokens])[0]   # lp[len(prompt) - 1:] == out.logprobs
+"""
+
+from rlx._rlx import Generation, Model, __version__
+from rlx.errors import (
+    ContextOverflowError,
+    InvalidArgumentError,
+    ModelFormatError,
+    RlxError,
+    TemplateError,
+    TokenizerError,
+    UnsupportedError,
+)
+
+__all__ = [
+    "Model",
+    "Generation",
+    "RlxError",
+    "ModelFormatError",
+    "UnsupportedError",
+    "InvalidArgumentError",
+    "ContextOverflowError",
+    "TokenizerError",
+    "TemplateError",
+    "__version__",
+]

@@ -1,0 +1,27 @@
+//! `rlx._rlx`: the compiled half of the `rlx` Python package (the Python half, `python/rlx/`,
+//! re-exports it and defines the exception classes in `rlx/errors.py`).
+//!
+//! Layout: `model.rs` (the classes), `convert.rs` (Python inputs → Rust), `errors.rs` (core
+//! errors → exceptions). Expected failures are exceptions of `rlx.errors` or `OSError`s, never
+//! a `PanicException`.
+
+mod convert;
+mod errors;
+mod model;
+
+use pyo3::prelude::*;
+
+/// rlx: run decoder language models on the CPU.
+// Free-threaded Python is fine: models are immutable and every class is `Sync`.
+#[pymodule(gil_used = false)]
+mod _rlx {
+    use super::*;
+
+    #[pymodule_export]
+    use crate::model::{PyGeneration, PyModel};
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", rlx::VERSION)
+    }
+}
