@@ -27,6 +27,6 @@ PY
 fi
 echo "default model: models/$NAME"
 
-if [ "${REFERENCE:-0}" = 1 ] && [ ! -f models/reference-smollm2/reference.json ]; then
-    python3 tests/gguf_reference.py "models/$NAME" models/reference-smollm2
+if [ "${REFERENCE:-0}" = 1 ] && [ ! -f tests/fixtures/smollm2-reference/reference.json ]; then
+    python3 tests/gguf_reference.py "models/$NAME" tests/fixtures/smollm2-reference
 fi

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Reference outputs of a GGUF model computed by transformers (which dequantizes GGUF itself).
 
-    python3 tests/gguf_reference.py models/SmolLM2-135M-Instruct.Q4_1.gguf models/reference-smollm2
+    python3 tests/gguf_reference.py models/SmolLM2-135M-Instruct.Q4_1.gguf tests/fixtures/smollm2-reference
 
-Writes OUT/reference.json and OUT/reference.safetensors in the format of the fixture folders
-(see gen_fixtures.py). Needs torch, transformers and gguf.
+Writes OUT/reference.json, OUT/reference.safetensors (per case: the last position's full logits
+`logits_last_{i}`, and every position's log-prob) and OUT/tokenizer_cases.json. Small enough to
+commit, so the parity test runs wherever the model is fetched, without torch. Needs torch,
+transformers, gguf and accelerate.
 """
 
 import json
@@ -71,7 +73,7 @@ def main() -> None:
             target = x[0, 1:]
             lp = torch.log_softmax(logits, -1)[:-1].gather(1, target[:, None])[:, 0]
             lp_t = torch.log_softmax(logits / TEMPERATURE, -1)[:-1].gather(1, target[:, None])[:, 0]
-            tensors[f"logits_{i}"] = logits.contiguous()
+            tensors[f"logits_last_{i}"] = logits[-1].contiguous()
             tensors[f"logprobs_{i}"] = lp.contiguous()
             tensors[f"logprobs_t07_{i}"] = lp_t.contiguous()
             gen = model.generate(

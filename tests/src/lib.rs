@@ -138,11 +138,9 @@ pub fn safetensors_bytes(tensors: &[(String, Vec<usize>)]) -> Vec<u8> {
         .enumerate()
         .map(|(k, (name, shape))| {
             let n: usize = shape.iter().product();
-            let bytes = (0..n)
-                .flat_map(|i| {
-                    let x = ((i * 7919 + k * 104729) % 1000) as f32 / 1000.0 - 0.5;
-                    x.to_le_bytes()
-                })
+            let bytes = tensor_values(k, n)
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
                 .collect();
             (name.clone(), shape.clone(), bytes)
         })
@@ -167,4 +165,174 @@ pub fn write_tiny_llama(dir: &Path) {
         safetensors_bytes(&tiny_llama_tensors()),
     )
     .expect("weights");
+}
+
+/// Deterministic pseudo-random f32 values of tensor number `k` (what `safetensors_bytes` writes).
+pub fn tensor_values(k: usize, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 7919 + k * 104729) % 1000) as f32 / 1000.0 - 0.5)
+        .collect()
+}
+
+/// A GGUF file assembled field by field, so tests can write valid files and break them.
+pub struct GgufBuilder {
+    pub version: u32,
+    pub alignment: usize,
+    /// (key, value type, encoded value).
+    pub kv: Vec<(String, u32, Vec<u8>)>,
+    /// (name, ggml dims, ggml type, data).
+    pub tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+}
+
+pub fn gguf_string(s: &str) -> Vec<u8> {
+    let mut out = (s.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(s.as_bytes());
+    out
+}
+
+impl GgufBuilder {
+    pub fn new() -> Self {
+        GgufBuilder {
+            version: 3,
+            alignment: 32,
+            kv: Vec::new(),
+            tensors: Vec::new(),
+        }
+    }
+
+    pub fn u32(&mut self, key: &str, v: u32) -> &mut Self {
+        self.kv.push((key.into(), 4, v.to_le_bytes().to_vec()));
+        self
+    }
+
+    pub fn f32(&mut self, key: &str, v: f32) -> &mut Self {
+        self.kv.push((key.into(), 6, v.to_le_bytes().to_vec()));
+        self
+    }
+
+    pub fn string(&mut self, key: &str, v: &str) -> &mut Self {
+        self.kv.push((key.into(), 8, gguf_string(v)));
+        self
+    }
+
+    /// An f32 tensor given in row-major HF shape (stored with reversed dims, as GGUF does).
+    pub fn tensor_f32(&mut self, name: &str, shape: &[usize], values: &[f32]) -> &mut Self {
+        let dims = shape.iter().rev().map(|&d| d as u64).collect();
+        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensors.push((name.into(), dims, 0, data));
+        self
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(self.kv.len() as u64).to_le_bytes());
+        for (k, ty, v) in &self.kv {
+            out.extend(gguf_string(k));
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(v);
+        }
+        let mut offset = 0usize;
+        let mut offsets = Vec::new();
+        for (name, dims, ty, data) in &self.tensors {
+            out.extend(gguf_string(name));
+            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+            for d in dims {
+                out.extend_from_slice(&d.to_le_bytes());
+            }
+            out.extend_from_slice(&ty.to_le_bytes());
+            out.extend_from_slice(&(offset as u64).to_le_bytes());
+            offsets.push(offset);
+            offset = (offset + data.len()).next_multiple_of(self.alignment);
+        }
+        let start = out.len().next_multiple_of(self.alignment);
+        out.resize(start, 0);
+        for ((_, _, _, data), off) in self.tensors.iter().zip(offsets) {
+            out.resize(start + off, 0);
+            out.extend_from_slice(data);
+        }
+        out
+    }
+}
+
+impl Default for GgufBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The tiny Llama of `tiny_llama_config()` as a llama.cpp-style GGUF: GGUF tensor names, q/k
+/// rows permuted the way llama.cpp's converter permutes them, same values as
+/// `write_tiny_llama`.
+pub fn tiny_llama_gguf() -> GgufBuilder {
+    let mut b = GgufBuilder::new();
+    b.string("general.architecture", "llama")
+        .u32("llama.context_length", 24)
+        .u32("llama.embedding_length", 16)
+        .u32("llama.block_count", 2)
+        .u32("llama.feed_forward_length", 32)
+        .u32("llama.attention.head_count", 4)
+        .u32("llama.attention.head_count_kv", 2)
+        .f32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+        .f32("llama.rope.freq_base", 10000.0)
+        .u32("llama.vocab_size", 32)
+        .u32("tokenizer.ggml.eos_token_id", 2)
+        .u32("tokenizer.ggml.bos_token_id", 1);
+    for (k, (name, shape)) in tiny_llama_tensors().iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let mut values = tensor_values(k, n);
+        let heads = if name.ends_with("q_proj.weight") {
+            Some(4)
+        } else if name.ends_with("k_proj.weight") {
+            Some(2)
+        } else {
+            None
+        };
+        if let Some(h) = heads {
+            values = permute_rows_like_llama_cpp(&values, shape[0], shape[1], h);
+        }
+        b.tensor_f32(&gguf_name(name), shape, &values);
+    }
+    b
+}
+
+fn permute_rows_like_llama_cpp(v: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let hs = rows / heads;
+    let half = hs / 2;
+    let mut out = vec![0f32; v.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let hf = h * hs + j * half + i;
+                let gg = h * hs + 2 * i + j;
+                out[gg * cols..(gg + 1) * cols].copy_from_slice(&v[hf * cols..(hf + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn gguf_name(hf: &str) -> String {
+    match hf {
+        "model.embed_tokens.weight" => return "token_embd.weight".into(),
+        "model.norm.weight" => return "output_norm.weight".into(),
+        "lm_head.weight" => return "output.weight".into(),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.").expect("layer tensor");
+    let (layer, tail) = rest.split_once('.').expect("layer index");
+    let short = match tail {
+        "input_layernorm.weight" => "attn_norm",
+        "post_attention_layernorm.weight" => "ffn_norm",
+        "self_attn.q_proj.weight" => "attn_q",
+        "self_attn.k_proj.weight" => "attn_k",
+        "self_attn.v_proj.weight" => "attn_v",
+        "self_attn.o_proj.weight" => "attn_output",
+        "mlp.gate_proj.weight" => "ffn_gate",
+        "mlp.up_proj.weight" => "ffn_up",
+        "mlp.down_proj.weight" => "ffn_down",
+        other => panic!("unmapped {other}"),
+    };
+    format!("blk.{layer}.{short}.weight")
 }

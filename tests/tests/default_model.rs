@@ -1,14 +1,15 @@
 //! Parity on the real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) with transformers loading
-//! the same file. Tolerance: logits max |Δ| ≤ 1e-3; greedy continuations identical.
+//! the same file. Tolerance: logits (last position, full vocabulary) and every position's
+//! log-prob max |Δ| ≤ 1e-3 (measured ≈ 1e-4); greedy continuations identical.
 //!
-//! Needs `models/SmolLM2-135M-Instruct.Q4_1.gguf` and the reference written by
-//! `tests/gguf_reference.py` into `models/reference-smollm2/` (`scripts/fetch_model.sh` does
-//! both); skipped with a printed reason when they are absent.
+//! Needs `models/SmolLM2-135M-Instruct.Q4_1.gguf` (`scripts/fetch_model.sh`, which the test
+//! command runs); the committed reference in `tests/fixtures/smollm2-reference/` was written by
+//! `tests/gguf_reference.py`. Skipped with a printed reason when the model is absent.
 
 use std::path::{Path, PathBuf};
 
 use rlx::{LoadOptions, Model, SamplingParams};
-use rlx_tests::{max_abs_diff, Reference};
+use rlx_tests::{fixture, max_abs_diff, Reference};
 
 fn models_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
@@ -17,10 +18,10 @@ fn models_dir() -> PathBuf {
 #[test]
 fn smollm2_matches_transformers() {
     let gguf = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let refdir = models_dir().join("reference-smollm2");
-    if !gguf.is_file() || !refdir.join("reference.json").is_file() {
+    let refdir = fixture("smollm2-reference");
+    if !gguf.is_file() {
         eprintln!(
-            "SKIPPED: {} or its reference is missing (run scripts/fetch_model.sh)",
+            "SKIPPED: {} is missing (run scripts/fetch_model.sh)",
             gguf.display()
         );
         return;
@@ -31,14 +32,10 @@ fn smollm2_matches_transformers() {
     let v = model.config().vocab_size;
     for (i, case) in reference.cases.iter().enumerate() {
         let logits = model.logits(&case.input_ids).unwrap();
-        let (d, at) = max_abs_diff(&logits, reference.tensor(&format!("logits_{i}")));
-        eprintln!("case {i}: logits max |Δ| = {d:e}");
-        assert!(
-            d <= 1e-3,
-            "case {i}: max |Δ| = {d:e} at token {} vocab {}",
-            at / v,
-            at % v
-        );
+        let last = &logits[logits.len() - v..];
+        let (d, at) = max_abs_diff(last, reference.tensor(&format!("logits_last_{i}")));
+        eprintln!("case {i}: last-position logits max |Δ| = {d:e}");
+        assert!(d <= 1e-3, "case {i}: max |Δ| = {d:e} at vocab {at}");
         let lp = model
             .logprobs(std::slice::from_ref(&case.input_ids), 1.0)
             .unwrap();
@@ -58,7 +55,7 @@ fn smollm2_matches_transformers() {
 #[test]
 fn smollm2_tokenizer_from_gguf_matches_reference_ids() {
     let gguf = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let cases = models_dir().join("reference-smollm2/tokenizer_cases.json");
+    let cases = fixture("smollm2-reference").join("tokenizer_cases.json");
     if !gguf.is_file() || !cases.is_file() {
         eprintln!(
             "SKIPPED: {} or tokenizer_cases.json is missing",

@@ -483,7 +483,9 @@ fn build_pool(threads: usize) -> Result<Option<ThreadPool>> {
         return Ok(None);
     }
     if threads > 1024 {
-        return Err(Error::invalid(format!("{threads} threads requested; at most 1024")));
+        return Err(Error::invalid(format!(
+            "{threads} threads requested; at most 1024"
+        )));
     }
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

@@ -1,0 +1,252 @@
+//! GGUF: dequantization against the `gguf` package's reference, a llama.cpp-layout file giving the
+//! same logits as the safetensors original, and crafted hostile files giving clear errors.
+
+use rlx::weights::GgufFile;
+use rlx::{Error, LoadOptions, Model};
+use rlx_tests::{fixture, gguf_string, tiny_llama_gguf, write_tiny_llama, GgufBuilder};
+
+fn write(bytes: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    (dir, path)
+}
+
+fn load(bytes: &[u8]) -> Result<Model, Error> {
+    let (_dir, path) = write(bytes);
+    Model::load(&path, LoadOptions::default())
+}
+
+#[test]
+fn dequantization_matches_the_reference_implementation() {
+    let dir = fixture("quant");
+    let file = GgufFile::open(&dir.join("quants.gguf")).unwrap();
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let reference = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut checked = 0;
+    for (name, view) in reference.tensors() {
+        let want: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let got = file.tensor_f32(&name).unwrap();
+        assert_eq!(got.shape(), view.shape(), "{name}");
+        for (i, (g, w)) in got.as_slice().iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "{name}[{i}]: rlx {g} vs reference {w}"
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 11, "every supported type is covered");
+}
+
+#[test]
+fn llama_cpp_layout_gives_the_same_logits_as_safetensors() {
+    let st_dir = tempfile::tempdir().unwrap();
+    write_tiny_llama(st_dir.path());
+    let from_st = Model::load(st_dir.path(), LoadOptions::default()).unwrap();
+    let (_dir, path) = write(&tiny_llama_gguf().build());
+    let from_gguf = Model::load(&path, LoadOptions::default()).unwrap();
+    assert_eq!(from_gguf.config().num_kv_heads, 2);
+    assert!(!from_gguf.config().tie_word_embeddings);
+    let ids = [1u32, 5, 9, 30, 2, 7, 7, 11];
+    let a = from_st.logits(&ids).unwrap();
+    let b = from_gguf.logits(&ids).unwrap();
+    assert_eq!(
+        a, b,
+        "unpermuted q/k and renamed tensors must reproduce the original exactly"
+    );
+    assert_eq!(from_gguf.eos_token_ids(), &[2]);
+}
+
+fn expect_format_error(bytes: &[u8], needle: &str) {
+    match load(bytes) {
+        Err(e @ (Error::Format { .. } | Error::Unsupported(_) | Error::Config(_))) => {
+            assert!(
+                e.to_string().contains(needle),
+                "expected `{needle}` in: {e}"
+            )
+        }
+        Err(e) => panic!("expected a format error mentioning `{needle}`, got: {e}"),
+        Ok(_) => panic!("expected a format error mentioning `{needle}`, but it loaded"),
+    }
+}
+
+#[test]
+fn header_lies_are_rejected() {
+    let good = tiny_llama_gguf().build();
+    assert!(load(&good).is_ok());
+
+    let mut bad = good.clone();
+    bad[..4].copy_from_slice(b"GGUX");
+    expect_format_error(&bad, "not a GGUF file");
+
+    for version in [1u32, 4, 0xFFFF_FFFF] {
+        let mut bad = good.clone();
+        bad[4..8].copy_from_slice(&version.to_le_bytes());
+        expect_format_error(&bad, "version");
+    }
+
+    let mut bad = good.clone();
+    bad[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    expect_format_error(&bad, "cannot fit");
+    let mut bad = good.clone();
+    bad[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    expect_format_error(&bad, "cannot fit");
+
+    // The first key's length claims more bytes than the file has.
+    let mut bad = good.clone();
+    bad[24..32].copy_from_slice(&(1u64 << 50).to_le_bytes());
+    expect_format_error(&bad, "too large");
+    let mut bad = good.clone();
+    bad[24..32].copy_from_slice(&(1u64 << 20).to_le_bytes());
+    expect_format_error(&bad, "truncated");
+}
+
+#[test]
+fn every_truncation_is_an_error() {
+    let good = tiny_llama_gguf().build();
+    let step = (good.len() / 211).max(1);
+    for cut in (0..good.len()).step_by(step) {
+        let err = load(&good[..cut]).unwrap_err();
+        assert!(
+            matches!(err, Error::Format { .. }),
+            "cut at {cut} of {}: {err}",
+            good.len()
+        );
+    }
+}
+
+#[test]
+fn metadata_problems_are_named() {
+    let mut b = tiny_llama_gguf();
+    b.string("general.alignment", "32");
+    expect_format_error(&b.build(), "general.alignment");
+
+    let mut b = tiny_llama_gguf();
+    b.u32("general.alignment", 48);
+    expect_format_error(&b.build(), "general.alignment");
+
+    let mut b = tiny_llama_gguf();
+    b.u32("llama.block_count", 2);
+    expect_format_error(&b.build(), "duplicate metadata key");
+
+    let mut b = tiny_llama_gguf();
+    b.kv.retain(|(k, _, _)| k != "llama.block_count");
+    b.string("llama.block_count", "two");
+    expect_format_error(&b.build(), "llama.block_count");
+
+    let mut b = tiny_llama_gguf();
+    b.kv.retain(|(k, _, _)| k != "llama.embedding_length");
+    expect_format_error(&b.build(), "llama.embedding_length");
+
+    let mut b = tiny_llama_gguf();
+    b.kv[0] = ("general.architecture".into(), 8, gguf_string("mamba"));
+    expect_format_error(&b.build(), "mamba");
+
+    // An unknown value type, and arrays nested past the depth limit.
+    let mut b = tiny_llama_gguf();
+    b.kv.push(("x.weird".into(), 99, vec![]));
+    expect_format_error(&b.build(), "unknown metadata value type");
+    let mut nested = Vec::new();
+    for _ in 0..8 {
+        nested.extend_from_slice(&9u32.to_le_bytes());
+        nested.extend_from_slice(&1u64.to_le_bytes());
+    }
+    nested.extend_from_slice(&4u32.to_le_bytes());
+    nested.extend_from_slice(&0u64.to_le_bytes());
+    let mut b = tiny_llama_gguf();
+    b.kv.push(("x.deep".into(), 9, nested));
+    expect_format_error(&b.build(), "nested too deeply");
+
+    // A huge array count backed by nothing.
+    let mut arr = 8u32.to_le_bytes().to_vec();
+    arr.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    let mut b = tiny_llama_gguf();
+    b.kv.push(("tokenizer.ggml.tokens".into(), 9, arr));
+    expect_format_error(&b.build(), "cannot fit");
+}
+
+#[test]
+fn tensor_problems_are_named() {
+    let mut b = tiny_llama_gguf();
+    b.tensors[0].2 = 77;
+    expect_format_error(&b.build(), "unknown ggml type 77");
+
+    let mut b = tiny_llama_gguf();
+    b.tensors[0].1 = vec![16, 32, 1, 1, 1];
+    expect_format_error(&b.build(), "rank 5");
+
+    let mut b = tiny_llama_gguf();
+    b.tensors[0].1 = vec![16, 0];
+    expect_format_error(&b.build(), "dim 0");
+
+    let mut b = tiny_llama_gguf();
+    b.tensors[1].0 = b.tensors[0].0.clone();
+    expect_format_error(&b.build(), "duplicate tensor");
+
+    // Claim a Q8_0 type for a row that is not a whole number of 32-value blocks.
+    let mut b = tiny_llama_gguf();
+    b.tensors[1].1 = vec![16];
+    b.tensors[1].2 = 8;
+    expect_format_error(&b.build(), "blocks");
+
+    // Dims whose element count overflows.
+    let mut b = tiny_llama_gguf();
+    b.tensors[0].1 = vec![u32::MAX as u64, u32::MAX as u64, u32::MAX as u64];
+    expect_format_error(&b.build(), "token_embd.weight");
+
+    // A tensor the layer needs, with the wrong shape.
+    let mut b = tiny_llama_gguf();
+    let q = b
+        .tensors
+        .iter_mut()
+        .find(|t| t.0 == "blk.1.attn_q.weight")
+        .unwrap();
+    q.1 = vec![8, 32];
+    expect_format_error_any(&b.build(), "blk.1.attn_q.weight");
+
+    // A missing tensor.
+    let mut b = tiny_llama_gguf();
+    b.tensors.retain(|t| t.0 != "blk.0.ffn_up.weight");
+    expect_format_error_any(&b.build(), "blk.0.ffn_up.weight");
+}
+
+fn expect_format_error_any(bytes: &[u8], needle: &str) {
+    let err = load(bytes).unwrap_err();
+    assert!(
+        err.to_string().contains(needle),
+        "expected `{needle}` in: {err}"
+    );
+}
+
+/// Rewrites the offset field of tensor `index` in a built file.
+fn patch_offset(b: &GgufBuilder, index: usize, offset: u64) -> Vec<u8> {
+    let mut bytes = b.build();
+    // Walk to the tensor infos: header, then every key/value.
+    let mut pos = 24;
+    for (k, _, v) in &b.kv {
+        pos += 8 + k.len() + 4 + v.len();
+    }
+    for (i, (name, dims, _, _)) in b.tensors.iter().enumerate() {
+        pos += 8 + name.len() + 4 + 8 * dims.len() + 4;
+        if i == index {
+            bytes[pos..pos + 8].copy_from_slice(&offset.to_le_bytes());
+            return bytes;
+        }
+        pos += 8;
+    }
+    panic!("no tensor {index}");
+}
+
+#[test]
+fn offsets_must_be_aligned_in_bounds_and_disjoint() {
+    let b = tiny_llama_gguf();
+    expect_format_error(&patch_offset(&b, 1, 4), "not aligned");
+    expect_format_error(&patch_offset(&b, 1, 1 << 40), "past the end");
+    expect_format_error(&patch_offset(&b, 1, u64::MAX - 31), "");
+    expect_format_error(&patch_offset(&b, 2, 0), "overlap");
+}
