@@ -42,6 +42,17 @@ TEXTS = [
 ]
 
 
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Add 17 and 25."},
+        {"role": "assistant", "content": "42"},
+        {"role": "user", "content": "Now double it. 🙂"},
+    ],
+]
+
+
 def tokenizer_cases(gguf: Path, out: Path) -> None:
     """Ids from transformers' GGUF tokenizer with the digit split that its conversion drops."""
     from tokenizers import pre_tokenizers
@@ -54,6 +65,12 @@ def tokenizer_cases(gguf: Path, out: Path) -> None:
     )
     cases = [{"text": t, "ids": backend.encode(t, add_special_tokens=True).ids} for t in TEXTS]
     (out / "tokenizer_cases.json").write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n")
+    chats = []
+    for messages in CHATS:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = backend.encode(text, add_special_tokens=False).ids
+        chats.append({"messages": messages, "text": text, "ids": ids})
+    (out / "chat_cases.json").write_text(json.dumps(chats, indent=1, ensure_ascii=False) + "\n")
 
 
 def main() -> None:

@@ -29,8 +29,26 @@ enum Command {
     /// Chat with an instruct model: one answer for QUESTION, or a conversation on stdin
     /// (/reset clears it, /quit or Ctrl-D ends it).
     Chat(ChatArgs),
+    /// Write a GGUF (or any Llama-family model rlx loads) as an HF folder that transformers loads.
+    Convert(ConvertArgs),
     /// Time prefill and decode on a model; prints one JSON object.
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Input: a .gguf file or an HF folder.
+    input: PathBuf,
+    /// Output folder (must not exist).
+    out_dir: PathBuf,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
 }
 
 #[derive(Args)]
@@ -118,6 +136,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate(a),
         Command::Logprobs(a) => logprobs(a),
         Command::Chat(a) => chat(a),
+        Command::Convert(a) => convert(a),
         Command::Bench(a) => bench(a),
     };
     match result {
@@ -294,6 +313,17 @@ fn logprobs(a: LogprobsArgs) -> CliResult {
     let lps = lps.into_iter().next().unwrap_or_default();
     let json = serde_json::json!({ "tokens": ids, "logprobs": lps });
     println!("{json}");
+    Ok(())
+}
+
+fn convert(a: ConvertArgs) -> CliResult {
+    let model = Model::load(&a.input, LoadOptions::default())?;
+    let dtype = match a.dtype {
+        DtypeArg::F32 => rlx::convert::SaveDtype::F32,
+        DtypeArg::Bf16 => rlx::convert::SaveDtype::Bf16,
+    };
+    rlx::convert::save_hf_folder(&model, &a.out_dir, dtype)?;
+    eprintln!("wrote {}", a.out_dir.display());
     Ok(())
 }
 

@@ -143,3 +143,87 @@ fn errors_go_to_stderr_with_a_failing_exit_code() {
     ]);
     assert!(!out.status.success());
 }
+
+#[test]
+fn chat_answers_with_the_default_model() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    if !root
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        .is_file()
+    {
+        eprintln!("SKIPPED: default model not fetched (scripts/fetch_model.sh)");
+        return;
+    }
+    // No --model: the default model is found from the working folder.
+    let out = Command::new(env!("CARGO_BIN_EXE_rlx"))
+        .current_dir(&root)
+        .args(["chat", "What is the capital of France?"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer = String::from_utf8(out.stdout).unwrap();
+    assert!(answer.contains("Paris"), "{answer}");
+
+    // The interactive loop keeps going after /reset and ends at end of input.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rlx"))
+        .current_dir(&root)
+        .args(["chat", "--max-new-tokens", "8"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello!\n/reset\nSay hi.\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("conversation cleared"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+}
+
+#[test]
+fn chat_without_a_template_is_a_clear_error() {
+    let path = fixture("gpt2-f32");
+    let out = rlx(&["chat", "--model", path.to_str().unwrap(), "hi"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no chat template"), "{err}");
+}
+
+#[test]
+fn convert_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fixture("llama-f32");
+    let out = rlx(&[
+        "convert",
+        path.to_str().unwrap(),
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let target = dir.path().join("copy");
+    let out = rlx(&[
+        "convert",
+        path.to_str().unwrap(),
+        target.to_str().unwrap(),
+        "--dtype",
+        "bf16",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = Model::load(&path, LoadOptions::default()).unwrap();
+    let b = Model::load(&target, LoadOptions::default()).unwrap();
+    assert_eq!(a.config(), b.config());
+}

@@ -32,6 +32,7 @@ impl Message {
 }
 
 pub struct ChatTemplate {
+    source: String,
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
@@ -53,10 +54,16 @@ impl ChatTemplate {
         env.add_template_owned("chat", source.to_owned())
             .map_err(|e| Error::Template(format!("{e:#}")))?;
         Ok(ChatTemplate {
+            source: source.to_owned(),
             env,
             bos_token: bos_token.unwrap_or_default().to_owned(),
             eos_token: eos_token.unwrap_or_default().to_owned(),
         })
+    }
+
+    /// The Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The prompt text for `messages`; with `add_generation_prompt`, ends where the assistant's

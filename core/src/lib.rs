@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod chat;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod generate;
 pub mod kv_cache;

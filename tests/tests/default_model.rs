@@ -84,3 +84,56 @@ fn smollm2_tokenizer_from_gguf_matches_reference_ids() {
     }
     assert_eq!(model.eos_token_ids(), &[2]);
 }
+
+#[test]
+fn smollm2_chat_template_matches_transformers() {
+    let gguf = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.is_file() {
+        eprintln!(
+            "SKIPPED: {} is missing (run scripts/fetch_model.sh)",
+            gguf.display()
+        );
+        return;
+    }
+    let model = Model::load(&gguf, LoadOptions::default()).unwrap();
+    let path = fixture("smollm2-reference").join("chat_cases.json");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for case in cases.as_array().unwrap() {
+        let messages: Vec<rlx::Message> = case["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| rlx::Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        let text = model
+            .chat_template()
+            .unwrap()
+            .render(&messages, true)
+            .unwrap();
+        assert_eq!(text, case["text"].as_str().unwrap());
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(model.encode_chat(&messages, true).unwrap(), want);
+    }
+    // The headline job: a sensible answer.
+    let prompt = model
+        .encode_chat(
+            &[rlx::Message::new("user", "What is the capital of France?")],
+            true,
+        )
+        .unwrap();
+    let out = model
+        .generate(&[prompt], &SamplingParams::greedy(32), None)
+        .unwrap();
+    let answer = model
+        .require_tokenizer()
+        .unwrap()
+        .decode(&out[0].tokens, true)
+        .unwrap();
+    assert!(answer.contains("Paris"), "{answer}");
+}

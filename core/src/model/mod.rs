@@ -23,7 +23,7 @@ use crate::tokenizer_gguf::tokenizer_from_gguf;
 use crate::weights::{config_from_gguf, GgufFile, GgufSource, SafetensorsCheckpoint};
 
 pub(crate) use forward::Scratch;
-pub use weights::{ModelWeights, TensorSource};
+pub use weights::{Linear, Mlp, ModelWeights, Norm, TensorSource};
 
 /// How to load a model.
 #[derive(Debug, Clone, Default)]

@@ -1,0 +1,260 @@
+//! Writing a loaded Llama-family model as an HF folder that transformers and rlx both load:
+//! `config.json`, `model.safetensors` (f32 or bf16), `tokenizer.json`, `tokenizer_config.json`
+//! (with the chat template) and `generation_config.json`.
+//!
+//! The folder is written under a temporary name beside the target, each file synced, then
+//! renamed into place: a failure leaves no partial folder, and an existing folder is never
+//! overwritten.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use half::bf16;
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{json, Value};
+
+use crate::config::{Family, RopeScaling};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::tensor::Tensor;
+
+/// Storage type of the written weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveDtype {
+    F32,
+    Bf16,
+}
+
+/// Writes `model` as an HF folder at `out` (which must not exist yet).
+pub fn save_hf_folder(model: &Model, out: &Path, dtype: SaveDtype) -> Result<()> {
+    let cfg = model.config();
+    if cfg.family() != Family::Llama {
+        return Err(Error::Unsupported(
+            "saving GPT-2 models as HF folders".into(),
+        ));
+    }
+    if cfg.qkv_bias != cfg.attn_out_bias {
+        return Err(Error::Unsupported(
+            "q/k/v biases without an output bias cannot be written as a LlamaForCausalLM".into(),
+        ));
+    }
+    if out.exists() {
+        return Err(Error::io(
+            out,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "output folder already exists",
+            ),
+        ));
+    }
+    let tmp = temp_sibling(out)?;
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = write_all(model, &tmp, dtype).and_then(|_| {
+        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+        if let Some(parent) = out.parent() {
+            // Make the rename itself durable; not every platform can open a folder.
+            if let Ok(dir) = File::open(parent) {
+                let _ = dir.sync_all();
+            }
+        }
+        Ok(())
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn temp_sibling(out: &Path) -> Result<PathBuf> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{} is not a folder name", out.display())))?;
+    let mut tmp_name = name.to_os_string();
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    Ok(out.with_file_name(tmp_name))
+}
+
+fn write_all(model: &Model, dir: &Path, dtype: SaveDtype) -> Result<()> {
+    let cfg = model.config();
+    write_json(&dir.join("config.json"), &config_json(model, dtype))?;
+    let mut gen = json!({ "eos_token_id": eos_value(model.eos_token_ids()) });
+    if let Some(bos) = cfg.bos_token_id {
+        gen["bos_token_id"] = json!(bos);
+    }
+    write_json(&dir.join("generation_config.json"), &gen)?;
+    write_weights(model, &dir.join("model.safetensors"), dtype)?;
+    if let Some(tok) = model.tokenizer() {
+        let path = dir.join("tokenizer.json");
+        tok.inner()
+            .save(&path, false)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        sync(&path)?;
+        let mut tc = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": cfg.max_position_embeddings,
+            "clean_up_tokenization_spaces": false,
+        });
+        if let Some(b) = tok.bos_token() {
+            tc["bos_token"] = json!(b);
+        }
+        if let Some(e) = tok.eos_token() {
+            tc["eos_token"] = json!(e);
+        }
+        if let Some(t) = model.chat_template() {
+            tc["chat_template"] = json!(t.source());
+        }
+        write_json(&dir.join("tokenizer_config.json"), &tc)?;
+    }
+    Ok(())
+}
+
+fn eos_value(ids: &[u32]) -> Value {
+    match ids {
+        [one] => json!(one),
+        many => json!(many),
+    }
+}
+
+fn config_json(model: &Model, dtype: SaveDtype) -> Value {
+    let c = model.config();
+    let rope = c.rope.as_ref();
+    let mut v = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": rope.map_or(10000.0, |r| r.theta),
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.qkv_bias,
+        "mlp_bias": c.mlp_bias,
+        "eos_token_id": eos_value(&c.eos_token_ids),
+        "torch_dtype": match dtype { SaveDtype::F32 => "float32", SaveDtype::Bf16 => "bfloat16" },
+    });
+    if let Some(bos) = c.bos_token_id {
+        v["bos_token_id"] = json!(bos);
+    }
+    match rope.map(|r| &r.scaling) {
+        Some(RopeScaling::Linear { factor }) => {
+            v["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
+        }
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
+            v["rope_scaling"] = json!({"rope_type": "llama3", "factor": factor,
+                "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings});
+        }
+        _ => {}
+    }
+    v
+}
+
+fn write_weights(model: &Model, path: &Path, dtype: SaveDtype) -> Result<()> {
+    let w = model.weights();
+    let mut named: Vec<(String, &Tensor)> = vec![
+        ("model.embed_tokens.weight".into(), &w.tok_emb),
+        ("model.norm.weight".into(), norm_weight(&w.final_norm)),
+    ];
+    if let Some(head) = &w.lm_head {
+        named.push(("lm_head.weight".into(), head));
+    }
+    for (l, layer) in w.layers.iter().enumerate() {
+        let p = format!("model.layers.{l}");
+        named.push((
+            format!("{p}.input_layernorm.weight"),
+            norm_weight(&layer.attn_norm),
+        ));
+        named.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            norm_weight(&layer.mlp_norm),
+        ));
+        for (n, lin) in [
+            ("q_proj", &layer.q),
+            ("k_proj", &layer.k),
+            ("v_proj", &layer.v),
+            ("o_proj", &layer.o),
+        ] {
+            named.push((format!("{p}.self_attn.{n}.weight"), &lin.w));
+            if let Some(b) = &lin.b {
+                named.push((format!("{p}.self_attn.{n}.bias"), b));
+            }
+        }
+        if let crate::model::Mlp::SwiGlu { gate, up, down } = &layer.mlp {
+            for (n, lin) in [("gate_proj", gate), ("up_proj", up), ("down_proj", down)] {
+                named.push((format!("{p}.mlp.{n}.weight"), &lin.w));
+                if let Some(b) = &lin.b {
+                    named.push((format!("{p}.mlp.{n}.bias"), b));
+                }
+            }
+        }
+    }
+    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = named
+        .iter()
+        .map(|(n, t)| {
+            let bytes = match dtype {
+                SaveDtype::F32 => t.as_slice().iter().flat_map(|v| v.to_le_bytes()).collect(),
+                SaveDtype::Bf16 => t
+                    .as_slice()
+                    .iter()
+                    .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            };
+            (n.clone(), t.shape().to_vec(), bytes)
+        })
+        .collect();
+    let st_dtype = match dtype {
+        SaveDtype::F32 => Dtype::F32,
+        SaveDtype::Bf16 => Dtype::BF16,
+    };
+    let views = encoded
+        .iter()
+        .map(|(n, shape, bytes)| {
+            TensorView::new(st_dtype, shape.clone(), bytes)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::format(path, format!("tensor `{n}`: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| Error::format(path, e.to_string()))?;
+    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(&bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+fn norm_weight(n: &crate::model::Norm) -> &Tensor {
+    match n {
+        crate::model::Norm::Rms { w } | crate::model::Norm::Layer { w, .. } => w,
+    }
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.write_all(b"\n"))
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+fn sync(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
