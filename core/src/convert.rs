@@ -1,4 +1,4 @@
-//! Writing a loaded Llama-family model as an HF folder that transformers and rlx both load:
+//! Writing a loaded model (Llama family or GPT-2) as an HF folder that transformers and rlx both load:
 //! `config.json`, `model.safetensors` (f32 or bf16), `tokenizer.json`, `tokenizer_config.json`
 //! (with the chat template) and `generation_config.json`.
 //!
@@ -14,9 +14,9 @@ use half::bf16;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 
-use crate::config::{Family, RopeScaling};
+use crate::config::{Architecture, Family, RopeScaling};
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{Mlp, Model, Norm};
 use crate::tensor::Tensor;
 
 /// Storage type of the written weights.
@@ -29,12 +29,8 @@ pub enum SaveDtype {
 /// Writes `model` as an HF folder at `out` (which must not exist yet).
 pub fn save_hf_folder(model: &Model, out: &Path, dtype: SaveDtype) -> Result<()> {
     let cfg = model.config();
-    if cfg.family() != Family::Llama {
-        return Err(Error::Unsupported(
-            "saving GPT-2 models as HF folders".into(),
-        ));
-    }
-    if cfg.qkv_bias != cfg.attn_out_bias {
+    // Qwen2 has q/k/v biases without an output bias; a Llama config can only say "all or none".
+    if cfg.architecture != Architecture::Qwen2 && cfg.qkv_bias != cfg.attn_out_bias {
         return Err(Error::Unsupported(
             "q/k/v biases without an output bias cannot be written as a LlamaForCausalLM".into(),
         ));
@@ -118,10 +114,40 @@ fn eos_value(ids: &[u32]) -> Value {
 
 fn config_json(model: &Model, dtype: SaveDtype) -> Value {
     let c = model.config();
+    let torch_dtype = match dtype {
+        SaveDtype::F32 => "float32",
+        SaveDtype::Bf16 => "bfloat16",
+    };
+    if c.family() == Family::Gpt2 {
+        let mut v = json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "activation_function": "gelu_new",
+            "vocab_size": c.vocab_size,
+            "n_embd": c.hidden_size,
+            "n_layer": c.num_layers,
+            "n_head": c.num_heads,
+            "n_inner": c.intermediate_size,
+            "n_positions": c.max_position_embeddings,
+            "layer_norm_epsilon": c.norm_eps,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "eos_token_id": eos_value(&c.eos_token_ids),
+            "torch_dtype": torch_dtype,
+        });
+        if let Some(bos) = c.bos_token_id {
+            v["bos_token_id"] = json!(bos);
+        }
+        return v;
+    }
     let rope = c.rope.as_ref();
     let mut v = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [c.architecture.hf_class()],
+        "model_type": match c.architecture {
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Mistral => "mistral",
+            _ => "llama",
+        },
+        "sliding_window": c.sliding_window,
         "hidden_act": "silu",
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
@@ -137,7 +163,7 @@ fn config_json(model: &Model, dtype: SaveDtype) -> Value {
         "attention_bias": c.qkv_bias,
         "mlp_bias": c.mlp_bias,
         "eos_token_id": eos_value(&c.eos_token_ids),
-        "torch_dtype": match dtype { SaveDtype::F32 => "float32", SaveDtype::Bf16 => "bfloat16" },
+        "torch_dtype": torch_dtype,
     });
     if let Some(bos) = c.bos_token_id {
         v["bos_token_id"] = json!(bos);
@@ -161,57 +187,150 @@ fn config_json(model: &Model, dtype: SaveDtype) -> Value {
     v
 }
 
-fn write_weights(model: &Model, path: &Path, dtype: SaveDtype) -> Result<()> {
+/// (HF name, shape, values) of every tensor transformers expects for this model.
+type Named = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+fn llama_tensors(model: &Model) -> Named {
     let w = model.weights();
-    let mut named: Vec<(String, &Tensor)> = vec![
-        ("model.embed_tokens.weight".into(), &w.tok_emb),
-        ("model.norm.weight".into(), norm_weight(&w.final_norm)),
-    ];
+    let own = |t: &Tensor| (t.shape().to_vec(), t.as_slice().to_vec());
+    let mut named: Named = Vec::new();
+    let mut push = |name: String, t: &Tensor| {
+        let (shape, values) = own(t);
+        named.push((name, shape, values));
+    };
+    push("model.embed_tokens.weight".into(), &w.tok_emb);
+    push("model.norm.weight".into(), norm_parts(&w.final_norm).0);
     if let Some(head) = &w.lm_head {
-        named.push(("lm_head.weight".into(), head));
+        push("lm_head.weight".into(), head);
     }
     for (l, layer) in w.layers.iter().enumerate() {
         let p = format!("model.layers.{l}");
-        named.push((
+        push(
             format!("{p}.input_layernorm.weight"),
-            norm_weight(&layer.attn_norm),
-        ));
-        named.push((
+            norm_parts(&layer.attn_norm).0,
+        );
+        push(
             format!("{p}.post_attention_layernorm.weight"),
-            norm_weight(&layer.mlp_norm),
-        ));
+            norm_parts(&layer.mlp_norm).0,
+        );
         for (n, lin) in [
             ("q_proj", &layer.q),
             ("k_proj", &layer.k),
             ("v_proj", &layer.v),
             ("o_proj", &layer.o),
         ] {
-            named.push((format!("{p}.self_attn.{n}.weight"), &lin.w));
+            push(format!("{p}.self_attn.{n}.weight"), &lin.w);
             if let Some(b) = &lin.b {
-                named.push((format!("{p}.self_attn.{n}.bias"), b));
+                push(format!("{p}.self_attn.{n}.bias"), b);
             }
         }
-        if let crate::model::Mlp::SwiGlu { gate, up, down } = &layer.mlp {
+        if let Mlp::SwiGlu { gate, up, down } = &layer.mlp {
             for (n, lin) in [("gate_proj", gate), ("up_proj", up), ("down_proj", down)] {
-                named.push((format!("{p}.mlp.{n}.weight"), &lin.w));
+                push(format!("{p}.mlp.{n}.weight"), &lin.w);
                 if let Some(b) = &lin.b {
-                    named.push((format!("{p}.mlp.{n}.bias"), b));
+                    push(format!("{p}.mlp.{n}.bias"), b);
                 }
             }
         }
     }
+    named
+}
+
+/// GPT-2 in transformers' layout: Conv1D weights `(in, out)` and a fused `c_attn`.
+fn gpt2_tensors(model: &Model) -> Named {
+    let w = model.weights();
+    let mut named: Named = Vec::new();
+    let copy = |t: &Tensor| (t.shape().to_vec(), t.as_slice().to_vec());
+    let mut push = |name: String, (shape, values): (Vec<usize>, Vec<f32>)| {
+        named.push((format!("transformer.{name}"), shape, values));
+    };
+    push("wte.weight".into(), copy(&w.tok_emb));
+    if let Some(p) = &w.pos_emb {
+        push("wpe.weight".into(), copy(p));
+    }
+    let (fw, fb) = norm_parts(&w.final_norm);
+    push("ln_f.weight".into(), copy(fw));
+    if let Some(b) = fb {
+        push("ln_f.bias".into(), copy(b));
+    }
+    for (l, layer) in w.layers.iter().enumerate() {
+        let p = format!("h.{l}");
+        for (n, norm) in [("ln_1", &layer.attn_norm), ("ln_2", &layer.mlp_norm)] {
+            let (nw, nb) = norm_parts(norm);
+            push(format!("{p}.{n}.weight"), copy(nw));
+            if let Some(b) = nb {
+                push(format!("{p}.{n}.bias"), copy(b));
+            }
+        }
+        let qkv_w: Vec<f32> = [&layer.q, &layer.k, &layer.v]
+            .iter()
+            .flat_map(|lin| lin.w.as_slice().iter().copied())
+            .collect();
+        let rows = layer.q.w.shape()[0] + layer.k.w.shape()[0] + layer.v.w.shape()[0];
+        push(
+            format!("{p}.attn.c_attn.weight"),
+            transposed(&qkv_w, rows, layer.q.w.shape()[1]),
+        );
+        let qkv_b: Vec<f32> = [&layer.q, &layer.k, &layer.v]
+            .iter()
+            .flat_map(|lin| lin.b.iter().flat_map(|b| b.as_slice().iter().copied()))
+            .collect();
+        if qkv_b.len() == rows {
+            push(format!("{p}.attn.c_attn.bias"), (vec![rows], qkv_b));
+        }
+        let mut conv = |name: String, lin: &crate::model::Linear| {
+            let s = lin.w.shape();
+            push(
+                format!("{name}.weight"),
+                transposed(lin.w.as_slice(), s[0], s[1]),
+            );
+            if let Some(b) = &lin.b {
+                push(format!("{name}.bias"), copy(b));
+            }
+        };
+        conv(format!("{p}.attn.c_proj"), &layer.o);
+        if let Mlp::Gelu { fc, proj } = &layer.mlp {
+            conv(format!("{p}.mlp.c_fc"), fc);
+            conv(format!("{p}.mlp.c_proj"), proj);
+        }
+    }
+    if let Some(head) = &w.lm_head {
+        named.push((
+            "lm_head.weight".into(),
+            head.shape().to_vec(),
+            head.as_slice().to_vec(),
+        ));
+    }
+    named
+}
+
+/// `(rows, cols)` values returned as `(cols, rows)`.
+fn transposed(values: &[f32], rows: usize, cols: usize) -> (Vec<usize>, Vec<f32>) {
+    let mut out = vec![0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    (vec![cols, rows], out)
+}
+
+fn write_weights(model: &Model, path: &Path, dtype: SaveDtype) -> Result<()> {
+    let named = match model.config().family() {
+        Family::Llama => llama_tensors(model),
+        Family::Gpt2 => gpt2_tensors(model),
+    };
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = named
-        .iter()
-        .map(|(n, t)| {
+        .into_iter()
+        .map(|(n, shape, values)| {
             let bytes = match dtype {
-                SaveDtype::F32 => t.as_slice().iter().flat_map(|v| v.to_le_bytes()).collect(),
-                SaveDtype::Bf16 => t
-                    .as_slice()
+                SaveDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                SaveDtype::Bf16 => values
                     .iter()
                     .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
                     .collect(),
             };
-            (n.clone(), t.shape().to_vec(), bytes)
+            (n, shape, bytes)
         })
         .collect();
     let st_dtype = match dtype {
@@ -235,9 +354,10 @@ fn write_weights(model: &Model, path: &Path, dtype: SaveDtype) -> Result<()> {
     f.sync_all().map_err(|e| Error::io(path, e))
 }
 
-fn norm_weight(n: &crate::model::Norm) -> &Tensor {
+fn norm_parts(n: &Norm) -> (&Tensor, Option<&Tensor>) {
     match n {
-        crate::model::Norm::Rms { w } | crate::model::Norm::Layer { w, .. } => w,
+        Norm::Rms { w } => (w, None),
+        Norm::Layer { w, b } => (w, Some(b)),
     }
 }
 

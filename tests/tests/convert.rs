@@ -61,3 +61,35 @@ fn existing_or_unwritable_targets_are_errors_and_nothing_is_left() {
     assert!(save_hf_folder(&model, &missing_parent, SaveDtype::F32).is_err());
     assert!(!dir.path().join("no").exists());
 }
+
+#[test]
+fn every_fixture_family_round_trips() {
+    for name in ["gpt2-f32", "llama-f32", "qwen2-f32"] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = rlx_tests::fixture(name);
+        let model = Model::load(&src, LoadOptions::default()).unwrap();
+        let out = dir.path().join("copy");
+        save_hf_folder(&model, &out, SaveDtype::F32).unwrap();
+        let back = Model::load(&out, LoadOptions::default()).unwrap();
+        assert_eq!(back.config(), model.config(), "{name}");
+        let ids = [1u32, 2, 3, 50, 60];
+        assert_eq!(
+            back.logits(&ids).unwrap(),
+            model.logits(&ids).unwrap(),
+            "{name}"
+        );
+        let text = "Hello 123";
+        assert_eq!(
+            back.require_tokenizer()
+                .unwrap()
+                .encode(text, true)
+                .unwrap(),
+            model
+                .require_tokenizer()
+                .unwrap()
+                .encode(text, true)
+                .unwrap(),
+            "{name}"
+        );
+    }
+}

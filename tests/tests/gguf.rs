@@ -250,3 +250,112 @@ fn offsets_must_be_aligned_in_bounds_and_disjoint() {
     expect_format_error(&patch_offset(&b, 1, u64::MAX - 31), "");
     expect_format_error(&patch_offset(&b, 2, 0), "overlap");
 }
+
+/// The GPT-2 fixture rewritten the way llama.cpp's converter writes GPT-2: GGUF names, Conv1D
+/// weights transposed to `(out, in)`, `gpt2.*` metadata.
+fn gpt2_fixture_as_gguf() -> Vec<u8> {
+    let bytes = std::fs::read(fixture("gpt2-f32").join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut b = GgufBuilder::new();
+    b.string("general.architecture", "gpt2")
+        .u32("gpt2.context_length", 128)
+        .u32("gpt2.embedding_length", 64)
+        .u32("gpt2.feed_forward_length", 256)
+        .u32("gpt2.block_count", 2)
+        .u32("gpt2.attention.head_count", 4)
+        .f32("gpt2.attention.layer_norm_epsilon", 1e-5)
+        .u32("tokenizer.ggml.eos_token_id", 0);
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
+    names.sort();
+    for name in names {
+        let view = st.tensor(&name).unwrap();
+        let mut shape = view.shape().to_vec();
+        let mut values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let short = name.strip_prefix("transformer.").unwrap_or(&name);
+        let conv = [
+            ".attn.c_attn.weight",
+            ".attn.c_proj.weight",
+            ".mlp.c_fc.weight",
+            ".mlp.c_proj.weight",
+        ];
+        if conv.iter().any(|s| short.ends_with(s)) {
+            let (rows, cols) = (shape[0], shape[1]);
+            let mut t = vec![0f32; values.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    t[c * rows + r] = values[r * cols + c];
+                }
+            }
+            values = t;
+            shape = vec![cols, rows];
+        }
+        let gguf = match short {
+            "wte.weight" => "token_embd.weight".to_string(),
+            "wpe.weight" => "position_embd.weight".to_string(),
+            "ln_f.weight" => "output_norm.weight".to_string(),
+            "ln_f.bias" => "output_norm.bias".to_string(),
+            other => {
+                let rest = other.strip_prefix("h.").unwrap();
+                let (layer, tail) = rest.split_once('.').unwrap();
+                let (module, suffix) = tail.rsplit_once('.').unwrap();
+                let m = match module {
+                    "ln_1" => "attn_norm",
+                    "attn.c_attn" => "attn_qkv",
+                    "attn.c_proj" => "attn_output",
+                    "ln_2" => "ffn_norm",
+                    "mlp.c_fc" => "ffn_up",
+                    "mlp.c_proj" => "ffn_down",
+                    m => panic!("unmapped {m}"),
+                };
+                format!("blk.{layer}.{m}.{suffix}")
+            }
+        };
+        b.tensor_f32(&gguf, &shape, &values);
+    }
+    b.build()
+}
+
+#[test]
+fn gpt2_in_llama_cpp_layout_gives_the_same_logits() {
+    let (_dir, path) = write(&gpt2_fixture_as_gguf());
+    let from_gguf = Model::load(&path, LoadOptions::default()).unwrap();
+    let from_st = Model::load(fixture("gpt2-f32"), LoadOptions::default()).unwrap();
+    assert_eq!(from_gguf.config().architecture, rlx::Architecture::Gpt2);
+    let ids = [3u32, 40, 200, 7, 7, 99];
+    assert_eq!(
+        from_gguf.logits(&ids).unwrap(),
+        from_st.logits(&ids).unwrap()
+    );
+}
+
+#[test]
+fn gpt2_gguf_converts_back_to_the_original_hf_tensors() {
+    let (dir, path) = write(&gpt2_fixture_as_gguf());
+    let model = Model::load(&path, LoadOptions::default()).unwrap();
+    let out = dir.path().join("hf");
+    rlx::convert::save_hf_folder(&model, &out, rlx::convert::SaveDtype::F32).unwrap();
+    let original = std::fs::read(fixture("gpt2-f32").join("model.safetensors")).unwrap();
+    let original = safetensors::SafeTensors::deserialize(&original).unwrap();
+    let written = std::fs::read(out.join("model.safetensors")).unwrap();
+    let written = safetensors::SafeTensors::deserialize(&written).unwrap();
+    let mut a = original.names();
+    let mut b = written.names();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "same tensor names as transformers wrote");
+    for name in a {
+        let (x, y) = (
+            original.tensor(name).unwrap(),
+            written.tensor(name).unwrap(),
+        );
+        assert_eq!(x.shape(), y.shape(), "{name}");
+        assert_eq!(x.data(), y.data(), "{name}");
+    }
+    let back = Model::load(&out, LoadOptions::default()).unwrap();
+    let ids = [5u32, 6, 7];
+    assert_eq!(back.logits(&ids).unwrap(), model.logits(&ids).unwrap());
+}

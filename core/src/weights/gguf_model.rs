@@ -11,13 +11,17 @@ use crate::error::{Error, Result};
 use crate::model::TensorSource;
 use crate::tensor::Tensor;
 
-/// `ModelConfig` for `general.architecture = llama`.
+/// `ModelConfig` for `general.architecture` = `llama` or `gpt2`.
 pub fn config_from_gguf(f: &GgufFile) -> Result<ModelConfig> {
     let arch = meta_str(f, "general.architecture")?;
-    if arch != "llama" {
-        return Err(Error::Unsupported(format!(
-            "GGUF architecture `{arch}` (supported: llama)"
-        )));
+    match arch {
+        "llama" => {}
+        "gpt2" => return gpt2_config(f),
+        _ => {
+            return Err(Error::Unsupported(format!(
+                "GGUF architecture `{arch}` (supported: llama, gpt2)"
+            )))
+        }
     }
     let key = |k: &str| format!("{arch}.{k}");
     let hidden_size = meta_usize(f, &key("embedding_length"))?;
@@ -97,6 +101,49 @@ pub fn config_from_gguf(f: &GgufFile) -> Result<ModelConfig> {
     Ok(config)
 }
 
+/// GPT-2 as llama.cpp's converter writes it (`gpt2.*` keys, Conv1D weights already `[out, in]`).
+fn gpt2_config(f: &GgufFile) -> Result<ModelConfig> {
+    let hidden_size = meta_usize(f, "gpt2.embedding_length")?;
+    let num_heads = meta_usize(f, "gpt2.attention.head_count")?;
+    if num_heads == 0 {
+        return Err(Error::Config(
+            "gpt2.attention.head_count must be positive".into(),
+        ));
+    }
+    let vocab_size = match f.get("tokenizer.ggml.tokens").and_then(MetaValue::as_array) {
+        Some(t) => t.len(),
+        None => f
+            .tensor_info("token_embd.weight")
+            .map(|t| t.shape()[0])
+            .ok_or_else(|| Error::Config("cannot tell the vocabulary size".into()))?,
+    };
+    let config = ModelConfig {
+        architecture: Architecture::Gpt2,
+        vocab_size,
+        hidden_size,
+        num_layers: meta_usize(f, "gpt2.block_count")?,
+        num_heads,
+        num_kv_heads: num_heads,
+        head_dim: hidden_size / num_heads,
+        intermediate_size: meta_usize(f, "gpt2.feed_forward_length")?,
+        max_position_embeddings: meta_usize(f, "gpt2.context_length")?,
+        norm_eps: meta_f64(f, "gpt2.attention.layer_norm_epsilon")? as f32,
+        activation: Activation::GeluTanh,
+        rope: None,
+        tie_word_embeddings: f.tensor_info("output.weight").is_none(),
+        qkv_bias: true,
+        attn_out_bias: true,
+        mlp_bias: true,
+        sliding_window: None,
+        bos_token_id: opt_u32(f, "tokenizer.ggml.bos_token_id")?,
+        eos_token_ids: opt_u32(f, "tokenizer.ggml.eos_token_id")?
+            .into_iter()
+            .collect(),
+    };
+    config.validate()?;
+    Ok(config)
+}
+
 /// GGUF tensors under their HF names, with the q/k row permutation undone.
 pub struct GgufSource<'a> {
     pub file: &'a GgufFile,
@@ -106,6 +153,9 @@ pub struct GgufSource<'a> {
 impl GgufSource<'_> {
     /// The GGUF name of an HF tensor name, and the head count its rows are permuted by.
     fn map_name(&self, hf: &str) -> Option<(String, Option<usize>)> {
+        if self.config.family() == crate::config::Family::Gpt2 {
+            return gpt2_name(hf).map(|n| (n, None));
+        }
         let fixed = match hf {
             "model.embed_tokens.weight" => Some("token_embd.weight"),
             "model.norm.weight" => Some("output_norm.weight"),
@@ -169,11 +219,40 @@ impl TensorSource for GgufSource<'_> {
         }
     }
 
-    fn tensor_transposed(&self, name: &str, _stored: [usize; 2]) -> Result<Tensor> {
-        Err(Error::Unsupported(format!(
-            "transposed tensor `{name}` from GGUF"
-        )))
+    /// GPT-2's Conv1D weights: HF stores `(in, out)`, llama.cpp's converter already wrote them
+    /// transposed, so the GGUF tensor is the `(out, in)` the kernels want.
+    fn tensor_transposed(&self, name: &str, stored: [usize; 2]) -> Result<Tensor> {
+        self.tensor(name, &[stored[1], stored[0]])
     }
+}
+
+/// GGUF name of a GPT-2 tensor (HF names with or without the `transformer.` prefix).
+fn gpt2_name(hf: &str) -> Option<String> {
+    let hf = hf.strip_prefix("transformer.").unwrap_or(hf);
+    let fixed = match hf {
+        "wte.weight" => Some("token_embd.weight"),
+        "wpe.weight" => Some("position_embd.weight"),
+        "ln_f.weight" => Some("output_norm.weight"),
+        "ln_f.bias" => Some("output_norm.bias"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(n) = fixed {
+        return Some(n.to_owned());
+    }
+    let rest = hf.strip_prefix("h.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (module, suffix) = tail.rsplit_once('.')?;
+    let short = match module {
+        "ln_1" => "attn_norm",
+        "attn.c_attn" => "attn_qkv",
+        "attn.c_proj" => "attn_output",
+        "ln_2" => "ffn_norm",
+        "mlp.c_fc" => "ffn_up",
+        "mlp.c_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{short}.{suffix}"))
 }
 
 /// Undoes llama.cpp's q/k permutation. Within each head of `hs` rows, GGUF row `2i + j` holds
