@@ -438,33 +438,24 @@ fn template_for(tok: &Tokenizer, source: &str) -> Result<ChatTemplate> {
 fn generation_defaults(g: &Value) -> SamplingParams {
     let num = |k: &str| g.get(k).and_then(Value::as_f64);
     let base = SamplingParams::default();
-    let sample = g.get("do_sample").and_then(Value::as_bool).unwrap_or(false);
+    let max_new_tokens = g
+        .get("max_new_tokens")
+        .and_then(Value::as_u64)
+        .map_or(base.max_new_tokens, |v| v as usize);
+    let repetition_penalty = num("repetition_penalty").unwrap_or(1.0) as f32;
+    if !g.get("do_sample").and_then(Value::as_bool).unwrap_or(false) {
+        return SamplingParams {
+            repetition_penalty,
+            ..SamplingParams::greedy(max_new_tokens)
+        };
+    }
     SamplingParams {
-        max_new_tokens: g
-            .get("max_new_tokens")
-            .and_then(Value::as_u64)
-            .map_or(base.max_new_tokens, |v| v as usize),
-        temperature: if sample {
-            num("temperature").unwrap_or(1.0) as f32
-        } else {
-            0.0
-        },
-        top_k: if sample {
-            num("top_k").unwrap_or(0.0) as usize
-        } else {
-            0
-        },
-        top_p: if sample {
-            num("top_p").unwrap_or(1.0) as f32
-        } else {
-            1.0
-        },
-        min_p: if sample {
-            num("min_p").unwrap_or(0.0) as f32
-        } else {
-            0.0
-        },
-        repetition_penalty: num("repetition_penalty").unwrap_or(1.0) as f32,
+        max_new_tokens,
+        temperature: num("temperature").unwrap_or(1.0) as f32,
+        top_k: num("top_k").unwrap_or(0.0) as usize,
+        top_p: num("top_p").unwrap_or(1.0) as f32,
+        min_p: num("min_p").unwrap_or(0.0) as f32,
+        repetition_penalty,
         ..base
     }
 }
@@ -495,13 +486,7 @@ fn build_pool(threads: usize) -> Result<Option<ThreadPool>> {
 }
 
 fn default_eos_ids(dir: &Path, cfg: &ModelConfig, tok: Option<&Tokenizer>) -> Result<Vec<u32>> {
-    let gen_path = dir.join("generation_config.json");
-    if gen_path.is_file() {
-        let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| Error::Json {
-            path: gen_path.clone(),
-            message: e.to_string(),
-        })?;
+    if let Some(value) = read_json_opt(&dir.join("generation_config.json"))? {
         if let Some(ids) = generation_eos_ids(&value)? {
             if let Some(&id) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
                 return Err(Error::TokenOutOfRange {
@@ -520,4 +505,29 @@ fn default_eos_ids(dir: &Path, cfg: &ModelConfig, tok: Option<&Tokenizer>) -> Re
         .filter(|&id| (id as usize) < cfg.vocab_size)
         .into_iter()
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_config_sets_sampling_defaults() {
+        let g = serde_json::json!({"do_sample": true, "temperature": 0.2, "top_p": 0.9, "max_new_tokens": 64});
+        let p = generation_defaults(&g);
+        assert_eq!((p.temperature, p.top_p, p.max_new_tokens), (0.2, 0.9, 64));
+        let greedy = generation_defaults(&serde_json::json!({"temperature": 0.7}));
+        assert_eq!(
+            greedy.temperature, 0.0,
+            "without do_sample transformers decodes greedily"
+        );
+    }
+
+    #[test]
+    fn chat_template_may_be_a_named_list() {
+        let cfg = serde_json::json!({"chat_template": [
+            {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
+        assert_eq!(hf_chat_template(&cfg).as_deref(), Some("D"));
+        assert_eq!(hf_chat_template(&serde_json::json!({})), None);
+    }
 }

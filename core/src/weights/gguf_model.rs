@@ -52,20 +52,7 @@ pub fn config_from_gguf(f: &GgufFile) -> Result<ModelConfig> {
         },
         Some(other) => return Err(Error::Unsupported(format!("GGUF rope scaling `{other}`"))),
     };
-    let tokens = f
-        .get("tokenizer.ggml.tokens")
-        .and_then(MetaValue::as_array)
-        .map(<[MetaValue]>::len);
-    let vocab_size = match opt_usize(f, &key("vocab_size"))? {
-        Some(v) => v,
-        None => match tokens {
-            Some(v) => v,
-            None => f
-                .tensor_info("token_embd.weight")
-                .map(|t| t.shape()[0])
-                .ok_or_else(|| Error::Config("cannot tell the vocabulary size".into()))?,
-        },
-    };
+    let vocab_size = vocab_size(f, &key("vocab_size"))?;
     let config = ModelConfig {
         architecture: Architecture::Llama,
         vocab_size,
@@ -110,13 +97,7 @@ fn gpt2_config(f: &GgufFile) -> Result<ModelConfig> {
             "gpt2.attention.head_count must be positive".into(),
         ));
     }
-    let vocab_size = match f.get("tokenizer.ggml.tokens").and_then(MetaValue::as_array) {
-        Some(t) => t.len(),
-        None => f
-            .tensor_info("token_embd.weight")
-            .map(|t| t.shape()[0])
-            .ok_or_else(|| Error::Config("cannot tell the vocabulary size".into()))?,
-    };
+    let vocab_size = vocab_size(f, "gpt2.vocab_size")?;
     let config = ModelConfig {
         architecture: Architecture::Gpt2,
         vocab_size,
@@ -142,6 +123,19 @@ fn gpt2_config(f: &GgufFile) -> Result<ModelConfig> {
     };
     config.validate()?;
     Ok(config)
+}
+
+/// `<arch>.vocab_size`, else the tokenizer's token count, else the embedding's row count.
+fn vocab_size(f: &GgufFile, key: &str) -> Result<usize> {
+    if let Some(v) = opt_usize(f, key)? {
+        return Ok(v);
+    }
+    if let Some(tokens) = f.get("tokenizer.ggml.tokens").and_then(MetaValue::as_array) {
+        return Ok(tokens.len());
+    }
+    f.tensor_info("token_embd.weight")
+        .map(|t| t.shape()[0])
+        .ok_or_else(|| Error::Config("cannot tell the vocabulary size".into()))
 }
 
 /// GGUF tensors under their HF names, with the q/k row permutation undone.
