@@ -61,6 +61,52 @@ pub fn matmul(
         });
 }
 
+/// Backward of [`matmul`]. Given `dout (T, N)`: writes `dx (T, K) = dout · w` and accumulates
+/// `dw (N, K) += doutᵀ · x` and `db (N) += Σ_t dout`. Each output element is reduced in index
+/// order by one task (rows of `dx`, rows of `dw`), so gradients do not depend on thread count.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward(
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    db: Option<&mut [f32]>,
+    dout: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    n: usize,
+    k: usize,
+) {
+    assert!(dout.len() >= rows * n && x.len() >= rows * k && w.len() >= n * k);
+    if let Some(dx) = dx {
+        dx[..rows * k]
+            .par_chunks_mut(k.max(1))
+            .enumerate()
+            .for_each(|(t, dxt)| {
+                dxt.fill(0.0);
+                for (j, &g) in dout[t * n..(t + 1) * n].iter().enumerate() {
+                    super::simd::axpy(dxt, g, &w[j * k..(j + 1) * k]);
+                }
+            });
+    }
+    if let Some(dw) = dw {
+        dw[..n * k]
+            .par_chunks_mut(k.max(1))
+            .enumerate()
+            .for_each(|(j, dwj)| {
+                for t in 0..rows {
+                    super::simd::axpy(dwj, dout[t * n + j], &x[t * k..(t + 1) * k]);
+                }
+            });
+    }
+    if let Some(db) = db {
+        db[..n].par_iter_mut().enumerate().for_each(|(j, b)| {
+            for t in 0..rows {
+                *b += dout[t * n + j];
+            }
+        });
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Rect {
     r0: usize,
@@ -263,6 +309,58 @@ mod tests {
             for (o, e) in out.iter().zip(&want) {
                 assert!((*o as f64 - e).abs() < 1e-4, "{rows}x{n}x{k}: {o} vs {e}");
             }
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (rows, n, k) = (3, 4, 5);
+        let x = values(rows * k, 7);
+        let w = values(n * k, 8);
+        let b = values(n, 9);
+        let r = values(rows * n, 10); // loss = Σ r ⊙ out
+        let loss = |x: &[f32], w: &[f32], b: &[f32]| -> f64 {
+            let mut out = vec![0f32; rows * n];
+            matmul(&mut out, x, w, Some(b), rows, n, k);
+            out.iter().zip(&r).map(|(o, r)| *o as f64 * *r as f64).sum()
+        };
+        let (mut dx, mut dw, mut db) = (vec![0f32; rows * k], vec![0f32; n * k], vec![0f32; n]);
+        matmul_backward(
+            Some(&mut dx),
+            Some(&mut dw),
+            Some(&mut db),
+            &r,
+            &x,
+            &w,
+            rows,
+            n,
+            k,
+        );
+        let eps = 1e-2f32;
+        let fd = |f: &dyn Fn(f32) -> f64| (f(eps) - f(-eps)) / (2.0 * eps as f64);
+        for i in 0..x.len() {
+            let g = fd(&|e| {
+                let mut x2 = x.clone();
+                x2[i] += e;
+                loss(&x2, &w, &b)
+            });
+            assert!((g - dx[i] as f64).abs() < 1e-3, "dx[{i}]");
+        }
+        for i in 0..w.len() {
+            let g = fd(&|e| {
+                let mut w2 = w.clone();
+                w2[i] += e;
+                loss(&x, &w2, &b)
+            });
+            assert!((g - dw[i] as f64).abs() < 1e-3, "dw[{i}]");
+        }
+        for i in 0..b.len() {
+            let g = fd(&|e| {
+                let mut b2 = b.clone();
+                b2[i] += e;
+                loss(&x, &w, &b2)
+            });
+            assert!((g - db[i] as f64).abs() < 1e-3, "db[{i}]");
         }
     }
 

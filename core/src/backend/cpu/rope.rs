@@ -75,9 +75,45 @@ pub fn apply(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: us
         });
 }
 
+/// Backward of [`apply`]: the rotation's transpose (rotation by −angle), in place on `dx`.
+pub fn apply_backward(dx: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize) {
+    let half = head_dim / 2;
+    dx.par_chunks_mut(heads * head_dim)
+        .enumerate()
+        .for_each(|(t, row)| {
+            let (c, s) = (
+                &cos[t * half..(t + 1) * half],
+                &sin[t * half..(t + 1) * half],
+            );
+            for head in row.chunks_mut(head_dim) {
+                for i in 0..half {
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * c[i] + b * s[i];
+                    head[i + half] = b * c[i] - a * s[i];
+                }
+            }
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backward_inverts_the_rotation() {
+        let rope = RopeConfig {
+            theta: 10000.0,
+            scaling: RopeScaling::None,
+        };
+        let (c, s) = tables(&inv_freq(&rope, 8), &[3, 17]);
+        let x: Vec<f32> = (0..32).map(|i| (i as f32 * 0.3).sin()).collect();
+        let mut y = x.clone();
+        apply(&mut y, &c, &s, 2, 8);
+        apply_backward(&mut y, &c, &s, 2, 8);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-6);
+        }
+    }
 
     #[test]
     fn position_zero_is_identity_and_norm_is_kept() {
