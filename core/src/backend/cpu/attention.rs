@@ -69,9 +69,157 @@ pub fn attention(out: &mut [f32], q: &[f32], slots: &[Slot], kv: &[KvView<'_>], 
     });
 }
 
+/// Gradient buffers of one sequence's keys and values for one layer, laid out like [`KvView`].
+pub struct KvGrad<'a> {
+    pub dk: &'a mut [f32],
+    pub dv: &'a mut [f32],
+}
+
+/// Softmax weights of token `t`, head `h` over positions `0..=pos`, recomputed as the forward
+/// did (max first, then the normalizer), passed one at a time to `visit(position, weight)`.
+fn for_each_weight(
+    qh: &[f32],
+    cache: KvView<'_>,
+    off: usize,
+    kv_dim: usize,
+    pos: usize,
+    hs: usize,
+    mut visit: impl FnMut(usize, f32),
+) {
+    let scale = 1.0 / (hs as f32).sqrt();
+    let score = |p: usize| dot(qh, &cache.k[p * kv_dim + off..][..hs]) * scale;
+    let max = (0..=pos).map(score).fold(f32::NEG_INFINITY, f32::max);
+    let z: f32 = (0..=pos).map(|p| (score(p) - max).exp()).sum();
+    for p in 0..=pos {
+        visit(p, (score(p) - max).exp() / z);
+    }
+}
+
+/// Backward of [`attention`]. `out` is the forward's output. Writes `dq (T, NH·HS)`; accumulates
+/// into `dkv[seq]` (same layout as the caches). `dq` is computed in parallel per (token, head);
+/// key/value gradients are accumulated in one pass in token order, so they do not depend on the
+/// thread count.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dq: &mut [f32],
+    dkv: &mut [KvGrad<'_>],
+    dout: &[f32],
+    out: &[f32],
+    q: &[f32],
+    slots: &[Slot],
+    kv: &[KvView<'_>],
+    heads: Heads,
+) {
+    let Heads { nh, nkv, hs } = heads;
+    let group = nh / nkv;
+    let kv_dim = nkv * hs;
+    let scale = 1.0 / (hs as f32).sqrt();
+    // dL/ds_j = p_j (do·v_j − do·o)
+    dq.par_chunks_mut(hs).enumerate().for_each(|(i, dqh)| {
+        let (t, h) = (i / nh, i % nh);
+        let slot = slots[t];
+        let cache = kv[slot.seq];
+        let at = t * nh * hs + h * hs;
+        let (qh, doh, oh) = (&q[at..at + hs], &dout[at..at + hs], &out[at..at + hs]);
+        let off = (h / group) * hs;
+        let d_o = dot(doh, oh);
+        dqh.fill(0.0);
+        for_each_weight(qh, cache, off, kv_dim, slot.pos, hs, |p, w| {
+            let ds = w * (dot(doh, &cache.v[p * kv_dim + off..][..hs]) - d_o);
+            axpy(dqh, ds * scale, &cache.k[p * kv_dim + off..][..hs]);
+        });
+    });
+    for i in 0..slots.len() * nh {
+        let (t, h) = (i / nh, i % nh);
+        let slot = slots[t];
+        let cache = kv[slot.seq];
+        let at = t * nh * hs + h * hs;
+        let (qh, doh, oh) = (&q[at..at + hs], &dout[at..at + hs], &out[at..at + hs]);
+        let off = (h / group) * hs;
+        let d_o = dot(doh, oh);
+        let grad = &mut dkv[slot.seq];
+        for_each_weight(qh, cache, off, kv_dim, slot.pos, hs, |p, w| {
+            let ds = w * (dot(doh, &cache.v[p * kv_dim + off..][..hs]) - d_o);
+            axpy(&mut grad.dk[p * kv_dim + off..][..hs], ds * scale, qh);
+            axpy(&mut grad.dv[p * kv_dim + off..][..hs], w, doh);
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let heads = Heads {
+            nh: 4,
+            nkv: 2,
+            hs: 3,
+        };
+        let len = 4;
+        let (qd, kvd) = (heads.nh * heads.hs, heads.nkv * heads.hs);
+        let val = |i: usize, s: usize| (((i * 7 + s * 13) % 17) as f32 - 8.0) / 8.0;
+        let q: Vec<f32> = (0..len * qd).map(|i| val(i, 1)).collect();
+        let k: Vec<f32> = (0..len * kvd).map(|i| val(i, 2)).collect();
+        let v: Vec<f32> = (0..len * kvd).map(|i| val(i, 3)).collect();
+        let r: Vec<f32> = (0..len * qd).map(|i| val(i, 4)).collect();
+        let slots: Vec<Slot> = (0..len).map(|pos| Slot { seq: 0, pos }).collect();
+        let run = |q: &[f32], k: &[f32], v: &[f32]| {
+            let mut out = vec![0f32; len * qd];
+            attention(&mut out, q, &slots, &[KvView { k, v }], heads);
+            out
+        };
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| {
+            run(q, k, v)
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>()
+        };
+        let out = run(&q, &k, &v);
+        let mut dq = vec![0f32; len * qd];
+        let (mut dk, mut dv) = (vec![0f32; len * kvd], vec![0f32; len * kvd]);
+        attention_backward(
+            &mut dq,
+            &mut [KvGrad {
+                dk: &mut dk,
+                dv: &mut dv,
+            }],
+            &r,
+            &out,
+            &q,
+            &slots,
+            &[KvView { k: &k, v: &v }],
+            heads,
+        );
+        let eps = 1e-3f32;
+        let fd = |f: &dyn Fn(f32) -> f64| (f(eps) - f(-eps)) / (2.0 * eps as f64);
+        for (i, g) in dq.iter().enumerate() {
+            let want = fd(&|e| {
+                let mut a = q.clone();
+                a[i] += e;
+                loss(&a, &k, &v)
+            });
+            assert!((want - *g as f64).abs() < 2e-3, "dq[{i}]: {want} vs {g}");
+        }
+        for (i, g) in dk.iter().enumerate() {
+            let want = fd(&|e| {
+                let mut a = k.clone();
+                a[i] += e;
+                loss(&q, &a, &v)
+            });
+            assert!((want - *g as f64).abs() < 2e-3, "dk[{i}]: {want} vs {g}");
+        }
+        for (i, g) in dv.iter().enumerate() {
+            let want = fd(&|e| {
+                let mut a = v.clone();
+                a[i] += e;
+                loss(&q, &k, &a)
+            });
+            assert!((want - *g as f64).abs() < 2e-3, "dv[{i}]: {want} vs {g}");
+        }
+    }
 
     #[test]
     fn matches_two_pass_softmax_with_gqa() {
