@@ -36,6 +36,39 @@ pub(crate) struct Scratch {
     next_pos: Vec<usize>,
 }
 
+/// Activations one layer keeps for its backward pass (each `(T, ·)`).
+#[derive(Default)]
+pub(crate) struct LayerTape {
+    /// Residual stream entering the layer.
+    pub x_in: Vec<f32>,
+    /// Input of the q/k/v projections (attention norm output).
+    pub h1: Vec<f32>,
+    /// Queries after RoPE.
+    pub q: Vec<f32>,
+    /// Attention output before the o projection.
+    pub att: Vec<f32>,
+    /// Residual stream after the attention block.
+    pub x_mid: Vec<f32>,
+    /// Input of the MLP (MLP norm output).
+    pub h2: Vec<f32>,
+    /// GELU input (GPT-2) or SwiGLU gate before SiLU (Llama).
+    pub m1: Vec<f32>,
+    /// SwiGLU `up` branch (Llama only).
+    pub m2: Vec<f32>,
+    /// Input of the MLP's output projection.
+    pub act: Vec<f32>,
+}
+
+/// Everything the training backward needs from one forward call.
+#[derive(Default)]
+pub(crate) struct Tape {
+    pub layers: Vec<LayerTape>,
+    /// Residual stream entering the final norm.
+    pub x_final: Vec<f32>,
+    /// RoPE tables of the call's positions.
+    pub rope: Option<(Vec<f32>, Vec<f32>)>,
+}
+
 impl Model {
     /// Runs all layers over `tokens`, appending their K/V to `caches[slot.seq]`; leaves the
     /// final-normed hidden states in `s.h` as `(T, C)`.
@@ -45,6 +78,20 @@ impl Model {
         slots: &[Slot],
         caches: &mut [KvCache],
         s: &mut Scratch,
+    ) -> Result<()> {
+        self.forward_taped(tokens, slots, caches, s, None)
+    }
+
+    /// [`Model::forward`], optionally keeping every layer's activations for a backward pass.
+    /// Inference and training share this one code path, which is what makes their log-probs
+    /// identical.
+    pub(crate) fn forward_taped(
+        &self,
+        tokens: &[u32],
+        slots: &[Slot],
+        caches: &mut [KvCache],
+        s: &mut Scratch,
+        mut tape: Option<&mut Tape>,
     ) -> Result<()> {
         let cfg = &self.config;
         let (t, c) = (tokens.len(), cfg.hidden_size);
@@ -100,7 +147,15 @@ impl Model {
             hs: cfg.head_dim,
         };
 
+        if let Some(tape) = tape.as_deref_mut() {
+            tape.layers.clear();
+            tape.rope = rope_tables.clone();
+        }
         for (l, layer) in self.weights.layers.iter().enumerate() {
+            let mut lt = tape.as_ref().map(|_| LayerTape::default());
+            if let Some(lt) = lt.as_mut() {
+                lt.x_in = s.x.clone();
+            }
             // Attention block.
             self.norm(&layer.attn_norm, &mut s.h, &s.x);
             linear(&mut s.q, &s.h, &layer.q, t);
@@ -128,23 +183,44 @@ impl Model {
             attention(&mut s.att, &s.q, slots, &views, heads);
             linear(&mut s.out, &s.att, &layer.o, t);
             add_inplace(&mut s.x, &s.out);
+            if let Some(lt) = lt.as_mut() {
+                lt.h1 = s.h.clone();
+                lt.q = s.q.clone();
+                lt.att = s.att.clone();
+                lt.x_mid = s.x.clone();
+            }
 
             // MLP block.
             self.norm(&layer.mlp_norm, &mut s.h, &s.x);
             match &layer.mlp {
                 Mlp::Gelu { fc, proj } => {
                     linear(&mut s.m1, &s.h, fc, t);
+                    if let Some(lt) = lt.as_mut() {
+                        lt.m1 = s.m1[..t * f].to_vec();
+                    }
                     gelu_tanh(&mut s.m1);
                     linear(&mut s.out, &s.m1, proj, t);
                 }
                 Mlp::SwiGlu { gate, up, down } => {
                     linear(&mut s.m1, &s.h, gate, t);
                     linear(&mut s.m2, &s.h, up, t);
+                    if let Some(lt) = lt.as_mut() {
+                        lt.m1 = s.m1[..t * f].to_vec();
+                        lt.m2 = s.m2[..t * f].to_vec();
+                    }
                     silu_mul(&mut s.m1, &s.m2);
                     linear(&mut s.out, &s.m1, down, t);
                 }
             }
             add_inplace(&mut s.x, &s.out);
+            if let (Some(tape), Some(mut lt)) = (tape.as_deref_mut(), lt) {
+                lt.h2 = s.h.clone();
+                lt.act = s.m1[..t * f].to_vec();
+                tape.layers.push(lt);
+            }
+        }
+        if let Some(tape) = tape {
+            tape.x_final = s.x.clone();
         }
         self.norm(&self.weights.final_norm, &mut s.h, &s.x);
         for (cache, &next) in caches.iter_mut().zip(&s.next_pos) {

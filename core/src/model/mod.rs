@@ -1,6 +1,7 @@
 //! `Model`: a loaded decoder with its tokenizer, and the token-level primitives on it —
 //! `logits`, `logprobs` (here) and `generate` (in `generate.rs`).
 
+mod backward;
 mod forward;
 mod weights;
 
@@ -22,6 +23,7 @@ use crate::tokenizer::Tokenizer;
 use crate::tokenizer_gguf::tokenizer_from_gguf;
 use crate::weights::{config_from_gguf, GgufFile, GgufSource, SafetensorsCheckpoint};
 
+pub use backward::{Gradients, LayerGrads, LinearGrad, NormGrad};
 pub(crate) use forward::Scratch;
 pub use weights::{Linear, Mlp, ModelWeights, Norm, TensorSource};
 

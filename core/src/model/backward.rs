@@ -1,0 +1,429 @@
+//! The training backward pass: the forward run in reverse, layer by layer, calling each kernel's
+//! `_backward` twin (llm.c style — no autograd graph). Parameter gradients accumulate (`+=`);
+//! activation gradients are written.
+//!
+//! Today's objective is supervised fine-tuning: mean cross-entropy over the selected (response)
+//! tokens. The LM head, log-softmax and loss run fused over chunks of rows, so the `(T × V)`
+//! logits matrix is never materialised.
+
+use crate::backend::cpu::activation::{gelu_tanh_backward, silu_mul_backward};
+use crate::backend::cpu::attention::{attention_backward, Heads, KvGrad, KvView, Slot};
+use crate::backend::cpu::matmul::{matmul, matmul_backward};
+use crate::backend::cpu::norm::{layernorm_backward, rmsnorm_backward};
+use crate::backend::cpu::rope;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+
+use super::forward::{Scratch, Tape};
+use super::weights::{Linear, Mlp, Norm};
+use super::Model;
+
+const LOSS_ROWS: usize = 32;
+
+/// Gradient of one linear layer, laid out like its weights.
+#[derive(Debug, Clone)]
+pub struct LinearGrad {
+    pub w: Vec<f32>,
+    pub b: Option<Vec<f32>>,
+}
+
+/// Gradient of one norm's scale (and shift, for LayerNorm).
+#[derive(Debug, Clone)]
+pub struct NormGrad {
+    pub w: Vec<f32>,
+    pub b: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerGrads {
+    pub attn_norm: NormGrad,
+    pub q: LinearGrad,
+    pub k: LinearGrad,
+    pub v: LinearGrad,
+    pub o: LinearGrad,
+    pub mlp_norm: NormGrad,
+    /// `[fc, proj]` (GPT-2) or `[gate, up, down]` (Llama).
+    pub mlp: Vec<LinearGrad>,
+}
+
+/// Gradients of every parameter, in the model's own layout (`[out, in]` linear weights).
+#[derive(Debug, Clone)]
+pub struct Gradients {
+    pub tok_emb: Vec<f32>,
+    pub pos_emb: Option<Vec<f32>>,
+    pub layers: Vec<LayerGrads>,
+    pub final_norm: NormGrad,
+    /// `None` when the head is tied to the embedding (its gradient is in `tok_emb`).
+    pub lm_head: Option<Vec<f32>>,
+}
+
+fn zero_linear(l: &Linear) -> LinearGrad {
+    LinearGrad {
+        w: vec![0.0; l.w.as_slice().len()],
+        b: l.b.as_ref().map(|b| vec![0.0; b.as_slice().len()]),
+    }
+}
+
+fn zero_norm(n: &Norm) -> NormGrad {
+    match n {
+        Norm::Rms { w } => NormGrad {
+            w: vec![0.0; w.as_slice().len()],
+            b: None,
+        },
+        Norm::Layer { w, b } => NormGrad {
+            w: vec![0.0; w.as_slice().len()],
+            b: Some(vec![0.0; b.as_slice().len()]),
+        },
+    }
+}
+
+impl Gradients {
+    fn zeros(model: &Model) -> Self {
+        let w = model.weights();
+        Gradients {
+            tok_emb: vec![0.0; w.tok_emb.as_slice().len()],
+            pos_emb: w.pos_emb.as_ref().map(|p| vec![0.0; p.as_slice().len()]),
+            layers: w
+                .layers
+                .iter()
+                .map(|l| LayerGrads {
+                    attn_norm: zero_norm(&l.attn_norm),
+                    q: zero_linear(&l.q),
+                    k: zero_linear(&l.k),
+                    v: zero_linear(&l.v),
+                    o: zero_linear(&l.o),
+                    mlp_norm: zero_norm(&l.mlp_norm),
+                    mlp: match &l.mlp {
+                        Mlp::Gelu { fc, proj } => vec![zero_linear(fc), zero_linear(proj)],
+                        Mlp::SwiGlu { gate, up, down } => {
+                            vec![zero_linear(gate), zero_linear(up), zero_linear(down)]
+                        }
+                    },
+                })
+                .collect(),
+            final_norm: zero_norm(&w.final_norm),
+            lm_head: w.lm_head.as_ref().map(|h| vec![0.0; h.as_slice().len()]),
+        }
+    }
+
+    /// Llama-family gradients under their HF parameter names.
+    pub fn named_llama(&self) -> Vec<(String, &[f32])> {
+        let mut out: Vec<(String, &[f32])> = vec![
+            ("model.embed_tokens.weight".into(), &self.tok_emb),
+            ("model.norm.weight".into(), &self.final_norm.w),
+        ];
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".into(), h));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), &l.attn_norm.w));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                &l.mlp_norm.w,
+            ));
+            let lin = [
+                ("self_attn.q_proj", &l.q),
+                ("self_attn.k_proj", &l.k),
+                ("self_attn.v_proj", &l.v),
+                ("self_attn.o_proj", &l.o),
+            ];
+            let mlp_names = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+            for (n, g) in lin.into_iter().chain(mlp_names.into_iter().zip(&l.mlp)) {
+                out.push((format!("{p}.{n}.weight"), &g.w));
+                if let Some(b) = &g.b {
+                    out.push((format!("{p}.{n}.bias"), b));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `dx = dout · W`, `dW += doutᵀ · x`, `db += Σ dout` for one linear layer.
+fn linear_backward(
+    dx: Option<&mut [f32]>,
+    g: &mut LinearGrad,
+    dout: &[f32],
+    x: &[f32],
+    l: &Linear,
+    t: usize,
+) {
+    let shape = l.w.shape();
+    let (n, k) = (shape[0], shape[1]);
+    matmul_backward(
+        dx,
+        Some(&mut g.w),
+        g.b.as_deref_mut(),
+        dout,
+        x,
+        l.w.as_slice(),
+        t,
+        n,
+        k,
+    );
+}
+
+impl Model {
+    fn norm_backward(&self, norm: &Norm, g: &mut NormGrad, dx: &mut [f32], dy: &[f32], x: &[f32]) {
+        let (c, eps) = (self.config().hidden_size, self.config().norm_eps);
+        match (norm, g.b.as_mut()) {
+            (Norm::Layer { w, .. }, Some(db)) => {
+                layernorm_backward(dx, &mut g.w, db, dy, x, w.as_slice(), c, eps)
+            }
+            (Norm::Rms { w }, _) | (Norm::Layer { w, .. }, None) => {
+                rmsnorm_backward(dx, &mut g.w, dy, x, w.as_slice(), c, eps)
+            }
+        }
+    }
+
+    /// Supervised fine-tuning loss and the gradient of every parameter: mean cross-entropy
+    /// (temperature 1) over the tokens selected by `masks` (one flag per token; token 0 cannot
+    /// be selected). Returns `(loss, gradients)`.
+    pub fn sft_gradients<S: AsRef<[u32]> + Sync>(
+        &self,
+        sequences: &[S],
+        masks: &[Vec<bool>],
+    ) -> Result<(f64, Gradients)> {
+        if sequences.is_empty() {
+            return Err(Error::invalid("empty batch"));
+        }
+        if masks.len() != sequences.len() {
+            return Err(Error::invalid(format!(
+                "{} masks for {} sequences",
+                masks.len(),
+                sequences.len()
+            )));
+        }
+        let mut rows: Vec<(usize, u32)> = Vec::new();
+        let mut tokens: Vec<u32> = Vec::new();
+        let mut slots: Vec<Slot> = Vec::new();
+        for (i, (seq, mask)) in sequences.iter().zip(masks).enumerate() {
+            let seq = seq.as_ref();
+            self.check_tokens(seq, 0)?;
+            if mask.len() != seq.len() {
+                return Err(Error::invalid(format!(
+                    "mask {i} has {} entries for {} tokens",
+                    mask.len(),
+                    seq.len()
+                )));
+            }
+            if mask[0] {
+                return Err(Error::invalid(format!(
+                    "mask {i} selects token 0, which has no prediction"
+                )));
+            }
+            let offset = tokens.len();
+            for (t, &m) in mask.iter().enumerate().skip(1) {
+                if m {
+                    rows.push((offset + t - 1, seq[t]));
+                }
+            }
+            tokens.extend_from_slice(seq);
+            slots.extend((0..seq.len()).map(|pos| Slot { seq: i, pos }));
+        }
+        if rows.is_empty() {
+            return Err(Error::invalid("the masks select no tokens"));
+        }
+        self.install(|| self.sft_backward(sequences, &tokens, &slots, &rows))
+    }
+
+    fn sft_backward<S: AsRef<[u32]>>(
+        &self,
+        sequences: &[S],
+        tokens: &[u32],
+        slots: &[Slot],
+        rows: &[(usize, u32)],
+    ) -> Result<(f64, Gradients)> {
+        let cfg = self.config();
+        let w = self.weights();
+        let (t, c, v, f) = (
+            tokens.len(),
+            cfg.hidden_size,
+            cfg.vocab_size,
+            cfg.intermediate_size,
+        );
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let heads = Heads {
+            nh: cfg.num_heads,
+            nkv: cfg.num_kv_heads,
+            hs: cfg.head_dim,
+        };
+        let mut caches = sequences
+            .iter()
+            .map(|s| KvCache::new(cfg, s.as_ref().len()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut s = Scratch::default();
+        let mut tape = Tape::default();
+        self.forward_taped(tokens, slots, &mut caches, &mut s, Some(&mut tape))?;
+        let mut grads = Gradients::zeros(self);
+
+        // Fused LM head + log-softmax + cross-entropy, chunk by chunk.
+        let n = rows.len() as f64;
+        let head = w.lm_head();
+        let mut dhead = vec![0f32; head.as_slice().len()];
+        let mut dhf = vec![0f32; t * c];
+        let mut hidden = vec![0f32; LOSS_ROWS * c];
+        let mut logits = vec![0f32; LOSS_ROWS * v];
+        let mut dh_chunk = vec![0f32; LOSS_ROWS * c];
+        let mut loss = 0f64;
+        for chunk in rows.chunks(LOSS_ROWS) {
+            let m = chunk.len();
+            for (i, &(r, _)) in chunk.iter().enumerate() {
+                hidden[i * c..(i + 1) * c].copy_from_slice(&s.h[r * c..(r + 1) * c]);
+            }
+            matmul(
+                &mut logits[..m * v],
+                &hidden[..m * c],
+                head.as_slice(),
+                None,
+                m,
+                v,
+                c,
+            );
+            for (i, &(_, target)) in chunk.iter().enumerate() {
+                let row = &mut logits[i * v..(i + 1) * v];
+                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+                let z: f64 = row.iter().map(|&l| (l as f64 - max).exp()).sum();
+                loss += max + z.ln() - row[target as usize] as f64;
+                for (j, l) in row.iter_mut().enumerate() {
+                    let p = ((*l as f64 - max).exp() / z) as f32;
+                    *l = (p - if j == target as usize { 1.0 } else { 0.0 }) / n as f32;
+                }
+            }
+            matmul_backward(
+                Some(&mut dh_chunk[..m * c]),
+                Some(&mut dhead),
+                None,
+                &logits[..m * v],
+                &hidden[..m * c],
+                head.as_slice(),
+                m,
+                v,
+                c,
+            );
+            for (i, &(r, _)) in chunk.iter().enumerate() {
+                dhf[r * c..(r + 1) * c].copy_from_slice(&dh_chunk[i * c..(i + 1) * c]);
+            }
+        }
+        let loss = loss / n;
+
+        let mut dx = vec![0f32; t * c];
+        self.norm_backward(
+            &w.final_norm,
+            &mut grads.final_norm,
+            &mut dx,
+            &dhf,
+            &tape.x_final,
+        );
+
+        let mut d_act = vec![0f32; t * f];
+        let mut dm1 = vec![0f32; t * f];
+        let mut dm2 = vec![0f32; t * f];
+        let mut dh = vec![0f32; t * c];
+        let mut tmp = vec![0f32; t * c];
+        let mut dnorm = vec![0f32; t * c];
+        let mut d_att = vec![0f32; t * qd];
+        let mut dq = vec![0f32; t * qd];
+        let mut dk_rows = vec![0f32; t * kvd];
+        let mut dv_rows = vec![0f32; t * kvd];
+        for (l, layer) in w.layers.iter().enumerate().rev() {
+            let lt = &tape.layers[l];
+            let g = &mut grads.layers[l];
+            // MLP block: x_out = x_mid + out_proj(act).
+            let (out_proj, out_grad) = match &layer.mlp {
+                Mlp::Gelu { proj, .. } => (proj, 1),
+                Mlp::SwiGlu { down, .. } => (down, 2),
+            };
+            linear_backward(
+                Some(&mut d_act),
+                &mut g.mlp[out_grad],
+                &dx,
+                &lt.act,
+                out_proj,
+                t,
+            );
+            match &layer.mlp {
+                Mlp::Gelu { fc, .. } => {
+                    gelu_tanh_backward(&mut dm1, &d_act, &lt.m1);
+                    linear_backward(Some(&mut dh), &mut g.mlp[0], &dm1, &lt.h2, fc, t);
+                }
+                Mlp::SwiGlu { gate, up, .. } => {
+                    silu_mul_backward(&mut dm1, &mut dm2, &d_act, &lt.m1, &lt.m2);
+                    linear_backward(Some(&mut dh), &mut g.mlp[0], &dm1, &lt.h2, gate, t);
+                    linear_backward(Some(&mut tmp), &mut g.mlp[1], &dm2, &lt.h2, up, t);
+                    add(&mut dh, &tmp);
+                }
+            }
+            self.norm_backward(&layer.mlp_norm, &mut g.mlp_norm, &mut dnorm, &dh, &lt.x_mid);
+            add(&mut dx, &dnorm); // now d x_mid
+
+            // Attention block: x_mid = x_in + o(att).
+            linear_backward(Some(&mut d_att), &mut g.o, &dx, &lt.att, &layer.o, t);
+            let views: Vec<KvView<'_>> = caches
+                .iter()
+                .map(|cache| {
+                    let (k, v) = cache.layer(l);
+                    KvView { k, v }
+                })
+                .collect();
+            let mut dk_bufs: Vec<Vec<f32>> = caches
+                .iter()
+                .map(|cache| vec![0f32; cache.capacity() * kvd])
+                .collect();
+            let mut dv_bufs: Vec<Vec<f32>> = dk_bufs.clone();
+            {
+                let mut dkv: Vec<KvGrad<'_>> = dk_bufs
+                    .iter_mut()
+                    .zip(dv_bufs.iter_mut())
+                    .map(|(dk, dv)| KvGrad { dk, dv })
+                    .collect();
+                attention_backward(
+                    &mut dq, &mut dkv, &d_att, &lt.att, &lt.q, slots, &views, heads,
+                );
+            }
+            for (i, slot) in slots.iter().enumerate() {
+                let at = slot.pos * kvd;
+                dk_rows[i * kvd..(i + 1) * kvd].copy_from_slice(&dk_bufs[slot.seq][at..at + kvd]);
+                dv_rows[i * kvd..(i + 1) * kvd].copy_from_slice(&dv_bufs[slot.seq][at..at + kvd]);
+            }
+            if let Some((cos, sin)) = &tape.rope {
+                rope::apply_backward(&mut dq, cos, sin, heads.nh, heads.hs);
+                rope::apply_backward(&mut dk_rows, cos, sin, heads.nkv, heads.hs);
+            }
+            linear_backward(Some(&mut dh), &mut g.q, &dq, &lt.h1, &layer.q, t);
+            linear_backward(Some(&mut tmp), &mut g.k, &dk_rows, &lt.h1, &layer.k, t);
+            add(&mut dh, &tmp);
+            linear_backward(Some(&mut tmp), &mut g.v, &dv_rows, &lt.h1, &layer.v, t);
+            add(&mut dh, &tmp);
+            self.norm_backward(
+                &layer.attn_norm,
+                &mut g.attn_norm,
+                &mut dnorm,
+                &dh,
+                &lt.x_in,
+            );
+            add(&mut dx, &dnorm); // now d x_in
+        }
+
+        // Embeddings (and the tied head).
+        for (i, (&tok, slot)) in tokens.iter().zip(slots).enumerate() {
+            let row = &dx[i * c..(i + 1) * c];
+            add(&mut grads.tok_emb[tok as usize * c..][..c], row);
+            if let Some(dp) = grads.pos_emb.as_mut() {
+                add(&mut dp[slot.pos * c..][..c], row);
+            }
+        }
+        match grads.lm_head.as_mut() {
+            Some(h) => add(h, &dhead),
+            None => add(&mut grads.tok_emb, &dhead),
+        }
+        Ok((loss, grads))
+    }
+}
+
+fn add(a: &mut [f32], b: &[f32]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
