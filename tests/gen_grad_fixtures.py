@@ -7,6 +7,9 @@ For gpt2-f32 and llama-f32: a packed batch of two sequences (cases 1 and 2 of re
 each with a mask that selects the response tokens; loss = mean over selected tokens of
 -log p(token | prefix). Writes FOLDER/grads.json (sequences, masks, loss) and
 FOLDER/grads.safetensors (gradients under transformers' parameter names and layouts).
+For llama-f32 it also takes one AdamW step (clip_grad_norm_ 1.0; lr 1e-2, betas 0.9/0.95,
+eps 1e-8, weight decay 0.1 on linear weights only) and writes a few parameters after it to
+llama-f32/after_adamw.safetensors.
 """
 
 import json
@@ -41,6 +44,24 @@ def main() -> None:
         meta = {"sequences": sequences, "masks": masks, "loss": loss.item(),
                 "notes": "mean cross-entropy over masked tokens; gradients in HF layout"}
         (folder / "grads.json").write_text(json.dumps(meta) + "\n")
+        if name == "llama-f32":
+            adamw_step(model, folder)
+
+
+def adamw_step(model, folder: Path) -> None:
+    params = dict(model.named_parameters())
+    decay = [p for n, p in params.items() if n.endswith("proj.weight") or n == "lm_head.weight"]
+    other = [p for n, p in params.items() if not (n.endswith("proj.weight") or n == "lm_head.weight")]
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+        lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+    )
+    opt.step()
+    keep = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.input_layernorm.weight", "model.layers.2.mlp.down_proj.weight",
+            "lm_head.weight"]
+    save_file({n: params[n].detach().contiguous() for n in keep}, folder / "after_adamw.safetensors")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;
 pub mod tokenizer_gguf;
+pub mod train;
 pub mod weights;
 
 pub use chat::{ChatTemplate, Message};
@@ -32,6 +33,7 @@ pub use generate::{FinishReason, Generation, StreamCallback};
 pub use model::{LoadOptions, Model};
 pub use sampling::SamplingParams;
 pub use tokenizer::{TextStream, Tokenizer};
+pub use train::{Schedule, StepStats, TrainConfig, Trainer};
 
 /// The library version (`CARGO_PKG_VERSION`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

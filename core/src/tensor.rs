@@ -56,6 +56,18 @@ impl Tensor {
         }
     }
 
+    /// Mutable values; a mapped tensor is copied into memory first (the file is never written).
+    pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        if let TensorData::Mapped { .. } = self.data {
+            self.data = TensorData::Owned(self.as_slice().to_vec());
+        }
+        match &mut self.data {
+            TensorData::Owned(v) => v,
+            // Just replaced by an owned copy above.
+            TensorData::Mapped { .. } => &mut [],
+        }
+    }
+
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }

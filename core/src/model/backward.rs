@@ -106,6 +106,41 @@ impl Gradients {
         }
     }
 
+    /// Every gradient, in the order of `ModelWeights::params_mut`.
+    pub fn flat(&self) -> Vec<&[f32]> {
+        let mut out: Vec<&[f32]> = vec![&self.tok_emb];
+        if let Some(p) = &self.pos_emb {
+            out.push(p);
+        }
+        fn norm<'a>(n: &'a NormGrad, out: &mut Vec<&'a [f32]>) {
+            out.push(&n.w);
+            if let Some(b) = &n.b {
+                out.push(b);
+            }
+        }
+        fn lin<'a>(g: &'a LinearGrad, out: &mut Vec<&'a [f32]>) {
+            out.push(&g.w);
+            if let Some(b) = &g.b {
+                out.push(b);
+            }
+        }
+        for l in &self.layers {
+            norm(&l.attn_norm, &mut out);
+            for g in [&l.q, &l.k, &l.v, &l.o] {
+                lin(g, &mut out);
+            }
+            norm(&l.mlp_norm, &mut out);
+            for g in &l.mlp {
+                lin(g, &mut out);
+            }
+        }
+        norm(&self.final_norm, &mut out);
+        if let Some(h) = &self.lm_head {
+            out.push(h);
+        }
+        out
+    }
+
     /// Llama-family gradients under their HF parameter names.
     pub fn named_llama(&self) -> Vec<(String, &[f32])> {
         let mut out: Vec<(String, &[f32])> = vec![

@@ -172,6 +172,11 @@ impl Model {
         &self.weights
     }
 
+    /// Mutable weights (training). Mapped tensors are copied on first write.
+    pub fn weights_mut(&mut self) -> &mut ModelWeights {
+        &mut self.weights
+    }
+
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
         self.tokenizer.as_ref()
     }

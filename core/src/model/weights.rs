@@ -71,7 +71,61 @@ pub struct ModelWeights {
     pub lm_head: Option<Tensor>,
 }
 
+impl Linear {
+    fn params_mut<'a>(&'a mut self, out: &mut Vec<(&'a mut Tensor, bool)>) {
+        out.push((&mut self.w, true));
+        if let Some(b) = self.b.as_mut() {
+            out.push((b, false));
+        }
+    }
+}
+
+impl Norm {
+    fn params_mut<'a>(&'a mut self, out: &mut Vec<(&'a mut Tensor, bool)>) {
+        match self {
+            Norm::Rms { w } => out.push((w, false)),
+            Norm::Layer { w, b } => {
+                out.push((w, false));
+                out.push((b, false));
+            }
+        }
+    }
+}
+
 impl ModelWeights {
+    /// Every trainable tensor with whether weight decay applies to it (linear weights and an
+    /// untied head: yes; norms, biases, embeddings: no). The order matches
+    /// `Gradients::flat`.
+    pub fn params_mut(&mut self) -> Vec<(&mut Tensor, bool)> {
+        let mut out = vec![(&mut self.tok_emb, false)];
+        if let Some(p) = self.pos_emb.as_mut() {
+            out.push((p, false));
+        }
+        for l in &mut self.layers {
+            l.attn_norm.params_mut(&mut out);
+            for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o] {
+                lin.params_mut(&mut out);
+            }
+            l.mlp_norm.params_mut(&mut out);
+            match &mut l.mlp {
+                Mlp::Gelu { fc, proj } => {
+                    fc.params_mut(&mut out);
+                    proj.params_mut(&mut out);
+                }
+                Mlp::SwiGlu { gate, up, down } => {
+                    gate.params_mut(&mut out);
+                    up.params_mut(&mut out);
+                    down.params_mut(&mut out);
+                }
+            }
+        }
+        self.final_norm.params_mut(&mut out);
+        if let Some(h) = self.lm_head.as_mut() {
+            out.push((h, true));
+        }
+        out
+    }
+
     pub fn lm_head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.tok_emb)
     }
