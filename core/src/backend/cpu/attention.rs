@@ -114,32 +114,38 @@ pub fn attention_backward(
     let group = nh / nkv;
     let kv_dim = nkv * hs;
     let scale = 1.0 / (hs as f32).sqrt();
-    // dL/ds_j = p_j (do·v_j − do·o)
+    // For (token, head) `i`, calls `visit(position, p_j, dL/ds_j)` with
+    // dL/ds_j = p_j (do·v_j − do·o).
+    let terms = |i: usize, visit: &mut dyn FnMut(usize, f32, f32)| {
+        let (t, h) = (i / nh, i % nh);
+        let slot = slots[t];
+        let cache = kv[slot.seq];
+        let at = t * nh * hs + h * hs;
+        let (qh, doh, oh) = (&q[at..at + hs], &dout[at..at + hs], &out[at..at + hs]);
+        let off = (h / group) * hs;
+        let d_o = dot(doh, oh);
+        for_each_weight(qh, cache, off, kv_dim, slot.pos, hs, |p, w| {
+            let ds = w * (dot(doh, &cache.v[p * kv_dim + off..][..hs]) - d_o);
+            visit(p, w, ds);
+        });
+    };
     dq.par_chunks_mut(hs).enumerate().for_each(|(i, dqh)| {
         let (t, h) = (i / nh, i % nh);
-        let slot = slots[t];
-        let cache = kv[slot.seq];
-        let at = t * nh * hs + h * hs;
-        let (qh, doh, oh) = (&q[at..at + hs], &dout[at..at + hs], &out[at..at + hs]);
+        let cache = kv[slots[t].seq];
         let off = (h / group) * hs;
-        let d_o = dot(doh, oh);
         dqh.fill(0.0);
-        for_each_weight(qh, cache, off, kv_dim, slot.pos, hs, |p, w| {
-            let ds = w * (dot(doh, &cache.v[p * kv_dim + off..][..hs]) - d_o);
-            axpy(dqh, ds * scale, &cache.k[p * kv_dim + off..][..hs]);
+        terms(i, &mut |p, _, ds| {
+            axpy(dqh, ds * scale, &cache.k[p * kv_dim + off..][..hs])
         });
     });
+    // Key/value gradients: one pass in token order (several tokens write the same rows).
     for i in 0..slots.len() * nh {
         let (t, h) = (i / nh, i % nh);
-        let slot = slots[t];
-        let cache = kv[slot.seq];
         let at = t * nh * hs + h * hs;
-        let (qh, doh, oh) = (&q[at..at + hs], &dout[at..at + hs], &out[at..at + hs]);
+        let (qh, doh) = (&q[at..at + hs], &dout[at..at + hs]);
         let off = (h / group) * hs;
-        let d_o = dot(doh, oh);
-        let grad = &mut dkv[slot.seq];
-        for_each_weight(qh, cache, off, kv_dim, slot.pos, hs, |p, w| {
-            let ds = w * (dot(doh, &cache.v[p * kv_dim + off..][..hs]) - d_o);
+        let grad = &mut dkv[slots[t].seq];
+        terms(i, &mut |p, w, ds| {
             axpy(&mut grad.dk[p * kv_dim + off..][..hs], ds * scale, qh);
             axpy(&mut grad.dv[p * kv_dim + off..][..hs], w, doh);
         });

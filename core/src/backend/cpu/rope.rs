@@ -57,6 +57,16 @@ pub fn tables(inv_freq: &[f64], positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
 
 /// Rotates every head of every row of `x` (`(T, heads·HS)`) in place.
 pub fn apply(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize) {
+    rotate(x, cos, sin, heads, head_dim, 1.0);
+}
+
+/// Backward of [`apply`]: the rotation's transpose (rotation by −angle), in place on `dx`.
+pub fn apply_backward(dx: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize) {
+    rotate(dx, cos, sin, heads, head_dim, -1.0);
+}
+
+/// Rotation by `direction` × angle (±1).
+fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize, direction: f32) {
     let half = head_dim / 2;
     x.par_chunks_mut(heads * head_dim)
         .enumerate()
@@ -68,28 +78,9 @@ pub fn apply(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: us
             for head in row.chunks_mut(head_dim) {
                 for i in 0..half {
                     let (a, b) = (head[i], head[i + half]);
-                    head[i] = a * c[i] - b * s[i];
-                    head[i + half] = b * c[i] + a * s[i];
-                }
-            }
-        });
-}
-
-/// Backward of [`apply`]: the rotation's transpose (rotation by −angle), in place on `dx`.
-pub fn apply_backward(dx: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize) {
-    let half = head_dim / 2;
-    dx.par_chunks_mut(heads * head_dim)
-        .enumerate()
-        .for_each(|(t, row)| {
-            let (c, s) = (
-                &cos[t * half..(t + 1) * half],
-                &sin[t * half..(t + 1) * half],
-            );
-            for head in row.chunks_mut(head_dim) {
-                for i in 0..half {
-                    let (a, b) = (head[i], head[i + half]);
-                    head[i] = a * c[i] + b * s[i];
-                    head[i + half] = b * c[i] - a * s[i];
+                    let si = direction * s[i];
+                    head[i] = a * c[i] - b * si;
+                    head[i + half] = b * c[i] + a * si;
                 }
             }
         });
