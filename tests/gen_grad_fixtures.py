@@ -46,6 +46,39 @@ def main() -> None:
         (folder / "grads.json").write_text(json.dumps(meta) + "\n")
         if name == "llama-f32":
             adamw_step(model, folder)
+            reward_model(folder, sequences)
+
+
+def reward_model(folder: Path, sequences) -> None:
+    """LlamaForSequenceClassification on the fixture backbone with a random score head: rewards,
+    pairwise loss −log σ(r_c − r_r − margin), and a few gradients, written to rm.json and
+    rm.safetensors (which also holds the score head)."""
+    from transformers import LlamaForSequenceClassification
+
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    cfg = base.config
+    cfg.num_labels = 1
+    cfg.pad_token_id = 0
+    rm = LlamaForSequenceClassification(cfg).eval()
+    rm.model.load_state_dict(base.model.state_dict())
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        rm.score.weight.copy_(0.5 * torch.randn(rm.score.weight.shape, generator=gen))
+    a, b = sequences
+    chosen, rejected, margin = [a, b[:10]], [b[:12], a[:5]], 0.5
+    rewards = lambda seqs: torch.stack([rm(torch.tensor([s])).logits[0, 0] for s in seqs])
+    rc, rr = rewards(chosen), rewards(rejected)
+    loss = -torch.nn.functional.logsigmoid(rc - rr - margin).mean()
+    loss.backward()
+    keep = ["score.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight",
+            "model.embed_tokens.weight"]
+    params = dict(rm.named_parameters())
+    tensors = {f"grad.{n}": params[n].grad.contiguous() for n in keep}
+    tensors["score.weight"] = rm.score.weight.detach().contiguous()
+    save_file(tensors, folder / "rm.safetensors")
+    meta = {"chosen": chosen, "rejected": rejected, "margin": margin, "loss": loss.item(),
+            "rewards_chosen": rc.tolist(), "rewards_rejected": rr.tolist()}
+    (folder / "rm.json").write_text(json.dumps(meta) + "\n")
 
 
 def adamw_step(model, folder: Path) -> None:

@@ -110,6 +110,9 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// A `*ForSequenceClassification` checkpoint: a scalar `score` head (num_labels = 1) and no
+    /// LM head.
+    pub score_head: bool,
 }
 
 impl ModelConfig {
@@ -130,10 +133,23 @@ impl ModelConfig {
             .ok_or_else(|| Error::Config("config.json must hold a JSON object".into()))?;
         let c = Fields(obj);
         let architecture = detect_architecture(&c)?;
-        let config = match architecture.family() {
+        let mut config = match architecture.family() {
             Family::Gpt2 => gpt2_config(&c)?,
             Family::Llama => llama_config(&c, architecture)?,
         };
+        config.score_head = is_sequence_classifier(&c);
+        if config.score_head {
+            let labels = match c.0.get("id2label") {
+                Some(Value::Object(m)) => Some(m.len()),
+                _ => c.opt_usize("num_labels")?,
+            };
+            if labels.is_some_and(|n| n != 1) {
+                return Err(Error::Unsupported(format!(
+                    "a sequence classifier with {} labels (a reward model has num_labels = 1)",
+                    labels.unwrap_or_default()
+                )));
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -229,12 +245,14 @@ fn detect_architecture(c: &Fields) -> Result<Architecture> {
     };
     let model_type = c.opt_str("model_type")?;
     let arch = match (named.as_deref(), model_type.as_deref()) {
-        (Some("GPT2LMHeadModel" | "GPT2Model"), _) | (None, Some("gpt2")) => Architecture::Gpt2,
-        (Some("LlamaForCausalLM" | "LlamaModel"), _) | (None, Some("llama")) => Architecture::Llama,
-        (Some("MistralForCausalLM" | "MistralModel"), _) | (None, Some("mistral")) => {
-            Architecture::Mistral
-        }
-        (Some("Qwen2ForCausalLM" | "Qwen2Model"), _) | (None, Some("qwen2")) => Architecture::Qwen2,
+        (Some("GPT2LMHeadModel" | "GPT2Model" | "GPT2ForSequenceClassification"), _)
+        | (None, Some("gpt2")) => Architecture::Gpt2,
+        (Some("LlamaForCausalLM" | "LlamaModel" | "LlamaForSequenceClassification"), _)
+        | (None, Some("llama")) => Architecture::Llama,
+        (Some("MistralForCausalLM" | "MistralModel" | "MistralForSequenceClassification"), _)
+        | (None, Some("mistral")) => Architecture::Mistral,
+        (Some("Qwen2ForCausalLM" | "Qwen2Model" | "Qwen2ForSequenceClassification"), _)
+        | (None, Some("qwen2")) => Architecture::Qwen2,
         (Some(other), _) => {
             return Err(Error::Unsupported(format!(
                 "architecture `{other}` (supported: GPT2LMHeadModel, LlamaForCausalLM, \
@@ -251,6 +269,11 @@ fn detect_architecture(c: &Fields) -> Result<Architecture> {
         }
     };
     Ok(arch)
+}
+
+fn is_sequence_classifier(c: &Fields) -> bool {
+    matches!(c.0.get("architectures"), Some(Value::Array(list))
+        if list.first().and_then(|v| v.as_str()).is_some_and(|a| a.ends_with("ForSequenceClassification")))
 }
 
 fn gpt2_config(c: &Fields) -> Result<ModelConfig> {
@@ -299,6 +322,7 @@ fn gpt2_config(c: &Fields) -> Result<ModelConfig> {
         sliding_window: None,
         bos_token_id: c.opt_token_id("bos_token_id")?,
         eos_token_ids: c.token_ids("eos_token_id")?,
+        score_head: false,
     })
 }
 
@@ -353,6 +377,7 @@ fn llama_config(c: &Fields, architecture: Architecture) -> Result<ModelConfig> {
         sliding_window,
         bos_token_id: c.opt_token_id("bos_token_id")?,
         eos_token_ids: c.token_ids("eos_token_id")?,
+        score_head: false,
     })
 }
 

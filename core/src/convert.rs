@@ -29,6 +29,11 @@ pub enum SaveDtype {
 /// Writes `model` as an HF folder at `out` (which must not exist yet).
 pub fn save_hf_folder(model: &Model, out: &Path, dtype: SaveDtype) -> Result<()> {
     let cfg = model.config();
+    if model.weights().score.is_some() {
+        return Err(Error::Unsupported(
+            "saving reward models (score head) as HF folders".into(),
+        ));
+    }
     // Qwen2 has q/k/v biases without an output bias; a Llama config can only say "all or none".
     if cfg.architecture != Architecture::Qwen2 && cfg.qkv_bias != cfg.attn_out_bias {
         return Err(Error::Unsupported(

@@ -55,6 +55,8 @@ pub struct Gradients {
     pub final_norm: NormGrad,
     /// `None` when the head is tied to the embedding (its gradient is in `tok_emb`).
     pub lm_head: Option<Vec<f32>>,
+    /// `(1, C)` reward head, when the model has one.
+    pub score: Option<Vec<f32>>,
 }
 
 fn zero_linear(l: &Linear) -> LinearGrad {
@@ -78,7 +80,7 @@ fn zero_norm(n: &Norm) -> NormGrad {
 }
 
 impl Gradients {
-    fn zeros(model: &Model) -> Self {
+    pub(crate) fn zeros(model: &Model) -> Self {
         let w = model.weights();
         Gradients {
             tok_emb: vec![0.0; w.tok_emb.as_slice().len()],
@@ -103,6 +105,7 @@ impl Gradients {
                 .collect(),
             final_norm: zero_norm(&w.final_norm),
             lm_head: w.lm_head.as_ref().map(|h| vec![0.0; h.as_slice().len()]),
+            score: w.score.as_ref().map(|h| vec![0.0; h.as_slice().len()]),
         }
     }
 
@@ -138,6 +141,9 @@ impl Gradients {
         if let Some(h) = &self.lm_head {
             out.push(h);
         }
+        if let Some(h) = &self.score {
+            out.push(h);
+        }
         out
     }
 
@@ -149,6 +155,9 @@ impl Gradients {
         ];
         if let Some(h) = &self.lm_head {
             out.push(("lm_head.weight".into(), h));
+        }
+        if let Some(h) = &self.score {
+            out.push(("score.weight".into(), h));
         }
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -272,18 +281,7 @@ impl Model {
     ) -> Result<(f64, Gradients)> {
         let cfg = self.config();
         let w = self.weights();
-        let (t, c, v, f) = (
-            tokens.len(),
-            cfg.hidden_size,
-            cfg.vocab_size,
-            cfg.intermediate_size,
-        );
-        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-        let heads = Heads {
-            nh: cfg.num_heads,
-            nkv: cfg.num_kv_heads,
-            hs: cfg.head_dim,
-        };
+        let (t, c, v) = (tokens.len(), cfg.hidden_size, cfg.vocab_size);
         let mut caches = sequences
             .iter()
             .map(|s| KvCache::new(cfg, s.as_ref().len()))
@@ -342,13 +340,41 @@ impl Model {
             }
         }
         let loss = loss / n;
+        match grads.lm_head.as_mut() {
+            Some(h) => add(h, &dhead),
+            None => add(&mut grads.tok_emb, &dhead),
+        }
+        self.backbone_backward(tokens, slots, &caches, &tape, &dhf, &mut grads);
+        Ok((loss, grads))
+    }
+
+    /// Runs the layers in reverse from `dhf`, the gradient of the final-normed hidden states
+    /// `(T, C)`, accumulating every backbone parameter's gradient into `grads`.
+    pub(crate) fn backbone_backward(
+        &self,
+        tokens: &[u32],
+        slots: &[Slot],
+        caches: &[KvCache],
+        tape: &Tape,
+        dhf: &[f32],
+        grads: &mut Gradients,
+    ) {
+        let cfg = self.config();
+        let w = self.weights();
+        let (t, c, f) = (tokens.len(), cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let heads = Heads {
+            nh: cfg.num_heads,
+            nkv: cfg.num_kv_heads,
+            hs: cfg.head_dim,
+        };
 
         let mut dx = vec![0f32; t * c];
         self.norm_backward(
             &w.final_norm,
             &mut grads.final_norm,
             &mut dx,
-            &dhf,
+            dhf,
             &tape.x_final,
         );
 
@@ -441,7 +467,7 @@ impl Model {
             add(&mut dx, &dnorm); // now d x_in
         }
 
-        // Embeddings (and the tied head).
+        // Embeddings.
         for (i, (&tok, slot)) in tokens.iter().zip(slots).enumerate() {
             let row = &dx[i * c..(i + 1) * c];
             add(&mut grads.tok_emb[tok as usize * c..][..c], row);
@@ -449,15 +475,9 @@ impl Model {
                 add(&mut dp[slot.pos * c..][..c], row);
             }
         }
-        match grads.lm_head.as_mut() {
-            Some(h) => add(h, &dhead),
-            None => add(&mut grads.tok_emb, &dhead),
-        }
-        Ok((loss, grads))
     }
 }
-
-fn add(a: &mut [f32], b: &[f32]) {
+pub(crate) fn add(a: &mut [f32], b: &[f32]) {
     for (x, y) in a.iter_mut().zip(b) {
         *x += y;
     }

@@ -3,6 +3,7 @@
 
 mod backward;
 mod forward;
+mod reward;
 mod weights;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use crate::weights::{config_from_gguf, GgufFile, GgufSource, SafetensorsCheckpoi
 
 pub use backward::{Gradients, LayerGrads, LinearGrad, NormGrad};
 pub(crate) use forward::Scratch;
+pub use reward::PairStats;
 pub use weights::{Linear, Mlp, ModelWeights, Norm, TensorSource};
 
 /// How to load a model.

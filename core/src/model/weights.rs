@@ -67,8 +67,10 @@ pub struct ModelWeights {
     pub pos_emb: Option<Tensor>,
     pub layers: Vec<Layer>,
     pub final_norm: Norm,
-    /// `(V, C)`; `None` when tied to `tok_emb`.
+    /// `(V, C)`; `None` when tied to `tok_emb` (or absent, in a reward model).
     pub lm_head: Option<Tensor>,
+    /// `(1, C)` scalar reward head of a `*ForSequenceClassification` model.
+    pub score: Option<Tensor>,
 }
 
 impl Linear {
@@ -123,6 +125,9 @@ impl ModelWeights {
         if let Some(h) = self.lm_head.as_mut() {
             out.push((h, true));
         }
+        if let Some(s) = self.score.as_mut() {
+            out.push((s, true));
+        }
         out
     }
 
@@ -174,17 +179,14 @@ fn llama(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<ModelWeights> {
             },
         });
     }
-    let lm_head = if cfg.tie_word_embeddings {
-        None
-    } else {
-        Some(ck.tensor("lm_head.weight", &[v, c])?)
-    };
+    let (lm_head, score) = heads(ck, cfg)?;
     Ok(ModelWeights {
         tok_emb,
         pos_emb: None,
         layers,
         final_norm: rms("model.norm")?,
         lm_head,
+        score,
     })
 }
 
@@ -232,18 +234,28 @@ fn gpt2(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<ModelWeights> {
             },
         });
     }
-    let lm_head = if cfg.tie_word_embeddings {
-        None
-    } else {
-        Some(ck.tensor("lm_head.weight", &[v, c])?)
-    };
+    let (lm_head, score) = heads(ck, cfg)?;
     Ok(ModelWeights {
         tok_emb,
         pos_emb: Some(pos_emb),
         layers,
         final_norm: ln("ln_f")?,
         lm_head,
+        score,
     })
+}
+
+/// The LM head (untied) or, for a reward model, the score head.
+fn heads(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (v, c) = (cfg.vocab_size, cfg.hidden_size);
+    if cfg.score_head {
+        return Ok((None, Some(ck.tensor("score.weight", &[1, c])?)));
+    }
+    if cfg.tie_word_embeddings {
+        Ok((None, None))
+    } else {
+        Ok((Some(ck.tensor("lm_head.weight", &[v, c])?), None))
+    }
 }
 
 /// Splits a `(3·rows, cols)` projection into three `(rows, cols)` ones.

@@ -162,6 +162,17 @@ impl Trainer {
         self.apply(loss, grads)
     }
 
+    /// One reward-model step on pairs: `mean −log σ(r_chosen − r_rejected − margin)`.
+    pub fn rm_step<S: AsRef<[u32]> + Sync>(
+        &mut self,
+        chosen: &[S],
+        rejected: &[S],
+        margin: f32,
+    ) -> Result<(StepStats, crate::model::PairStats)> {
+        let (pair, grads) = self.model.reward_pair_gradients(chosen, rejected, margin)?;
+        Ok((self.apply(pair.loss, grads)?, pair))
+    }
+
     /// Applies gradients computed elsewhere (for objectives built on `Model::*_gradients`).
     pub fn apply(&mut self, loss: f64, mut grads: Gradients) -> Result<StepStats> {
         let lr = self.config.lr_at(self.step);
@@ -261,6 +272,9 @@ fn flat_mut(g: &mut Gradients) -> Vec<&mut [f32]> {
         out.push(b);
     }
     if let Some(h) = g.lm_head.as_mut() {
+        out.push(h);
+    }
+    if let Some(h) = g.score.as_mut() {
         out.push(h);
     }
     out

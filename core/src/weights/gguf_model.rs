@@ -83,6 +83,7 @@ pub fn config_from_gguf(f: &GgufFile) -> Result<ModelConfig> {
         eos_token_ids: opt_u32(f, "tokenizer.ggml.eos_token_id")?
             .into_iter()
             .collect(),
+        score_head: false,
     };
     config.validate()?;
     Ok(config)
@@ -120,6 +121,7 @@ fn gpt2_config(f: &GgufFile) -> Result<ModelConfig> {
         eos_token_ids: opt_u32(f, "tokenizer.ggml.eos_token_id")?
             .into_iter()
             .collect(),
+        score_head: false,
     };
     config.validate()?;
     Ok(config)

@@ -1,0 +1,179 @@
+//! The reward-score primitive and the reward model's pairwise objective.
+//!
+//! A reward model is a decoder with a scalar `score` head, as transformers'
+//! `*ForSequenceClassification` with `num_labels = 1`: the reward of a sequence is
+//! `score · h_last`, the final-normed hidden state of its last token. The pairwise loss is
+//! InstructGPT's `−log σ(r_chosen − r_rejected − margin)`, averaged over pairs.
+
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::backend::cpu::attention::Slot;
+use crate::backend::cpu::simd::dot;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::tensor::Tensor;
+
+use super::backward::{add, Gradients};
+use super::forward::{Scratch, Tape};
+use super::Model;
+
+/// What a reward-model step saw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairStats {
+    pub loss: f64,
+    /// Fraction of pairs where the chosen answer scored higher.
+    pub accuracy: f64,
+}
+
+/// A packed batch after its forward: tokens, their slots, the filled caches, and each
+/// sequence's last row.
+struct Packed {
+    tokens: Vec<u32>,
+    slots: Vec<Slot>,
+    caches: Vec<KvCache>,
+    last: Vec<usize>,
+}
+
+impl Model {
+    fn score_head(&self) -> Result<&Tensor> {
+        self.weights()
+            .score
+            .as_ref()
+            .ok_or_else(|| Error::invalid("this model has no score head (load a *ForSequenceClassification checkpoint or call add_score_head)"))
+    }
+
+    /// Gives the model a fresh scalar score head, `N(0, 0.02²)` like transformers' initializer,
+    /// drawn from `seed`. The LM head stays; generation still works.
+    pub fn add_score_head(&mut self, seed: u64) {
+        let c = self.config().hidden_size;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut uniform = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let values: Vec<f32> = (0..c)
+            .map(|_| {
+                let (u1, u2) = (uniform(), uniform());
+                (0.02 * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+            })
+            .collect();
+        self.weights_mut().score = Tensor::owned(values, vec![1, c]);
+    }
+
+    /// Packs sequences, runs the (taped) forward; returns tokens, slots, caches and each
+    /// sequence's last row.
+    fn packed_forward<S: AsRef<[u32]>>(
+        &self,
+        sequences: &[S],
+        s: &mut Scratch,
+        tape: Option<&mut Tape>,
+    ) -> Result<Packed> {
+        let mut tokens = Vec::new();
+        let mut slots = Vec::new();
+        let mut last = Vec::with_capacity(sequences.len());
+        let mut caches = Vec::with_capacity(sequences.len());
+        for (i, seq) in sequences.iter().enumerate() {
+            let seq = seq.as_ref();
+            self.check_tokens(seq, 0)?;
+            tokens.extend_from_slice(seq);
+            slots.extend((0..seq.len()).map(|pos| Slot { seq: i, pos }));
+            last.push(tokens.len() - 1);
+            caches.push(KvCache::new(self.config(), seq.len())?);
+        }
+        self.forward_taped(&tokens, &slots, &mut caches, s, tape)?;
+        Ok(Packed {
+            tokens,
+            slots,
+            caches,
+            last,
+        })
+    }
+
+    /// The scalar reward of each sequence (score head at its last token).
+    pub fn reward_scores<S: AsRef<[u32]> + Sync>(&self, sequences: &[S]) -> Result<Vec<f32>> {
+        let score = self.score_head()?;
+        self.install(|| {
+            let c = self.config().hidden_size;
+            let mut s = Scratch::default();
+            let last = self.packed_forward(sequences, &mut s, None)?.last;
+            Ok(last
+                .iter()
+                .map(|&r| dot(&s.h[r * c..(r + 1) * c], score.as_slice()))
+                .collect())
+        })
+    }
+
+    /// Pairwise reward-model loss `mean −log σ(r_chosen − r_rejected − margin)`, its pairwise
+    /// accuracy, and the gradient of every parameter (score head included).
+    pub fn reward_pair_gradients<S: AsRef<[u32]> + Sync>(
+        &self,
+        chosen: &[S],
+        rejected: &[S],
+        margin: f32,
+    ) -> Result<(PairStats, Gradients)> {
+        if chosen.is_empty() || chosen.len() != rejected.len() {
+            return Err(Error::invalid(format!(
+                "{} chosen and {} rejected sequences: need equal, non-zero counts",
+                chosen.len(),
+                rejected.len()
+            )));
+        }
+        if !margin.is_finite() {
+            return Err(Error::invalid("margin must be finite"));
+        }
+        let score = self.score_head()?;
+        let all: Vec<&[u32]> = chosen
+            .iter()
+            .map(AsRef::as_ref)
+            .chain(rejected.iter().map(AsRef::as_ref))
+            .collect();
+        self.install(|| {
+            let c = self.config().hidden_size;
+            let pairs = chosen.len();
+            let mut s = Scratch::default();
+            let mut tape = Tape::default();
+            let Packed {
+                tokens,
+                slots,
+                caches,
+                last,
+            } = self.packed_forward(&all, &mut s, Some(&mut tape))?;
+            let rewards: Vec<f32> = last
+                .iter()
+                .map(|&r| dot(&s.h[r * c..(r + 1) * c], score.as_slice()))
+                .collect();
+            let mut grads = Gradients::zeros(self);
+            let mut dhf = vec![0f32; tokens.len() * c];
+            let (mut loss, mut correct) = (0f64, 0usize);
+            for p in 0..pairs {
+                let delta = rewards[p] as f64 - rewards[pairs + p] as f64 - margin as f64;
+                // −log σ(Δ) = softplus(−Δ), computed stably.
+                loss += if delta > 0.0 {
+                    (-delta).exp().ln_1p()
+                } else {
+                    -delta + delta.exp().ln_1p()
+                };
+                correct += usize::from(rewards[p] > rewards[pairs + p]);
+                let d_delta = (-1.0 / (1.0 + delta.exp()) / pairs as f64) as f32;
+                for (seq, dr) in [(p, d_delta), (pairs + p, -d_delta)] {
+                    let r = last[seq];
+                    let h = &s.h[r * c..(r + 1) * c];
+                    let dh = &mut dhf[r * c..(r + 1) * c];
+                    for (d, w) in dh.iter_mut().zip(score.as_slice()) {
+                        *d += dr * w;
+                    }
+                    if let Some(ds) = grads.score.as_mut() {
+                        let scaled: Vec<f32> = h.iter().map(|v| dr * v).collect();
+                        add(ds, &scaled);
+                    }
+                }
+            }
+            self.backbone_backward(&tokens, &slots, &caches, &tape, &dhf, &mut grads);
+            Ok((
+                PairStats {
+                    loss: loss / pairs as f64,
+                    accuracy: correct as f64 / pairs as f64,
+                },
+                grads,
+            ))
+        })
+    }
+}
