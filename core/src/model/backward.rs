@@ -20,6 +20,14 @@ use super::Model;
 
 const LOSS_ROWS: usize = 32;
 
+/// A token whose log-prob enters the objective: the packed row that predicts it, the token,
+/// and its sequence.
+struct Selected {
+    row: usize,
+    target: u32,
+    seq: usize,
+}
+
 /// Gradient of one linear layer, laid out like its weights.
 #[derive(Debug, Clone)]
 pub struct LinearGrad {
@@ -229,6 +237,25 @@ impl Model {
         sequences: &[S],
         masks: &[Vec<bool>],
     ) -> Result<(f64, Gradients)> {
+        self.logprob_objective_gradients(sequences, masks, &mut |logps: &[Vec<f64>]| {
+            let n = logps.iter().map(Vec::len).sum::<usize>() as f64;
+            let loss = -logps.iter().flatten().sum::<f64>() / n;
+            let d = logps.iter().map(|s| vec![-1.0 / n; s.len()]).collect();
+            Ok((loss, d))
+        })
+    }
+
+    /// The gradient of any objective built on per-token log-probs (SFT, DPO, PPO, GRPO):
+    /// `objective` receives, for each sequence, the log-probs (temperature 1) of its selected
+    /// tokens in order, and returns the loss and `∂loss/∂logp` for each of them. One forward,
+    /// then the LM head and log-softmax run twice over chunks of rows (values, then gradients)
+    /// so no `(T × V)` matrix is kept.
+    pub fn logprob_objective_gradients<S: AsRef<[u32]> + Sync>(
+        &self,
+        sequences: &[S],
+        masks: &[Vec<bool>],
+        objective: &mut (dyn FnMut(&[Vec<f64>]) -> Result<(f64, Vec<Vec<f64>>)> + Send),
+    ) -> Result<(f64, Gradients)> {
         if sequences.is_empty() {
             return Err(Error::invalid("empty batch"));
         }
@@ -239,7 +266,7 @@ impl Model {
                 sequences.len()
             )));
         }
-        let mut rows: Vec<(usize, u32)> = Vec::new();
+        let mut rows: Vec<Selected> = Vec::new();
         let mut tokens: Vec<u32> = Vec::new();
         let mut slots: Vec<Slot> = Vec::new();
         for (i, (seq, mask)) in sequences.iter().zip(masks).enumerate() {
@@ -260,7 +287,11 @@ impl Model {
             let offset = tokens.len();
             for (t, &m) in mask.iter().enumerate().skip(1) {
                 if m {
-                    rows.push((offset + t - 1, seq[t]));
+                    rows.push(Selected {
+                        row: offset + t - 1,
+                        target: seq[t],
+                        seq: i,
+                    });
                 }
             }
             tokens.extend_from_slice(seq);
@@ -269,15 +300,16 @@ impl Model {
         if rows.is_empty() {
             return Err(Error::invalid("the masks select no tokens"));
         }
-        self.install(|| self.sft_backward(sequences, &tokens, &slots, &rows))
+        self.install(|| self.objective_backward(sequences, &tokens, &slots, &rows, objective))
     }
 
-    fn sft_backward<S: AsRef<[u32]>>(
+    fn objective_backward<S: AsRef<[u32]>>(
         &self,
         sequences: &[S],
         tokens: &[u32],
         slots: &[Slot],
-        rows: &[(usize, u32)],
+        rows: &[Selected],
+        objective: &mut (dyn FnMut(&[Vec<f64>]) -> Result<(f64, Vec<Vec<f64>>)> + Send),
     ) -> Result<(f64, Gradients)> {
         let cfg = self.config();
         let w = self.weights();
@@ -290,20 +322,16 @@ impl Model {
         let mut tape = Tape::default();
         self.forward_taped(tokens, slots, &mut caches, &mut s, Some(&mut tape))?;
         let mut grads = Gradients::zeros(self);
-
-        // Fused LM head + log-softmax + cross-entropy, chunk by chunk.
-        let n = rows.len() as f64;
         let head = w.lm_head();
-        let mut dhead = vec![0f32; head.as_slice().len()];
-        let mut dhf = vec![0f32; t * c];
         let mut hidden = vec![0f32; LOSS_ROWS * c];
         let mut logits = vec![0f32; LOSS_ROWS * v];
-        let mut dh_chunk = vec![0f32; LOSS_ROWS * c];
-        let mut loss = 0f64;
-        for chunk in rows.chunks(LOSS_ROWS) {
+        // (max, log Σ exp) of each selected row's logits, kept between the two passes.
+        let mut norms: Vec<(f64, f64)> = Vec::with_capacity(rows.len());
+        let mut logps: Vec<Vec<f64>> = vec![Vec::new(); sequences.len()];
+        let chunk_logits = |chunk: &[Selected], hidden: &mut [f32], logits: &mut [f32]| {
             let m = chunk.len();
-            for (i, &(r, _)) in chunk.iter().enumerate() {
-                hidden[i * c..(i + 1) * c].copy_from_slice(&s.h[r * c..(r + 1) * c]);
+            for (i, sel) in chunk.iter().enumerate() {
+                hidden[i * c..(i + 1) * c].copy_from_slice(&s.h[sel.row * c..(sel.row + 1) * c]);
             }
             matmul(
                 &mut logits[..m * v],
@@ -314,14 +342,43 @@ impl Model {
                 v,
                 c,
             );
-            for (i, &(_, target)) in chunk.iter().enumerate() {
-                let row = &mut logits[i * v..(i + 1) * v];
+        };
+        for chunk in rows.chunks(LOSS_ROWS) {
+            chunk_logits(chunk, &mut hidden, &mut logits);
+            for (i, sel) in chunk.iter().enumerate() {
+                let row = &logits[i * v..(i + 1) * v];
                 let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                let z: f64 = row.iter().map(|&l| (l as f64 - max).exp()).sum();
-                loss += max + z.ln() - row[target as usize] as f64;
-                for (j, l) in row.iter_mut().enumerate() {
-                    let p = ((*l as f64 - max).exp() / z) as f32;
-                    *l = (p - if j == target as usize { 1.0 } else { 0.0 }) / n as f32;
+                let log_z = row
+                    .iter()
+                    .map(|&l| (l as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+                norms.push((max, log_z));
+                logps[sel.seq].push(row[sel.target as usize] as f64 - max - log_z);
+            }
+        }
+        let (loss, dlogp) = objective(&logps)?;
+        if dlogp.len() != logps.len() || dlogp.iter().zip(&logps).any(|(d, l)| d.len() != l.len()) {
+            return Err(Error::invalid(
+                "the objective returned gradients of the wrong shape",
+            ));
+        }
+        let mut dhead = vec![0f32; head.as_slice().len()];
+        let mut dhf = vec![0f32; t * c];
+        let mut dh_chunk = vec![0f32; LOSS_ROWS * c];
+        let mut taken = vec![0usize; sequences.len()];
+        for (ci, chunk) in rows.chunks(LOSS_ROWS).enumerate() {
+            let m = chunk.len();
+            chunk_logits(chunk, &mut hidden, &mut logits);
+            for (i, sel) in chunk.iter().enumerate() {
+                let (max, log_z) = norms[ci * LOSS_ROWS + i];
+                let d = dlogp[sel.seq][taken[sel.seq]];
+                taken[sel.seq] += 1;
+                // ∂logp/∂logit_j = 1[j = target] − p_j
+                for (j, l) in logits[i * v..(i + 1) * v].iter_mut().enumerate() {
+                    let p = (*l as f64 - max - log_z).exp();
+                    let onehot = if j == sel.target as usize { 1.0 } else { 0.0 };
+                    *l = (d * (onehot - p)) as f32;
                 }
             }
             matmul_backward(
@@ -335,11 +392,10 @@ impl Model {
                 v,
                 c,
             );
-            for (i, &(r, _)) in chunk.iter().enumerate() {
-                dhf[r * c..(r + 1) * c].copy_from_slice(&dh_chunk[i * c..(i + 1) * c]);
+            for (i, sel) in chunk.iter().enumerate() {
+                dhf[sel.row * c..(sel.row + 1) * c].copy_from_slice(&dh_chunk[i * c..(i + 1) * c]);
             }
         }
-        let loss = loss / n;
         match grads.lm_head.as_mut() {
             Some(h) => add(h, &dhead),
             None => add(&mut grads.tok_emb, &dhead),
