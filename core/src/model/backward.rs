@@ -20,6 +20,10 @@ use super::Model;
 
 const LOSS_ROWS: usize = 32;
 
+/// An objective of per-token log-probs: given each sequence's selected log-probs, returns the
+/// loss and `∂loss/∂logp` of each.
+pub type LogprobObjective<'a> = dyn FnMut(&[Vec<f64>]) -> Result<(f64, Vec<Vec<f64>>)> + Send + 'a;
+
 /// A token whose log-prob enters the objective: the packed row that predicts it, the token,
 /// and its sequence.
 struct Selected {
@@ -254,7 +258,7 @@ impl Model {
         &self,
         sequences: &[S],
         masks: &[Vec<bool>],
-        objective: &mut (dyn FnMut(&[Vec<f64>]) -> Result<(f64, Vec<Vec<f64>>)> + Send),
+        objective: &mut LogprobObjective<'_>,
     ) -> Result<(f64, Gradients)> {
         if sequences.is_empty() {
             return Err(Error::invalid("empty batch"));
@@ -309,7 +313,7 @@ impl Model {
         tokens: &[u32],
         slots: &[Slot],
         rows: &[Selected],
-        objective: &mut (dyn FnMut(&[Vec<f64>]) -> Result<(f64, Vec<Vec<f64>>)> + Send),
+        objective: &mut LogprobObjective<'_>,
     ) -> Result<(f64, Gradients)> {
         let cfg = self.config();
         let w = self.weights();

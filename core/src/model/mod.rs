@@ -24,7 +24,7 @@ use crate::tokenizer::Tokenizer;
 use crate::tokenizer_gguf::tokenizer_from_gguf;
 use crate::weights::{config_from_gguf, GgufFile, GgufSource, SafetensorsCheckpoint};
 
-pub use backward::{Gradients, LayerGrads, LinearGrad, NormGrad};
+pub use backward::{Gradients, LayerGrads, LinearGrad, LogprobObjective, NormGrad};
 pub(crate) use forward::Scratch;
 pub use reward::PairStats;
 pub use weights::{Linear, Mlp, ModelWeights, Norm, TensorSource};
