@@ -47,6 +47,7 @@ def main() -> None:
         if name == "llama-f32":
             adamw_step(model, folder)
             reward_model(folder, sequences)
+            dpo(folder, sequences)
 
 
 def reward_model(folder: Path, sequences) -> None:
@@ -79,6 +80,37 @@ def reward_model(folder: Path, sequences) -> None:
     meta = {"chosen": chosen, "rejected": rejected, "margin": margin, "loss": loss.item(),
             "rewards_chosen": rc.tolist(), "rewards_rejected": rr.tolist()}
     (folder / "rm.json").write_text(json.dumps(meta) + "\n")
+
+
+def dpo(folder: Path, sequences) -> None:
+    """DPO (sigmoid) on the llama fixture with given reference log-likelihoods: loss and a few
+    gradients, written to dpo.json and dpo.safetensors."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    a, b = sequences
+    chosen = [(a, 3), (b[:10], 4)]
+    rejected = [(b[:12], 5), (a[:6], 2)]
+    ref_chosen, ref_rejected, beta = [-40.5, -20.25], [-35.0, -12.5], 0.1
+
+    def loglik(ids, start):
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        return sum(logp[t - 1, ids[t]] for t in range(start, len(ids)))
+
+    h = torch.stack([
+        (loglik(*c) - rc) - (loglik(*r) - rr)
+        for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)
+    ])
+    loss = -torch.nn.functional.logsigmoid(beta * h).mean()
+    loss.backward()
+    keep = ["lm_head.weight", "model.norm.weight", "model.layers.1.mlp.up_proj.weight",
+            "model.embed_tokens.weight"]
+    params = dict(model.named_parameters())
+    save_file({n: params[n].grad.contiguous() for n in keep}, folder / "dpo.safetensors")
+    meta = {
+        "chosen": [s for s, _ in chosen], "chosen_start": [k for _, k in chosen],
+        "rejected": [s for s, _ in rejected], "rejected_start": [k for _, k in rejected],
+        "ref_chosen": ref_chosen, "ref_rejected": ref_rejected, "beta": beta, "loss": loss.item(),
+    }
+    (folder / "dpo.json").write_text(json.dumps(meta) + "\n")
 
 
 def adamw_step(model, folder: Path) -> None:

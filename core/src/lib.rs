@@ -33,6 +33,7 @@ pub use generate::{FinishReason, Generation, StreamCallback};
 pub use model::{LoadOptions, Model};
 pub use sampling::SamplingParams;
 pub use tokenizer::{TextStream, Tokenizer};
+pub use train::dpo::{DpoLoss, DpoStats};
 pub use train::{Schedule, StepStats, TrainConfig, Trainer};
 
 /// The library version (`CARGO_PKG_VERSION`).

@@ -4,6 +4,8 @@
 //! A skipped step changes nothing: weights, moments, step counter and schedule position stay
 //! as they were (a skipped step must not advance the scheduler either).
 
+pub mod dpo;
+
 use crate::error::{Error, Result};
 use crate::model::{Gradients, Model};
 
