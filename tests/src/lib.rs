@@ -336,3 +336,40 @@ fn gguf_name(hf: &str) -> String {
     };
     format!("blk.{layer}.{short}.weight")
 }
+
+/// A JSON list of token-id lists.
+pub fn id_lists(v: &Value) -> Vec<Vec<u32>> {
+    v.as_array()
+        .expect("list of sequences")
+        .iter()
+        .map(|s| {
+            s.as_array()
+                .expect("sequence")
+                .iter()
+                .map(|x| x.as_u64().expect("token id") as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// The f32 values of a safetensors view.
+pub fn f32_values(view: &TensorView<'_>) -> Vec<f32> {
+    view.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// Asserts max |got − want| ≤ `tol` × max |want| (gradient tolerances are stated this way).
+pub fn assert_rel_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-9);
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff / scale <= tol,
+        "{name}: max |Δ| = {diff:e}, max |want| = {scale:e}"
+    );
+}

@@ -4,21 +4,7 @@
 use std::collections::HashMap;
 
 use rlx::{DpoLoss, LoadOptions, Model};
-use rlx_tests::fixture;
-
-fn ids(v: &serde_json::Value) -> Vec<Vec<u32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            s.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect()
-}
+use rlx_tests::{assert_rel_close, f32_values, fixture, id_lists};
 
 fn masks(seqs: &[Vec<u32>], starts: &serde_json::Value) -> Vec<Vec<bool>> {
     seqs.iter()
@@ -44,7 +30,7 @@ fn sigmoid_dpo_matches_pytorch() {
     let dir = fixture("llama-f32");
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("dpo.json")).unwrap()).unwrap();
-    let (chosen, rejected) = (ids(&meta["chosen"]), ids(&meta["rejected"]));
+    let (chosen, rejected) = (id_lists(&meta["chosen"]), id_lists(&meta["rejected"]));
     let (cm, rm) = (
         masks(&chosen, &meta["chosen_start"]),
         masks(&rejected, &meta["rejected_start"]),
@@ -72,21 +58,7 @@ fn sigmoid_dpo_matches_pytorch() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let named: HashMap<String, &[f32]> = grads.named_llama().into_iter().collect();
     for (name, view) in st.tensors() {
-        let want: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        let got = named[&name];
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-9);
-        let diff = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(
-            diff / scale <= 1e-4,
-            "{name}: max |Δ| = {diff:e}, max |g| = {scale:e}"
-        );
+        assert_rel_close(&name, named[&name], &f32_values(&view), 1e-4);
     }
 }
 

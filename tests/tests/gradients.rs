@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use rlx::{LoadOptions, Model};
-use rlx_tests::fixture;
+use rlx_tests::{assert_rel_close, f32_values, fixture, id_lists};
 
 /// (sequences, masks, loss, gradients by name as (shape, values)).
 type GradReference = (
@@ -20,18 +20,7 @@ fn load_reference(name: &str) -> GradReference {
     let dir = fixture(name);
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("grads.json")).unwrap()).unwrap();
-    let seqs = meta["sequences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            s.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
+    let seqs = id_lists(&meta["sequences"]);
     let masks = meta["masks"]
         .as_array()
         .unwrap()
@@ -49,29 +38,13 @@ fn load_reference(name: &str) -> GradReference {
     let grads = st
         .tensors()
         .into_iter()
-        .map(|(n, v)| {
-            let vals = v
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (n, (v.shape().to_vec(), vals))
-        })
+        .map(|(n, v)| (n, (v.shape().to_vec(), f32_values(&v))))
         .collect();
     (seqs, masks, meta["loss"].as_f64().unwrap(), grads)
 }
 
 fn assert_close(name: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{name}: length");
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    let diff = got
-        .iter()
-        .zip(want)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(
-        diff / scale <= 1e-4,
-        "{name}: max |Δ| = {diff:e}, max |g| = {scale:e}"
-    );
+    assert_rel_close(name, got, want, 1e-4);
 }
 
 #[test]
@@ -231,11 +204,7 @@ fn one_adamw_step_matches_pytorch() {
     let bytes = std::fs::read(fixture("llama-f32").join("after_adamw.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     for (name, view) in st.tensors() {
-        let want: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let want = f32_values(&view);
         let got = param(trainer.model(), &name);
         let diff = got
             .iter()

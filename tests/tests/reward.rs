@@ -6,15 +6,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use rlx::{Error, LoadOptions, Model};
-use rlx_tests::fixture;
+use rlx_tests::{assert_rel_close, f32_values, fixture, id_lists};
 use safetensors::tensor::{Dtype, TensorView};
-
-fn floats(v: &TensorView<'_>) -> Vec<f32> {
-    v.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
 
 /// The llama fixture as a `LlamaForSequenceClassification` checkpoint with the reference's score
 /// head (and no LM head).
@@ -44,20 +37,6 @@ fn write_reward_model(dir: &Path, score: &[f32]) {
     .unwrap();
 }
 
-fn ids(v: &serde_json::Value) -> Vec<Vec<u32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            s.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect()
-}
-
 #[test]
 fn reward_scores_and_pair_gradients_match_transformers() {
     let src = fixture("llama-f32");
@@ -68,14 +47,14 @@ fn reward_scores_and_pair_gradients_match_transformers() {
     let reference: HashMap<String, Vec<f32>> = st
         .tensors()
         .into_iter()
-        .map(|(n, v)| (n, floats(&v)))
+        .map(|(n, v)| (n, f32_values(&v)))
         .collect();
     let dir = tempfile::tempdir().unwrap();
     write_reward_model(dir.path(), &reference["score.weight"]);
     let rm = Model::load(dir.path(), LoadOptions::default()).unwrap();
     assert!(rm.config().score_head);
 
-    let (chosen, rejected) = (ids(&meta["chosen"]), ids(&meta["rejected"]));
+    let (chosen, rejected) = (id_lists(&meta["chosen"]), id_lists(&meta["rejected"]));
     let rc = rm.reward_scores(&chosen).unwrap();
     let rr = rm.reward_scores(&rejected).unwrap();
     for (got, want) in rc.iter().chain(&rr).zip(
@@ -106,16 +85,7 @@ fn reward_scores_and_pair_gradients_match_transformers() {
         .iter()
         .filter_map(|(n, v)| n.strip_prefix("grad.").map(|n| (n, v)))
     {
-        let got = named[name];
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-        let diff = got
-            .iter()
-            .zip(want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(
-            diff / scale <= 1e-4,
-            "{name}: max |Δ| = {diff:e}, max |g| = {scale:e}"
-        );
+        assert_rel_close(name, named[name], want, 1e-4);
     }
 }
 
