@@ -263,31 +263,13 @@ impl Model {
         if sequences.is_empty() {
             return Err(Error::invalid("empty batch"));
         }
-        if masks.len() != sequences.len() {
-            return Err(Error::invalid(format!(
-                "{} masks for {} sequences",
-                masks.len(),
-                sequences.len()
-            )));
-        }
+        super::check_masks(sequences, masks)?;
         let mut rows: Vec<Selected> = Vec::new();
         let mut tokens: Vec<u32> = Vec::new();
         let mut slots: Vec<Slot> = Vec::new();
         for (i, (seq, mask)) in sequences.iter().zip(masks).enumerate() {
             let seq = seq.as_ref();
             self.check_tokens(seq, 0)?;
-            if mask.len() != seq.len() {
-                return Err(Error::invalid(format!(
-                    "mask {i} has {} entries for {} tokens",
-                    mask.len(),
-                    seq.len()
-                )));
-            }
-            if mask[0] {
-                return Err(Error::invalid(format!(
-                    "mask {i} selects token 0, which has no prediction"
-                )));
-            }
             let offset = tokens.len();
             for (t, &m) in mask.iter().enumerate().skip(1) {
                 if m {

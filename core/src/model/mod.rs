@@ -312,27 +312,7 @@ impl Model {
         masks: &[Vec<bool>],
         temperature: f32,
     ) -> Result<Vec<f64>> {
-        if masks.len() != sequences.len() {
-            return Err(Error::invalid(format!(
-                "{} masks for {} sequences",
-                masks.len(),
-                sequences.len()
-            )));
-        }
-        for (i, (seq, mask)) in sequences.iter().zip(masks).enumerate() {
-            if mask.len() != seq.as_ref().len() {
-                return Err(Error::invalid(format!(
-                    "mask {i} has {} entries for a sequence of {} tokens",
-                    mask.len(),
-                    seq.as_ref().len()
-                )));
-            }
-            if mask.first() == Some(&true) {
-                return Err(Error::invalid(format!(
-                    "mask {i} selects token 0, which has no log-prob"
-                )));
-            }
-        }
+        check_masks(sequences, masks)?;
         let lps = self.logprobs(sequences, temperature)?;
         Ok(lps
             .iter()
@@ -467,6 +447,32 @@ fn generation_defaults(g: &Value) -> SamplingParams {
         repetition_penalty,
         ..base
     }
+}
+
+/// One mask per sequence, one flag per token, and token 0 (which has no log-prob) unselected.
+pub(crate) fn check_masks<S: AsRef<[u32]>>(sequences: &[S], masks: &[Vec<bool>]) -> Result<()> {
+    if masks.len() != sequences.len() {
+        return Err(Error::invalid(format!(
+            "{} masks for {} sequences",
+            masks.len(),
+            sequences.len()
+        )));
+    }
+    for (i, (seq, mask)) in sequences.iter().zip(masks).enumerate() {
+        if mask.len() != seq.as_ref().len() {
+            return Err(Error::invalid(format!(
+                "mask {i} has {} entries for a sequence of {} tokens",
+                mask.len(),
+                seq.as_ref().len()
+            )));
+        }
+        if mask.first() == Some(&true) {
+            return Err(Error::invalid(format!(
+                "mask {i} selects token 0, which has no log-prob"
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn checked_temperature(t: f32) -> Result<f32> {

@@ -87,11 +87,18 @@ fn for_each_weight(
     mut visit: impl FnMut(usize, f32),
 ) {
     let scale = 1.0 / (hs as f32).sqrt();
-    let score = |p: usize| dot(qh, &cache.k[p * kv_dim + off..][..hs]) * scale;
-    let max = (0..=pos).map(score).fold(f32::NEG_INFINITY, f32::max);
-    let z: f32 = (0..=pos).map(|p| (score(p) - max).exp()).sum();
-    for p in 0..=pos {
-        visit(p, (score(p) - max).exp() / z);
+    // Each score once; exponentiated in place, then normalised.
+    let mut weights: Vec<f32> = (0..=pos)
+        .map(|p| dot(qh, &cache.k[p * kv_dim + off..][..hs]) * scale)
+        .collect();
+    let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut z = 0f32;
+    for w in weights.iter_mut() {
+        *w = (*w - max).exp();
+        z += *w;
+    }
+    for (p, w) in weights.into_iter().enumerate() {
+        visit(p, w / z);
     }
 }
 
