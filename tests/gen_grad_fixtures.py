@@ -48,6 +48,8 @@ def main() -> None:
             adamw_step(model, folder)
             reward_model(folder, sequences)
             dpo(folder, sequences)
+            ppo(folder, sequences)
+            grpo(folder, sequences)
 
 
 def reward_model(folder: Path, sequences) -> None:
@@ -111,6 +113,142 @@ def dpo(folder: Path, sequences) -> None:
         "ref_chosen": ref_chosen, "ref_rejected": ref_rejected, "beta": beta, "loss": loss.item(),
     }
     (folder / "dpo.json").write_text(json.dumps(meta) + "\n")
+
+
+def selected_outputs(model, ids, start, v_head=None):
+    """Log-probs, entropies (and values) at the rows predicting tokens start.., as TRL reads
+    them: row t − 1 predicts token t; the value is read at that same row."""
+    hidden = model.model(torch.tensor([ids])).last_hidden_state[0]
+    logits = model.lm_head(hidden).float()
+    logp_all = torch.log_softmax(logits, -1)
+    rows = list(range(start - 1, len(ids) - 1))
+    logp = torch.stack([logp_all[r, ids[r + 1]] for r in rows])
+    probs = logp_all.exp()
+    entropy = torch.stack([-(probs[r] * logp_all[r]).sum() for r in rows])
+    values = None
+    if v_head is not None:
+        w, b = v_head
+        values = torch.stack([hidden[r] @ w[0] + b[0] for r in rows])
+    return logp, entropy, values
+
+
+def ppo(folder: Path, sequences) -> None:
+    """PPO (TRL's formulas) on the llama fixture with a random value head: KL-penalised
+    rewards, GAE, whitened advantages, clipped surrogate + clipped value loss + entropy bonus.
+    Writes ppo.json (inputs, advantages, returns, loss parts) and ppo.safetensors (the value
+    head and gradients)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    c = model.config.hidden_size
+    gen = torch.Generator().manual_seed(5)
+    vw = (0.3 * torch.randn(1, c, generator=gen)).requires_grad_()
+    vb = torch.tensor([0.1]).requires_grad_()
+    a, b = sequences
+    seqs, starts = [a, b[:12]], [3, 5]
+    scores = [1.5, -0.7]
+    kl_coef, gamma, lam, clip, clip_v, vf_coef, ent_coef = 0.05, 1.0, 0.95, 0.2, 0.2, 0.1, 0.01
+    outs = [selected_outputs(model, s, k, (vw, vb)) for s, k in zip(seqs, starts)]
+    with torch.no_grad():
+        old = [lp + 0.3 * torch.randn(lp.shape, generator=gen) for lp, _, _ in outs]
+        ref = [lp + 0.2 * torch.randn(lp.shape, generator=gen) for lp, _, _ in outs]
+        old_v = [v + 0.3 * torch.randn(v.shape, generator=gen) for _, _, v in outs]
+        rewards, advs = [], []
+        for o, r, v, score in zip(old, ref, old_v, scores):
+            rw = -kl_coef * (o - r)
+            rw[-1] += score
+            adv, last = torch.zeros_like(rw), 0.0
+            for t in reversed(range(len(rw))):
+                nxt = v[t + 1] if t + 1 < len(rw) else 0.0
+                delta = rw[t] + gamma * nxt - v[t]
+                last = delta + gamma * lam * last
+                adv[t] = last
+            rewards.append(rw)
+            advs.append(adv)
+        returns = [ad + v for ad, v in zip(advs, old_v)]
+        flat = torch.cat(advs)
+        mean, var = flat.mean(), flat.var(unbiased=True)
+        white = [(ad - mean) * torch.rsqrt(var + 1e-8) for ad in advs]
+    logp = torch.cat([lp for lp, _, _ in outs])
+    ent = torch.cat([e for _, e, _ in outs])
+    vpred = torch.cat([v for _, _, v in outs])
+    o, ov, ad, ret = torch.cat(old), torch.cat(old_v), torch.cat(white), torch.cat(returns)
+    ratio = torch.exp(logp - o)
+    pg1, pg2 = -ad * ratio, -ad * torch.clamp(ratio, 1 - clip, 1 + clip)
+    pg_loss = torch.max(pg1, pg2).mean()
+    vclip = ov + torch.clamp(vpred - ov, -clip_v, clip_v)
+    vf_loss = 0.5 * torch.max((vpred - ret) ** 2, (vclip - ret) ** 2).mean()
+    entropy = ent.mean()
+    loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy
+    loss.backward()
+    keep = ["lm_head.weight", "model.norm.weight", "model.layers.0.self_attn.k_proj.weight",
+            "model.embed_tokens.weight"]
+    params = dict(model.named_parameters())
+    tensors = {f"grad.{n}": params[n].grad.contiguous() for n in keep}
+    tensors["grad.v_head.summary.weight"] = vw.grad.contiguous()
+    tensors["grad.v_head.summary.bias"] = vb.grad.contiguous()
+    tensors["v_head.summary.weight"] = vw.detach().contiguous()
+    tensors["v_head.summary.bias"] = vb.detach().contiguous()
+    save_file(tensors, folder / "ppo.safetensors")
+    rows = lambda xs: [x.tolist() for x in xs]
+    meta = {
+        "sequences": seqs, "starts": starts, "scores": scores,
+        "config": {"kl_coef": kl_coef, "gamma": gamma, "lam": lam, "clip_range": clip,
+                   "clip_range_value": clip_v, "vf_coef": vf_coef, "entropy_coef": ent_coef},
+        "old_logprobs": rows(old), "ref_logprobs": rows(ref), "old_values": rows(old_v),
+        "rewards": rows(rewards), "advantages": rows(white), "returns": rows(returns),
+        "values": rows([v for _, _, v in outs]), "entropy_rows": rows([e for _, e, _ in outs]),
+        "loss": loss.item(), "policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
+        "entropy": entropy.item(),
+        "clip_fraction": (pg2 > pg1).float().mean().item(),
+        "approx_kl": (0.5 * ((logp - o) ** 2).mean()).item(),
+    }
+    (folder / "ppo.json").write_text(json.dumps(meta) + "\n")
+
+
+def grpo(folder: Path, sequences) -> None:
+    """GRPO (TRL's formulas): 2 prompts × 2 completions, group-normalised advantages, clipped
+    ratio, k3 KL (β = 0.04). Losses for every loss_type; gradients for grpo and dr_grpo.
+    Writes grpo.json and grpo.safetensors."""
+    a, b = sequences
+    seqs, starts = [a, a[:9], b[:12], b[:8]], [3, 3, 5, 5]
+    rewards, k, beta, eps, max_len = [1.0, 0.0, 0.5, 2.0], 2, 0.04, 0.2, 16
+    r = torch.tensor(rewards).view(-1, k)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)
+    gen = torch.Generator().manual_seed(9)
+    meta = {"sequences": seqs, "starts": starts, "rewards": rewards, "group_size": k,
+            "beta": beta, "epsilon": eps, "max_completion_length": max_len,
+            "advantages": adv.tolist(), "loss": {}}
+    tensors = {}
+    keep = ["lm_head.weight", "model.layers.1.self_attn.v_proj.weight", "model.embed_tokens.weight"]
+    for loss_type in ["grpo", "bnpo", "dr_grpo", "dapo"]:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        logps = [selected_outputs(model, s, st)[0] for s, st in zip(seqs, starts)]
+        if "old_logprobs" not in meta:
+            with torch.no_grad():
+                meta["old_logprobs"] = [(l + 0.3 * torch.randn(l.shape, generator=gen)).tolist() for l in logps]
+                meta["ref_logprobs"] = [(l + 0.2 * torch.randn(l.shape, generator=gen)).tolist() for l in logps]
+        per_seq = []
+        for i, lp in enumerate(logps):
+            old, ref = torch.tensor(meta["old_logprobs"][i]), torch.tensor(meta["ref_logprobs"][i])
+            coef1 = torch.exp(lp - old)
+            coef2 = torch.clamp(coef1, 1 - eps, 1 + eps)
+            tok = -torch.min(coef1 * adv[i], coef2 * adv[i])
+            tok = tok + beta * (torch.exp(ref - lp) - (ref - lp) - 1)
+            per_seq.append(tok)
+        total = sum(len(t) for t in per_seq)
+        if loss_type == "grpo":
+            loss = torch.stack([t.mean() for t in per_seq]).mean()
+        elif loss_type in ("bnpo", "dapo"):
+            loss = torch.cat(per_seq).sum() / total
+        else:
+            loss = torch.cat(per_seq).sum() / (len(per_seq) * max_len)
+        meta["loss"][loss_type] = loss.item()
+        if loss_type in ("grpo", "dr_grpo"):
+            loss.backward()
+            params = dict(model.named_parameters())
+            for n in keep:
+                tensors[f"{loss_type}.{n}"] = params[n].grad.contiguous()
+    save_file(tensors, folder / "grpo.safetensors")
+    (folder / "grpo.json").write_text(json.dumps(meta) + "\n")
 
 
 def adamw_step(model, folder: Path) -> None:

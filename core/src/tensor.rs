@@ -6,11 +6,15 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
+/// Cloning is cheap and shares the values (a frozen reference model shares its policy's
+/// weights); writing through [`Tensor::as_mut_slice`] copies shared values first.
+#[derive(Clone)]
 pub struct Tensor {
     data: TensorData,
     shape: Vec<usize>,
 }
 
+#[derive(Clone)]
 enum TensorData {
     /// `len` f32 values at byte `offset` of `map`; bounds and 4-byte alignment checked by
     /// [`Tensor::mapped`].
@@ -19,13 +23,13 @@ enum TensorData {
         offset: usize,
         len: usize,
     },
-    Owned(Vec<f32>),
+    Owned(Arc<Vec<f32>>),
 }
 
 impl Tensor {
     pub fn owned(values: Vec<f32>, shape: Vec<usize>) -> Option<Self> {
         (shape.iter().product::<usize>() == values.len()).then_some(Tensor {
-            data: TensorData::Owned(values),
+            data: TensorData::Owned(Arc::new(values)),
             shape,
         })
     }
@@ -56,13 +60,14 @@ impl Tensor {
         }
     }
 
-    /// Mutable values; a mapped tensor is copied into memory first (the file is never written).
+    /// Mutable values; a mapped tensor is copied into memory first (the file is never written),
+    /// and so are values shared with a clone.
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
         if let TensorData::Mapped { .. } = self.data {
-            self.data = TensorData::Owned(self.as_slice().to_vec());
+            self.data = TensorData::Owned(Arc::new(self.as_slice().to_vec()));
         }
         match &mut self.data {
-            TensorData::Owned(v) => v,
+            TensorData::Owned(v) => Arc::make_mut(v).as_mut_slice(),
             // Just replaced by an owned copy above.
             TensorData::Mapped { .. } => &mut [],
         }
@@ -70,6 +75,13 @@ impl Tensor {
 
     pub fn shape(&self) -> &[usize] {
         &self.shape
+    }
+
+    /// True when `self` and `other` read the same memory (one is a clone of the other and
+    /// neither has been written since).
+    pub fn shares_values_with(&self, other: &Tensor) -> bool {
+        let (a, b) = (self.as_slice(), other.as_slice());
+        a.as_ptr() == b.as_ptr() && a.len() == b.len()
     }
 
     /// True when the values are read straight from the mapped file.

@@ -373,3 +373,38 @@ pub fn assert_rel_close(name: &str, got: &[f32], want: &[f32], tol: f32) {
         "{name}: max |Δ| = {diff:e}, max |want| = {scale:e}"
     );
 }
+
+/// Masks selecting each sequence's tokens from its start index on (JSON list of starts).
+pub fn masks_from_starts(seqs: &[Vec<u32>], starts: &Value) -> Vec<Vec<bool>> {
+    let starts = starts.as_array().expect("starts must be a list");
+    seqs.iter()
+        .zip(starts)
+        .map(|(s, k)| {
+            let k = k.as_u64().expect("start must be an integer") as usize;
+            (0..s.len()).map(|t| t >= k).collect()
+        })
+        .collect()
+}
+
+/// A JSON list of numbers.
+pub fn f64_list(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("expected a list")
+        .iter()
+        .map(|x| x.as_f64().expect("expected a number"))
+        .collect()
+}
+
+/// A JSON list of lists of numbers.
+pub fn f64_rows(v: &Value) -> Vec<Vec<f64>> {
+    v.as_array()
+        .expect("expected a list")
+        .iter()
+        .map(f64_list)
+        .collect()
+}
+
+/// Reads a fixture's JSON file.
+pub fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture file")).expect("JSON")
+}

@@ -4,36 +4,18 @@
 use std::collections::HashMap;
 
 use rlx::{DpoLoss, LoadOptions, Model};
-use rlx_tests::{assert_rel_close, f32_values, fixture, id_lists};
-
-fn masks(seqs: &[Vec<u32>], starts: &serde_json::Value) -> Vec<Vec<bool>> {
-    seqs.iter()
-        .zip(starts.as_array().unwrap())
-        .map(|(s, k)| {
-            (0..s.len())
-                .map(|t| t as u64 >= k.as_u64().unwrap())
-                .collect()
-        })
-        .collect()
-}
-
-fn floats(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
+use rlx_tests::{
+    assert_rel_close, f32_values, f64_list, fixture, id_lists, masks_from_starts, read_json,
+};
 
 #[test]
 fn sigmoid_dpo_matches_pytorch() {
     let dir = fixture("llama-f32");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("dpo.json")).unwrap()).unwrap();
+    let meta = read_json(&dir.join("dpo.json"));
     let (chosen, rejected) = (id_lists(&meta["chosen"]), id_lists(&meta["rejected"]));
     let (cm, rm) = (
-        masks(&chosen, &meta["chosen_start"]),
-        masks(&rejected, &meta["rejected_start"]),
+        masks_from_starts(&chosen, &meta["chosen_start"]),
+        masks_from_starts(&rejected, &meta["rejected_start"]),
     );
     let model = Model::load(&dir, LoadOptions::default()).unwrap();
     let (stats, grads) = model
@@ -42,8 +24,8 @@ fn sigmoid_dpo_matches_pytorch() {
             &cm,
             &rejected,
             &rm,
-            &floats(&meta["ref_chosen"]),
-            &floats(&meta["ref_rejected"]),
+            &f64_list(&meta["ref_chosen"]),
+            &f64_list(&meta["ref_rejected"]),
             meta["beta"].as_f64().unwrap(),
             DpoLoss::Sigmoid,
         )

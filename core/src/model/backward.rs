@@ -11,6 +11,7 @@ use crate::backend::cpu::attention::{attention_backward, Heads, KvGrad, KvView, 
 use crate::backend::cpu::matmul::{matmul, matmul_backward};
 use crate::backend::cpu::norm::{layernorm_backward, rmsnorm_backward};
 use crate::backend::cpu::rope;
+use crate::backend::cpu::simd::dot;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 
@@ -23,6 +24,30 @@ const LOSS_ROWS: usize = 32;
 /// An objective of per-token log-probs: given each sequence's selected log-probs, returns the
 /// loss and `∂loss/∂logp` of each.
 pub type LogprobObjective<'a> = dyn FnMut(&[Vec<f64>]) -> Result<(f64, Vec<Vec<f64>>)> + Send + 'a;
+
+/// What the forward produced at each selected token, per sequence and in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenOutputs {
+    /// `log p(token | prefix)` at temperature 1.
+    pub logp: Vec<Vec<f64>>,
+    /// Entropy of the whole next-token distribution the token was drawn from.
+    pub entropy: Vec<Vec<f64>>,
+    /// The value head's estimate at the position that predicts the token (the state before
+    /// it), when the model has a value head.
+    pub value: Option<Vec<Vec<f64>>>,
+}
+
+/// `∂loss/∂` each of [`TokenOutputs`], same shapes; `None` stands for zeros.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TokenOutputGrads {
+    pub logp: Vec<Vec<f64>>,
+    pub entropy: Option<Vec<Vec<f64>>>,
+    pub value: Option<Vec<Vec<f64>>>,
+}
+
+/// An objective of per-token outputs (PPO, GRPO): returns the loss and its gradients.
+pub type TokenObjective<'a> =
+    dyn FnMut(&TokenOutputs) -> Result<(f64, TokenOutputGrads)> + Send + 'a;
 
 /// A token whose log-prob enters the objective: the packed row that predicts it, the token,
 /// and its sequence.
@@ -69,6 +94,8 @@ pub struct Gradients {
     pub lm_head: Option<Vec<f32>>,
     /// `(1, C)` reward head, when the model has one.
     pub score: Option<Vec<f32>>,
+    /// PPO value head (`w` then `b`), when the model has one.
+    pub value: Option<LinearGrad>,
 }
 
 fn zero_linear(l: &Linear) -> LinearGrad {
@@ -118,6 +145,7 @@ impl Gradients {
             final_norm: zero_norm(&w.final_norm),
             lm_head: w.lm_head.as_ref().map(|h| vec![0.0; h.as_slice().len()]),
             score: w.score.as_ref().map(|h| vec![0.0; h.as_slice().len()]),
+            value: w.value.as_ref().map(zero_linear),
         }
     }
 
@@ -156,6 +184,9 @@ impl Gradients {
         if let Some(h) = &self.score {
             out.push(h);
         }
+        if let Some(v) = &self.value {
+            lin(v, &mut out);
+        }
         out
     }
 
@@ -170,6 +201,12 @@ impl Gradients {
         }
         if let Some(h) = &self.score {
             out.push(("score.weight".into(), h));
+        }
+        if let Some(v) = &self.value {
+            out.push((super::weights::VALUE_HEAD_WEIGHT.into(), &v.w));
+            if let Some(b) = &v.b {
+                out.push((super::weights::VALUE_HEAD_BIAS.into(), b));
+            }
         }
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -249,16 +286,36 @@ impl Model {
         })
     }
 
-    /// The gradient of any objective built on per-token log-probs (SFT, DPO, PPO, GRPO):
+    /// The gradient of any objective built on per-token log-probs (SFT, DPO):
     /// `objective` receives, for each sequence, the log-probs (temperature 1) of its selected
-    /// tokens in order, and returns the loss and `∂loss/∂logp` for each of them. One forward,
-    /// then the LM head and log-softmax run twice over chunks of rows (values, then gradients)
-    /// so no `(T × V)` matrix is kept.
+    /// tokens in order, and returns the loss and `∂loss/∂logp` for each of them.
     pub fn logprob_objective_gradients<S: AsRef<[u32]> + Sync>(
         &self,
         sequences: &[S],
         masks: &[Vec<bool>],
         objective: &mut LogprobObjective<'_>,
+    ) -> Result<(f64, Gradients)> {
+        self.token_objective_gradients(sequences, masks, &mut |out: &TokenOutputs| {
+            let (loss, logp) = objective(&out.logp)?;
+            Ok((
+                loss,
+                TokenOutputGrads {
+                    logp,
+                    ..Default::default()
+                },
+            ))
+        })
+    }
+
+    /// The gradient of any objective built on the per-token log-probs, entropies and values
+    /// of the tokens selected by `masks` (PPO, GRPO). One forward, then the LM head and
+    /// log-softmax run twice over chunks of rows (values, then gradients) so no `(T × V)`
+    /// matrix is kept.
+    pub fn token_objective_gradients<S: AsRef<[u32]> + Sync>(
+        &self,
+        sequences: &[S],
+        masks: &[Vec<bool>],
+        objective: &mut TokenObjective<'_>,
     ) -> Result<(f64, Gradients)> {
         if sequences.is_empty() {
             return Err(Error::invalid("empty batch"));
@@ -295,7 +352,7 @@ impl Model {
         tokens: &[u32],
         slots: &[Slot],
         rows: &[Selected],
-        objective: &mut LogprobObjective<'_>,
+        objective: &mut TokenObjective<'_>,
     ) -> Result<(f64, Gradients)> {
         let cfg = self.config();
         let w = self.weights();
@@ -311,9 +368,14 @@ impl Model {
         let head = w.lm_head();
         let mut hidden = vec![0f32; LOSS_ROWS * c];
         let mut logits = vec![0f32; LOSS_ROWS * v];
-        // (max, log Σ exp) of each selected row's logits, kept between the two passes.
-        let mut norms: Vec<(f64, f64)> = Vec::with_capacity(rows.len());
-        let mut logps: Vec<Vec<f64>> = vec![Vec::new(); sequences.len()];
+        // (max, log Σ exp, entropy) of each selected row's logits, kept between the passes.
+        let mut norms: Vec<(f64, f64, f64)> = Vec::with_capacity(rows.len());
+        let n_seq = sequences.len();
+        let mut out = TokenOutputs {
+            logp: vec![Vec::new(); n_seq],
+            entropy: vec![Vec::new(); n_seq],
+            value: w.value.as_ref().map(|_| vec![Vec::new(); n_seq]),
+        };
         let chunk_logits = |chunk: &[Selected], hidden: &mut [f32], logits: &mut [f32]| {
             let m = chunk.len();
             for (i, sel) in chunk.iter().enumerate() {
@@ -334,17 +396,39 @@ impl Model {
             for (i, sel) in chunk.iter().enumerate() {
                 let row = &logits[i * v..(i + 1) * v];
                 let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                let log_z = row
-                    .iter()
-                    .map(|&l| (l as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-                norms.push((max, log_z));
-                logps[sel.seq].push(row[sel.target as usize] as f64 - max - log_z);
+                let (mut z, mut zl) = (0f64, 0f64);
+                for &l in row {
+                    let e = (l as f64 - max).exp();
+                    z += e;
+                    zl += e * (l as f64 - max);
+                }
+                let log_z = z.ln();
+                // H = −Σ p log p = log Z − E_p[l − max].
+                let entropy = log_z - zl / z;
+                norms.push((max, log_z, entropy));
+                // Rounded to f32 exactly as `logprobs` and `generate` report it, so a ratio
+                // against log-probs recorded at rollout time is exactly 1.
+                let logp = (row[sel.target as usize] as f64 - max - log_z) as f32;
+                out.logp[sel.seq].push(logp as f64);
+                out.entropy[sel.seq].push(entropy);
             }
         }
-        let (loss, dlogp) = objective(&logps)?;
-        if dlogp.len() != logps.len() || dlogp.iter().zip(&logps).any(|(d, l)| d.len() != l.len()) {
+        if let (Some(values), Some(head)) = (out.value.as_mut(), w.value.as_ref()) {
+            let bias = head.b.as_ref().map_or(0.0, |b| b.as_slice()[0]) as f64;
+            for sel in rows {
+                let h = &s.h[sel.row * c..(sel.row + 1) * c];
+                values[sel.seq].push(dot(h, head.w.as_slice()) as f64 + bias);
+            }
+        }
+        let (loss, d) = objective(&out)?;
+        let same_shape = |g: &[Vec<f64>]| {
+            g.len() == n_seq && g.iter().zip(&out.logp).all(|(a, b)| a.len() == b.len())
+        };
+        if !same_shape(&d.logp)
+            || !d.entropy.as_deref().is_none_or(same_shape)
+            || !d.value.as_deref().is_none_or(same_shape)
+            || (d.value.is_some() && out.value.is_none())
+        {
             return Err(Error::invalid(
                 "the objective returned gradients of the wrong shape",
             ));
@@ -352,19 +436,22 @@ impl Model {
         let mut dhead = vec![0f32; head.as_slice().len()];
         let mut dhf = vec![0f32; t * c];
         let mut dh_chunk = vec![0f32; LOSS_ROWS * c];
-        let mut taken = vec![0usize; sequences.len()];
+        let mut taken = vec![0usize; n_seq];
         for (ci, chunk) in rows.chunks(LOSS_ROWS).enumerate() {
             let m = chunk.len();
             chunk_logits(chunk, &mut hidden, &mut logits);
             for (i, sel) in chunk.iter().enumerate() {
-                let (max, log_z) = norms[ci * LOSS_ROWS + i];
-                let d = dlogp[sel.seq][taken[sel.seq]];
+                let (max, log_z, entropy) = norms[ci * LOSS_ROWS + i];
+                let k = taken[sel.seq];
                 taken[sel.seq] += 1;
-                // ∂logp/∂logit_j = 1[j = target] − p_j
+                let dlogp = d.logp[sel.seq][k];
+                let dent = d.entropy.as_ref().map_or(0.0, |e| e[sel.seq][k]);
+                // ∂logp/∂l_j = 1[j = target] − p_j;  ∂H/∂l_j = −p_j (log p_j + H).
                 for (j, l) in logits[i * v..(i + 1) * v].iter_mut().enumerate() {
-                    let p = (*l as f64 - max - log_z).exp();
+                    let logp_j = *l as f64 - max - log_z;
+                    let p = logp_j.exp();
                     let onehot = if j == sel.target as usize { 1.0 } else { 0.0 };
-                    *l = (d * (onehot - p)) as f32;
+                    *l = (dlogp * (onehot - p) - dent * p * (logp_j + entropy)) as f32;
                 }
             }
             matmul_backward(
@@ -385,6 +472,29 @@ impl Model {
         match grads.lm_head.as_mut() {
             Some(h) => add(h, &dhead),
             None => add(&mut grads.tok_emb, &dhead),
+        }
+        if let (Some(dv), Some(head), Some(g)) =
+            (d.value.as_ref(), w.value.as_ref(), grads.value.as_mut())
+        {
+            taken.fill(0);
+            for sel in rows {
+                let k = taken[sel.seq];
+                taken[sel.seq] += 1;
+                let dvalue = dv[sel.seq][k] as f32;
+                let h = &s.h[sel.row * c..(sel.row + 1) * c];
+                for (dh, &wv) in dhf[sel.row * c..(sel.row + 1) * c]
+                    .iter_mut()
+                    .zip(head.w.as_slice())
+                {
+                    *dh += dvalue * wv;
+                }
+                for (gw, &hv) in g.w.iter_mut().zip(h) {
+                    *gw += dvalue * hv;
+                }
+                if let Some(b) = g.b.as_mut() {
+                    b[0] += dvalue;
+                }
+            }
         }
         self.backbone_backward(tokens, slots, &caches, &tape, &dhf, &mut grads);
         Ok((loss, grads))

@@ -7,6 +7,7 @@ mod reward;
 mod weights;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rayon::ThreadPool;
 use serde_json::Value;
@@ -24,7 +25,10 @@ use crate::tokenizer::Tokenizer;
 use crate::tokenizer_gguf::tokenizer_from_gguf;
 use crate::weights::{config_from_gguf, GgufFile, GgufSource, SafetensorsCheckpoint};
 
-pub use backward::{Gradients, LayerGrads, LinearGrad, LogprobObjective, NormGrad};
+pub use backward::{
+    Gradients, LayerGrads, LinearGrad, LogprobObjective, NormGrad, TokenObjective,
+    TokenOutputGrads, TokenOutputs,
+};
 pub(crate) use forward::Scratch;
 pub use reward::PairStats;
 pub use weights::{Linear, Mlp, ModelWeights, Norm, TensorSource};
@@ -36,16 +40,20 @@ pub struct LoadOptions {
     pub threads: usize,
 }
 
+/// A loaded model. `clone` is cheap: the clone shares every weight, the tokenizer and the thread
+/// pool, and a weight is copied only when one side writes it (training), which is how a frozen
+/// reference model costs no second copy of the weights.
+#[derive(Clone)]
 pub struct Model {
     config: ModelConfig,
     weights: ModelWeights,
-    tokenizer: Option<Tokenizer>,
-    chat_template: Option<ChatTemplate>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    chat_template: Option<Arc<ChatTemplate>>,
     /// Sampling defaults from `generation_config.json` (greedy when it does not sample).
     generation_defaults: SamplingParams,
     eos_token_ids: Vec<u32>,
     rope_inv_freq: Option<Vec<f64>>,
-    pool: Option<ThreadPool>,
+    pool: Option<Arc<ThreadPool>>,
     source: PathBuf,
 }
 
@@ -96,7 +104,7 @@ impl Model {
             read_json_opt(&dir.join("tokenizer_config.json"))?,
         ) {
             (Some(tok), Some(cfg)) => match hf_chat_template(&cfg) {
-                Some(src) => Some(template_for(tok, &src)?),
+                Some(src) => Some(Arc::new(template_for(tok, &src)?)),
                 None => None,
             },
             _ => None,
@@ -106,6 +114,7 @@ impl Model {
             None => SamplingParams::greedy(SamplingParams::default().max_new_tokens),
         };
         let eos_token_ids = default_eos_ids(dir, &config, tokenizer.as_ref())?;
+        let tokenizer = tokenizer.map(Arc::new);
         let rope_inv_freq = config
             .rope
             .as_ref()
@@ -124,7 +133,7 @@ impl Model {
     }
 
     /// A single `.gguf` file: config from its metadata, tensors dequantized to f32.
-    fn load_gguf(path: &Path, pool: Option<ThreadPool>) -> Result<Model> {
+    fn load_gguf(path: &Path, pool: Option<Arc<ThreadPool>>) -> Result<Model> {
         let file = GgufFile::open(path)?;
         let config = config_from_gguf(&file)?;
         let load = || {
@@ -144,17 +153,17 @@ impl Model {
             .rope
             .as_ref()
             .map(|r| rope::inv_freq(r, config.head_dim));
-        let tokenizer = tokenizer_from_gguf(&file)?;
+        let tokenizer = tokenizer_from_gguf(&file)?.map(Arc::new);
         Ok(Model {
             eos_token_ids: config.eos_token_ids.clone(),
             config,
             weights,
-            chat_template: match (&tokenizer, file.get("tokenizer.chat_template")) {
+            chat_template: match (tokenizer.as_deref(), file.get("tokenizer.chat_template")) {
                 (Some(tok), Some(src)) => {
                     let src = src.as_str().ok_or_else(|| {
                         Error::Template("tokenizer.chat_template must be a string".into())
                     })?;
-                    Some(template_for(tok, src)?)
+                    Some(Arc::new(template_for(tok, src)?))
                 }
                 _ => None,
             },
@@ -180,17 +189,17 @@ impl Model {
     }
 
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
-        self.tokenizer.as_ref()
+        self.tokenizer.as_deref()
     }
 
     /// The tokenizer, or an error saying the model has none.
     pub fn require_tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer.as_ref().ok_or(Error::NoTokenizer)
+        self.tokenizer.as_deref().ok_or(Error::NoTokenizer)
     }
 
     /// The model's chat template, if it ships one.
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
-        self.chat_template.as_ref()
+        self.chat_template.as_deref()
     }
 
     /// Sampling defaults from `generation_config.json`; greedy when the model has none.
@@ -484,7 +493,7 @@ pub(crate) fn checked_temperature(t: f32) -> Result<f32> {
     Ok(if t == 0.0 { 1.0 } else { t })
 }
 
-fn build_pool(threads: usize) -> Result<Option<ThreadPool>> {
+fn build_pool(threads: usize) -> Result<Option<Arc<ThreadPool>>> {
     if threads == 0 {
         return Ok(None);
     }
@@ -496,7 +505,7 @@ fn build_pool(threads: usize) -> Result<Option<ThreadPool>> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
-        .map(Some)
+        .map(|p| Some(Arc::new(p)))
         .map_err(|e| Error::invalid(format!("cannot start {threads} threads: {e}")))
 }
 

@@ -16,6 +16,7 @@ use crate::tensor::Tensor;
 
 use super::backward::{add, Gradients};
 use super::forward::{Scratch, Tape};
+use super::weights::Linear;
 use super::Model;
 
 /// What a reward-model step saw.
@@ -47,15 +48,44 @@ impl Model {
     /// drawn from `seed`. The LM head stays; generation still works.
     pub fn add_score_head(&mut self, seed: u64) {
         let c = self.config().hidden_size;
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut uniform = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-        let values: Vec<f32> = (0..c)
-            .map(|_| {
-                let (u1, u2) = (uniform(), uniform());
-                (0.02 * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-            })
-            .collect();
-        self.weights_mut().score = Tensor::owned(values, vec![1, c]);
+        self.weights_mut().score = Tensor::owned(normal_values(seed, c, 0.02), vec![1, c]);
+    }
+
+    /// Gives the model a fresh per-token value head for PPO: weight `N(0, 0.02²)` drawn from
+    /// `seed`, bias 0. It is saved as TRL's `v_head.summary.*` and loaded back from there.
+    pub fn add_value_head(&mut self, seed: u64) {
+        let c = self.config().hidden_size;
+        // Both shapes match their value counts by construction.
+        if let Some(w) = Tensor::owned(normal_values(seed, c, 0.02), vec![1, c]) {
+            let b = Tensor::owned(vec![0.0], vec![1]);
+            self.weights_mut().value = Some(Linear { w, b });
+        }
+    }
+
+    /// The value head's estimate at every position of each sequence (`value[t]` is the
+    /// state after reading tokens `..=t`).
+    pub fn values<S: AsRef<[u32]> + Sync>(&self, sequences: &[S]) -> Result<Vec<Vec<f32>>> {
+        let head = self.weights().value.as_ref().ok_or_else(|| {
+            Error::invalid("this model has no value head (call add_value_head or load one)")
+        })?;
+        let bias = head.b.as_ref().map_or(0.0, |b| b.as_slice()[0]);
+        self.install(|| {
+            let c = self.config().hidden_size;
+            let mut s = Scratch::default();
+            let packed = self.packed_forward(sequences, &mut s, None)?;
+            let mut start = 0;
+            Ok(packed
+                .last
+                .iter()
+                .map(|&last| {
+                    let v = (start..=last)
+                        .map(|r| dot(&s.h[r * c..(r + 1) * c], head.w.as_slice()) + bias)
+                        .collect();
+                    start = last + 1;
+                    v
+                })
+                .collect())
+        })
     }
 
     /// Packs sequences, runs the (taped) forward; returns tokens, slots, caches and each
@@ -176,4 +206,16 @@ impl Model {
             ))
         })
     }
+}
+
+/// `n` values from `N(0, std²)`, deterministic in `seed` (Box–Muller over ChaCha8).
+fn normal_values(seed: u64, n: usize, std: f64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut uniform = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (uniform(), uniform());
+            (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+        })
+        .collect()
 }

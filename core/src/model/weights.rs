@@ -27,6 +27,7 @@ impl TensorSource for SafetensorsCheckpoint {
     }
 }
 
+#[derive(Clone)]
 pub struct Linear {
     /// `(out, in)`.
     pub w: Tensor,
@@ -34,11 +35,13 @@ pub struct Linear {
     pub b: Option<Tensor>,
 }
 
+#[derive(Clone)]
 pub enum Norm {
     Layer { w: Tensor, b: Tensor },
     Rms { w: Tensor },
 }
 
+#[derive(Clone)]
 pub enum Mlp {
     /// GPT-2: `proj(gelu(fc(x)))`.
     Gelu { fc: Linear, proj: Linear },
@@ -50,6 +53,7 @@ pub enum Mlp {
     },
 }
 
+#[derive(Clone)]
 pub struct Layer {
     pub attn_norm: Norm,
     pub q: Linear,
@@ -60,6 +64,7 @@ pub struct Layer {
     pub mlp: Mlp,
 }
 
+#[derive(Clone)]
 pub struct ModelWeights {
     /// `(V, C)`.
     pub tok_emb: Tensor,
@@ -71,6 +76,8 @@ pub struct ModelWeights {
     pub lm_head: Option<Tensor>,
     /// `(1, C)` scalar reward head of a `*ForSequenceClassification` model.
     pub score: Option<Tensor>,
+    /// Per-token value head for PPO (TRL's `v_head.summary`): `value_t = w · h_t + b`.
+    pub value: Option<Linear>,
 }
 
 impl Linear {
@@ -127,6 +134,9 @@ impl ModelWeights {
         }
         if let Some(s) = self.score.as_mut() {
             out.push((s, true));
+        }
+        if let Some(v) = self.value.as_mut() {
+            v.params_mut(&mut out);
         }
         out
     }
@@ -187,6 +197,7 @@ fn llama(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<ModelWeights> {
         final_norm: rms("model.norm")?,
         lm_head,
         score,
+        value: value_head(ck, cfg)?,
     })
 }
 
@@ -242,6 +253,7 @@ fn gpt2(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<ModelWeights> {
         final_norm: ln("ln_f")?,
         lm_head,
         score,
+        value: value_head(ck, cfg)?,
     })
 }
 
@@ -256,6 +268,22 @@ fn heads(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<(Option<Tensor>, Op
     } else {
         Ok((Some(ck.tensor("lm_head.weight", &[v, c])?), None))
     }
+}
+
+/// Name of the value head's weight in a checkpoint (TRL's `AutoModelForCausalLMWithValueHead`
+/// saves it beside the model's own tensors); the bias is `…bias`.
+pub const VALUE_HEAD_WEIGHT: &str = "v_head.summary.weight";
+pub const VALUE_HEAD_BIAS: &str = "v_head.summary.bias";
+
+/// The PPO value head, when the checkpoint carries one.
+fn value_head(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<Option<Linear>> {
+    if !ck.contains(VALUE_HEAD_WEIGHT) {
+        return Ok(None);
+    }
+    Ok(Some(Linear {
+        w: ck.tensor(VALUE_HEAD_WEIGHT, &[1, cfg.hidden_size])?,
+        b: Some(ck.tensor(VALUE_HEAD_BIAS, &[1])?),
+    }))
 }
 
 /// Splits a `(3·rows, cols)` projection into three `(rows, cols)` ones.

@@ -5,6 +5,8 @@
 //! as they were (a skipped step must not advance the scheduler either).
 
 pub mod dpo;
+pub mod grpo;
+pub mod ppo;
 
 use crate::error::{Error, Result};
 use crate::model::{Gradients, Model};
@@ -278,6 +280,12 @@ fn flat_mut(g: &mut Gradients) -> Vec<&mut [f32]> {
     }
     if let Some(h) = g.score.as_mut() {
         out.push(h);
+    }
+    if let Some(v) = g.value.as_mut() {
+        out.push(&mut v.w);
+        if let Some(b) = v.b.as_mut() {
+            out.push(b);
+        }
     }
     out
 }
