@@ -49,6 +49,7 @@ def main() -> None:
             reward_model(folder, sequences)
             dpo(folder, sequences)
             ppo(folder, sequences)
+            lora(folder, sequences, masks)
             grpo(folder, sequences)
 
 
@@ -249,6 +250,50 @@ def grpo(folder: Path, sequences) -> None:
                 tensors[f"{loss_type}.{n}"] = params[n].grad.contiguous()
     save_file(tensors, folder / "grpo.safetensors")
     (folder / "grpo.json").write_text(json.dumps(meta) + "\n")
+
+
+def lora(folder: Path, sequences, masks) -> None:
+    """PEFT LoRA (r 4, alpha 8 on q_proj, v_proj, down_proj) with random A and B: the adapter as
+    PEFT saves it (lora/), the SFT loss and adapter gradients, the adapters after one AdamW
+    step (lr 1e-2, betas 0.9/0.95, weight decay 0.1, clip 1.0), and the last-row logits of the
+    merged model. Writes lora/, lora.json and lora.safetensors."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     lora_dropout=0.0)
+    model = get_peft_model(base, cfg).eval()
+    gen = torch.Generator().manual_seed(21)
+    lora_params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for n, p in lora_params.items():
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    model.peft_config["default"].base_model_name_or_path = "llama-f32"
+    model.save_pretrained(folder / "lora")
+    (folder / "lora" / "README.md").unlink(missing_ok=True)  # PEFT's model-card template
+    total, count = torch.zeros(()), 0
+    for ids, mask in zip(sequences, masks):
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        for t in range(1, len(ids)):
+            if mask[t]:
+                total = total - logp[t - 1, ids[t]]
+                count += 1
+    loss = total / count
+    loss.backward()
+    strip = lambda n: n.replace(".default", "")
+    tensors = {f"grad.{strip(n)}": p.grad.clone() for n, p in lora_params.items()}
+    torch.nn.utils.clip_grad_norm_(list(lora_params.values()), 1.0)
+    opt = torch.optim.AdamW(list(lora_params.values()), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=0.1)
+    opt.step()
+    tensors.update({f"after.{strip(n)}": p.detach().contiguous() for n, p in lora_params.items()})
+    merged = model.merge_and_unload().eval()
+    with torch.no_grad():
+        last = merged(torch.tensor([sequences[0]])).logits[0, -1]
+    save_file(tensors, folder / "lora.safetensors")
+    meta = {"loss": loss.item(), "merged_logits_last": last.tolist(),
+            "notes": "sequences and masks of grads.json; logits after the AdamW step, merged"}
+    (folder / "lora.json").write_text(json.dumps(meta) + "\n")
 
 
 def adamw_step(model, folder: Path) -> None:

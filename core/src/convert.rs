@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::config::{Architecture, Family, RopeScaling};
 use crate::error::{Error, Result};
-use crate::model::{Mlp, Model, Norm};
+use crate::model::{Mlp, Model, Norm, VALUE_HEAD_BIAS, VALUE_HEAD_WEIGHT};
 use crate::tensor::Tensor;
 
 /// Storage type of the written weights.
@@ -29,9 +29,10 @@ pub enum SaveDtype {
 /// Writes `model` as an HF folder at `out` (which must not exist yet).
 pub fn save_hf_folder(model: &Model, out: &Path, dtype: SaveDtype) -> Result<()> {
     let cfg = model.config();
-    if model.weights().score.is_some() {
-        return Err(Error::Unsupported(
-            "saving reward models (score head) as HF folders".into(),
+    if model.weights().lora.is_some() {
+        return Err(Error::invalid(
+            "the model has LoRA adapters: merge them (merge_lora) or save them as a PEFT \
+             adapter (save_lora_adapter)",
         ));
     }
     // Qwen2 has q/k/v biases without an output bias; a Llama config can only say "all or none".
@@ -53,12 +54,7 @@ pub fn save_hf_folder(model: &Model, out: &Path, dtype: SaveDtype) -> Result<()>
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let result = write_all(model, &tmp, dtype).and_then(|_| {
         std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-        if let Some(parent) = out.parent() {
-            // Make the rename itself durable; not every platform can open a folder.
-            if let Ok(dir) = File::open(parent) {
-                let _ = dir.sync_all();
-            }
-        }
+        sync_parent(out);
         Ok(())
     });
     if result.is_err() {
@@ -118,6 +114,24 @@ fn eos_value(ids: &[u32]) -> Value {
 }
 
 fn config_json(model: &Model, dtype: SaveDtype) -> Value {
+    let mut v = lm_config_json(model, dtype);
+    if model.weights().score.is_some() {
+        // A reward model: transformers' *ForSequenceClassification with one label.
+        let class = model
+            .config()
+            .architecture
+            .hf_class()
+            .replace("LMHeadModel", "ForSequenceClassification")
+            .replace("ForCausalLM", "ForSequenceClassification");
+        v["architectures"] = json!([class]);
+        v["num_labels"] = json!(1);
+        v["id2label"] = json!({"0": "LABEL_0"});
+        v["label2id"] = json!({"LABEL_0": 0});
+    }
+    v
+}
+
+fn lm_config_json(model: &Model, dtype: SaveDtype) -> Value {
     let c = model.config();
     let torch_dtype = match dtype {
         SaveDtype::F32 => "float32",
@@ -193,7 +207,7 @@ fn config_json(model: &Model, dtype: SaveDtype) -> Value {
 }
 
 /// (HF name, shape, values) of every tensor transformers expects for this model.
-type Named = Vec<(String, Vec<usize>, Vec<f32>)>;
+pub(crate) type Named = Vec<(String, Vec<usize>, Vec<f32>)>;
 
 fn llama_tensors(model: &Model) -> Named {
     let w = model.weights();
@@ -205,7 +219,7 @@ fn llama_tensors(model: &Model) -> Named {
     };
     push("model.embed_tokens.weight".into(), &w.tok_emb);
     push("model.norm.weight".into(), norm_parts(&w.final_norm).0);
-    if let Some(head) = &w.lm_head {
+    if let (Some(head), None) = (&w.lm_head, &w.score) {
         push("lm_head.weight".into(), head);
     }
     for (l, layer) in w.layers.iter().enumerate() {
@@ -299,7 +313,7 @@ fn gpt2_tensors(model: &Model) -> Named {
             conv(format!("{p}.mlp.c_proj"), proj);
         }
     }
-    if let Some(head) = &w.lm_head {
+    if let (Some(head), None) = (&w.lm_head, &w.score) {
         named.push((
             "lm_head.weight".into(),
             head.shape().to_vec(),
@@ -321,10 +335,37 @@ fn transposed(values: &[f32], rows: usize, cols: usize) -> (Vec<usize>, Vec<f32>
 }
 
 fn write_weights(model: &Model, path: &Path, dtype: SaveDtype) -> Result<()> {
-    let named = match model.config().family() {
+    let mut named = match model.config().family() {
         Family::Llama => llama_tensors(model),
         Family::Gpt2 => gpt2_tensors(model),
     };
+    let w = model.weights();
+    if let Some(score) = &w.score {
+        named.push((
+            "score.weight".into(),
+            score.shape().to_vec(),
+            score.as_slice().to_vec(),
+        ));
+    }
+    if let Some(v) = &w.value {
+        named.push((
+            VALUE_HEAD_WEIGHT.into(),
+            v.w.shape().to_vec(),
+            v.w.as_slice().to_vec(),
+        ));
+        if let Some(b) = &v.b {
+            named.push((
+                VALUE_HEAD_BIAS.into(),
+                b.shape().to_vec(),
+                b.as_slice().to_vec(),
+            ));
+        }
+    }
+    write_safetensors(path, named, dtype)
+}
+
+/// Serialises named f32 tensors (stored as `dtype`) to `path` and syncs the file.
+pub(crate) fn write_safetensors(path: &Path, named: Named, dtype: SaveDtype) -> Result<()> {
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = named
         .into_iter()
         .map(|(n, shape, values)| {
@@ -357,6 +398,38 @@ fn write_weights(model: &Model, path: &Path, dtype: SaveDtype) -> Result<()> {
     let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
     f.write_all(&bytes).map_err(|e| Error::io(path, e))?;
     f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+/// Runs `write` on a temporary sibling of `path`, then renames it over `path` and syncs the
+/// folder: readers see the old file or the new one, never a partial one.
+fn replace_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_sibling(path)?;
+    let result = write(&tmp).and_then(|_| {
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        sync_parent(path);
+        Ok(())
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// [`write_safetensors`] (f32) through a temporary file and a rename.
+pub(crate) fn write_safetensors_atomically(path: &Path, named: Named) -> Result<()> {
+    replace_atomically(path, |tmp| write_safetensors(tmp, named, SaveDtype::F32))
+}
+
+/// A pretty-printed JSON file written through a temporary file and a rename.
+pub(crate) fn write_json_atomically(path: &Path, value: &Value) -> Result<()> {
+    replace_atomically(path, |tmp| write_json(tmp, value))
+}
+
+/// Makes a rename in `path`'s folder durable; not every platform can open a folder.
+fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent().and_then(|p| File::open(p).ok()) {
+        let _ = dir.sync_all();
+    }
 }
 
 fn norm_parts(n: &Norm) -> (&Tensor, Option<&Tensor>) {

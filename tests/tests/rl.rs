@@ -44,10 +44,10 @@ fn ppo_matches_pytorch() {
     let bytes = std::fs::read(dir.join("ppo.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut model = Model::load(&dir, LoadOptions::default()).unwrap();
-    model.weights_mut().value = Some(Linear {
-        w: tensor(&st, "v_head.summary.weight"),
-        b: Some(tensor(&st, "v_head.summary.bias")),
-    });
+    model.weights_mut().value = Some(Linear::new(
+        tensor(&st, "v_head.summary.weight"),
+        Some(tensor(&st, "v_head.summary.bias")),
+    ));
     let c = &meta["config"];
     let cfg = PpoConfig {
         kl_coef: c["kl_coef"].as_f64().unwrap(),

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 
 use super::forward::{Scratch, Tape};
+use super::lora::LoraGrad;
 use super::weights::{Linear, Mlp, Norm};
 use super::Model;
 
@@ -57,14 +58,16 @@ struct Selected {
     seq: usize,
 }
 
-/// Gradient of one linear layer, laid out like its weights.
+/// Gradient of one linear layer, laid out like its weights. With a frozen base (LoRA), `w` is
+/// empty and `b` is `None`: nothing is computed for them.
 #[derive(Debug, Clone)]
 pub struct LinearGrad {
     pub w: Vec<f32>,
     pub b: Option<Vec<f32>>,
+    pub lora: Option<LoraGrad>,
 }
 
-/// Gradient of one norm's scale (and shift, for LayerNorm).
+/// Gradient of one norm's scale (and shift, for LayerNorm); empty with a frozen base.
 #[derive(Debug, Clone)]
 pub struct NormGrad {
     pub w: Vec<f32>,
@@ -98,14 +101,31 @@ pub struct Gradients {
     pub value: Option<LinearGrad>,
 }
 
-fn zero_linear(l: &Linear) -> LinearGrad {
+fn zero_linear(l: &Linear, frozen: bool) -> LinearGrad {
     LinearGrad {
-        w: vec![0.0; l.w.as_slice().len()],
-        b: l.b.as_ref().map(|b| vec![0.0; b.as_slice().len()]),
+        w: if frozen {
+            Vec::new()
+        } else {
+            vec![0.0; l.w.as_slice().len()]
+        },
+        b: l.b
+            .as_ref()
+            .filter(|_| !frozen)
+            .map(|b| vec![0.0; b.as_slice().len()]),
+        lora: l.lora.as_ref().map(|ad| LoraGrad {
+            a: vec![0.0; ad.a.as_slice().len()],
+            b: vec![0.0; ad.b.as_slice().len()],
+        }),
     }
 }
 
-fn zero_norm(n: &Norm) -> NormGrad {
+fn zero_norm(n: &Norm, frozen: bool) -> NormGrad {
+    if frozen {
+        return NormGrad {
+            w: Vec::new(),
+            b: None,
+        };
+    }
     match n {
         Norm::Rms { w } => NormGrad {
             w: vec![0.0; w.as_slice().len()],
@@ -121,32 +141,49 @@ fn zero_norm(n: &Norm) -> NormGrad {
 impl Gradients {
     pub(crate) fn zeros(model: &Model) -> Self {
         let w = model.weights();
+        let frozen = w.base_frozen();
+        let zeros = |t: &crate::tensor::Tensor| {
+            if frozen {
+                Vec::new()
+            } else {
+                vec![0.0; t.as_slice().len()]
+            }
+        };
         Gradients {
-            tok_emb: vec![0.0; w.tok_emb.as_slice().len()],
-            pos_emb: w.pos_emb.as_ref().map(|p| vec![0.0; p.as_slice().len()]),
+            tok_emb: zeros(&w.tok_emb),
+            pos_emb: w.pos_emb.as_ref().filter(|_| !frozen).map(zeros),
             layers: w
                 .layers
                 .iter()
                 .map(|l| LayerGrads {
-                    attn_norm: zero_norm(&l.attn_norm),
-                    q: zero_linear(&l.q),
-                    k: zero_linear(&l.k),
-                    v: zero_linear(&l.v),
-                    o: zero_linear(&l.o),
-                    mlp_norm: zero_norm(&l.mlp_norm),
+                    attn_norm: zero_norm(&l.attn_norm, frozen),
+                    q: zero_linear(&l.q, frozen),
+                    k: zero_linear(&l.k, frozen),
+                    v: zero_linear(&l.v, frozen),
+                    o: zero_linear(&l.o, frozen),
+                    mlp_norm: zero_norm(&l.mlp_norm, frozen),
                     mlp: match &l.mlp {
-                        Mlp::Gelu { fc, proj } => vec![zero_linear(fc), zero_linear(proj)],
-                        Mlp::SwiGlu { gate, up, down } => {
-                            vec![zero_linear(gate), zero_linear(up), zero_linear(down)]
+                        Mlp::Gelu { fc, proj } => {
+                            vec![zero_linear(fc, frozen), zero_linear(proj, frozen)]
                         }
+                        Mlp::SwiGlu { gate, up, down } => vec![
+                            zero_linear(gate, frozen),
+                            zero_linear(up, frozen),
+                            zero_linear(down, frozen),
+                        ],
                     },
                 })
                 .collect(),
-            final_norm: zero_norm(&w.final_norm),
-            lm_head: w.lm_head.as_ref().map(|h| vec![0.0; h.as_slice().len()]),
+            final_norm: zero_norm(&w.final_norm, frozen),
+            lm_head: w.lm_head.as_ref().filter(|_| !frozen).map(zeros),
             score: w.score.as_ref().map(|h| vec![0.0; h.as_slice().len()]),
-            value: w.value.as_ref().map(zero_linear),
+            value: w.value.as_ref().map(|v| zero_linear(v, false)),
         }
+    }
+
+    /// True when the embedding, norms, linear weights and LM head get no gradient (LoRA).
+    pub fn base_frozen(&self) -> bool {
+        self.tok_emb.is_empty()
     }
 
     /// Every gradient, in the order of `ModelWeights::params_mut`.
@@ -165,6 +202,10 @@ impl Gradients {
             out.push(&g.w);
             if let Some(b) = &g.b {
                 out.push(b);
+            }
+            if let Some(l) = &g.lora {
+                out.push(&l.a);
+                out.push(&l.b);
             }
         }
         for l in &self.layers {
@@ -187,6 +228,8 @@ impl Gradients {
         if let Some(v) = &self.value {
             lin(v, &mut out);
         }
+        // A frozen base leaves its gradients empty; trainable tensors are never empty.
+        out.retain(|g| !g.is_empty());
         out
     }
 
@@ -223,19 +266,28 @@ impl Gradients {
             ];
             let mlp_names = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
             for (n, g) in lin.into_iter().chain(mlp_names.into_iter().zip(&l.mlp)) {
-                out.push((format!("{p}.{n}.weight"), &g.w));
+                if !g.w.is_empty() {
+                    out.push((format!("{p}.{n}.weight"), &g.w));
+                }
                 if let Some(b) = &g.b {
                     out.push((format!("{p}.{n}.bias"), b));
                 }
+                if let Some(lg) = &g.lora {
+                    let peft = format!("base_model.model.{p}.{n}");
+                    out.push((format!("{peft}.lora_A.weight"), &lg.a));
+                    out.push((format!("{peft}.lora_B.weight"), &lg.b));
+                }
             }
         }
+        out.retain(|(_, g)| !g.is_empty());
         out
     }
 }
 
-/// `dx = dout · W`, `dW += doutᵀ · x`, `db += Σ dout` for one linear layer.
+/// `dx = dout · W`, `dW += doutᵀ · x`, `db += Σ dout` for one linear layer (no `dW`, `db`
+/// for a frozen base), plus its LoRA adapter's gradients and input gradient.
 fn linear_backward(
-    dx: Option<&mut [f32]>,
+    mut dx: Option<&mut [f32]>,
     g: &mut LinearGrad,
     dout: &[f32],
     x: &[f32],
@@ -244,9 +296,10 @@ fn linear_backward(
 ) {
     let shape = l.w.shape();
     let (n, k) = (shape[0], shape[1]);
+    let dw = (!g.w.is_empty()).then_some(g.w.as_mut_slice());
     matmul_backward(
-        dx,
-        Some(&mut g.w),
+        dx.as_deref_mut(),
+        dw,
         g.b.as_deref_mut(),
         dout,
         x,
@@ -255,18 +308,35 @@ fn linear_backward(
         n,
         k,
     );
+    if let (Some(ad), Some(lg)) = (&l.lora, g.lora.as_mut()) {
+        ad.backward(dx, lg, dout, x, t);
+    }
 }
 
 impl Model {
     fn norm_backward(&self, norm: &Norm, g: &mut NormGrad, dx: &mut [f32], dy: &[f32], x: &[f32]) {
         let (c, eps) = (self.config().hidden_size, self.config().norm_eps);
-        match (norm, g.b.as_mut()) {
-            (Norm::Layer { w, .. }, Some(db)) => {
-                layernorm_backward(dx, &mut g.w, db, dy, x, w.as_slice(), c, eps)
+        // A frozen norm still passes the gradient through; its own goes to a throwaway buffer.
+        let mut spare_w = Vec::new();
+        let mut spare_b = Vec::new();
+        let dw = if g.w.is_empty() {
+            spare_w.resize(c, 0.0);
+            &mut spare_w
+        } else {
+            &mut g.w
+        };
+        match norm {
+            Norm::Layer { w, .. } => {
+                let db = match g.b.as_mut() {
+                    Some(b) => b,
+                    None => {
+                        spare_b.resize(c, 0.0);
+                        &mut spare_b
+                    }
+                };
+                layernorm_backward(dx, dw, db, dy, x, w.as_slice(), c, eps)
             }
-            (Norm::Rms { w }, _) | (Norm::Layer { w, .. }, None) => {
-                rmsnorm_backward(dx, &mut g.w, dy, x, w.as_slice(), c, eps)
-            }
+            Norm::Rms { w } => rmsnorm_backward(dx, dw, dy, x, w.as_slice(), c, eps),
         }
     }
 
@@ -433,7 +503,12 @@ impl Model {
                 "the objective returned gradients of the wrong shape",
             ));
         }
-        let mut dhead = vec![0f32; head.as_slice().len()];
+        let head_trainable = !grads.base_frozen();
+        let mut dhead = if head_trainable {
+            vec![0f32; head.as_slice().len()]
+        } else {
+            Vec::new()
+        };
         let mut dhf = vec![0f32; t * c];
         let mut dh_chunk = vec![0f32; LOSS_ROWS * c];
         let mut taken = vec![0usize; n_seq];
@@ -456,7 +531,7 @@ impl Model {
             }
             matmul_backward(
                 Some(&mut dh_chunk[..m * c]),
-                Some(&mut dhead),
+                head_trainable.then_some(dhead.as_mut_slice()),
                 None,
                 &logits[..m * v],
                 &hidden[..m * c],
@@ -469,9 +544,11 @@ impl Model {
                 dhf[sel.row * c..(sel.row + 1) * c].copy_from_slice(&dh_chunk[i * c..(i + 1) * c]);
             }
         }
-        match grads.lm_head.as_mut() {
-            Some(h) => add(h, &dhead),
-            None => add(&mut grads.tok_emb, &dhead),
+        if head_trainable {
+            match grads.lm_head.as_mut() {
+                Some(h) => add(h, &dhead),
+                None => add(&mut grads.tok_emb, &dhead),
+            }
         }
         if let (Some(dv), Some(head), Some(g)) =
             (d.value.as_ref(), w.value.as_ref(), grads.value.as_mut())
@@ -620,6 +697,9 @@ impl Model {
         }
 
         // Embeddings.
+        if grads.base_frozen() {
+            return;
+        }
         for (i, (&tok, slot)) in tokens.iter().zip(slots).enumerate() {
             let row = &dx[i * c..(i + 1) * c];
             add(&mut grads.tok_emb[tok as usize * c..][..c], row);

@@ -267,4 +267,5 @@ fn linear(out: &mut [f32], x: &[f32], layer: &Linear, t: usize) {
         n,
         k,
     );
+    super::lora::add_adapter(out, x, layer, t);
 }

@@ -3,6 +3,7 @@
 
 mod backward;
 mod forward;
+pub mod lora;
 mod reward;
 mod weights;
 
@@ -30,8 +31,11 @@ pub use backward::{
     TokenOutputGrads, TokenOutputs,
 };
 pub(crate) use forward::Scratch;
+pub use lora::{LoraAdapter, LoraConfig, LoraGrad};
 pub use reward::PairStats;
-pub use weights::{Linear, Mlp, ModelWeights, Norm, TensorSource};
+pub use weights::{
+    Layer, Linear, Mlp, ModelWeights, Norm, TensorSource, VALUE_HEAD_BIAS, VALUE_HEAD_WEIGHT,
+};
 
 /// How to load a model.
 #[derive(Debug, Clone, Default)]

@@ -58,7 +58,7 @@ impl Model {
         // Both shapes match their value counts by construction.
         if let Some(w) = Tensor::owned(normal_values(seed, c, 0.02), vec![1, c]) {
             let b = Tensor::owned(vec![0.0], vec![1]);
-            self.weights_mut().value = Some(Linear { w, b });
+            self.weights_mut().value = Some(Linear::new(w, b));
         }
     }
 

@@ -33,6 +33,8 @@ pub struct Linear {
     pub w: Tensor,
     /// `(out)`.
     pub b: Option<Tensor>,
+    /// A trainable low-rank update `scale · B·A` added to `w` (LoRA).
+    pub lora: Option<super::lora::LoraAdapter>,
 }
 
 #[derive(Clone)]
@@ -78,19 +80,36 @@ pub struct ModelWeights {
     pub score: Option<Tensor>,
     /// Per-token value head for PPO (TRL's `v_head.summary`): `value_t = w · h_t + b`.
     pub value: Option<Linear>,
+    /// The LoRA settings when adapters are attached (see [`super::lora`]).
+    pub lora: Option<super::lora::LoraConfig>,
 }
 
 impl Linear {
-    fn params_mut<'a>(&'a mut self, out: &mut Vec<(&'a mut Tensor, bool)>) {
-        out.push((&mut self.w, true));
-        if let Some(b) = self.b.as_mut() {
-            out.push((b, false));
+    pub fn new(w: Tensor, b: Option<Tensor>) -> Self {
+        Linear { w, b, lora: None }
+    }
+
+    /// Trainable tensors of this layer with their weight-decay flag: the weight and bias unless
+    /// the base is frozen, and the LoRA factors when present.
+    fn params_mut<'a>(&'a mut self, frozen_base: bool, out: &mut Vec<(&'a mut Tensor, bool)>) {
+        if !frozen_base {
+            out.push((&mut self.w, true));
+            if let Some(b) = self.b.as_mut() {
+                out.push((b, false));
+            }
+        }
+        if let Some(l) = self.lora.as_mut() {
+            out.push((&mut l.a, true));
+            out.push((&mut l.b, true));
         }
     }
 }
 
 impl Norm {
-    fn params_mut<'a>(&'a mut self, out: &mut Vec<(&'a mut Tensor, bool)>) {
+    fn params_mut<'a>(&'a mut self, frozen_base: bool, out: &mut Vec<(&'a mut Tensor, bool)>) {
+        if frozen_base {
+            return;
+        }
         match self {
             Norm::Rms { w } => out.push((w, false)),
             Norm::Layer { w, b } => {
@@ -101,42 +120,76 @@ impl Norm {
     }
 }
 
+impl Layer {
+    /// The layer's linear maps in a fixed order: q, k, v, o, then the MLP's.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = vec![&self.q, &self.k, &self.v, &self.o];
+        match &self.mlp {
+            Mlp::Gelu { fc, proj } => out.extend([fc, proj]),
+            Mlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
+        }
+        out
+    }
+
+    /// [`Layer::linears`], mutable.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = vec![&mut self.q, &mut self.k, &mut self.v, &mut self.o];
+        match &mut self.mlp {
+            Mlp::Gelu { fc, proj } => out.extend([fc, proj]),
+            Mlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
+        }
+        out
+    }
+}
+
 impl ModelWeights {
-    /// Every trainable tensor with whether weight decay applies to it (linear weights and an
-    /// untied head: yes; norms, biases, embeddings: no). The order matches
+    /// True when LoRA adapters are attached: the base weights are frozen and only the
+    /// adapters (and any score or value head) train.
+    pub fn base_frozen(&self) -> bool {
+        self.lora.is_some()
+    }
+
+    /// Every trainable tensor with whether weight decay applies to it (linear weights, LoRA
+    /// factors and an untied head: yes; norms, biases, embeddings: no). The order matches
     /// `Gradients::flat`.
     pub fn params_mut(&mut self) -> Vec<(&mut Tensor, bool)> {
-        let mut out = vec![(&mut self.tok_emb, false)];
-        if let Some(p) = self.pos_emb.as_mut() {
-            out.push((p, false));
+        let frozen = self.base_frozen();
+        let mut out = Vec::new();
+        if !frozen {
+            out.push((&mut self.tok_emb, false));
+            if let Some(p) = self.pos_emb.as_mut() {
+                out.push((p, false));
+            }
         }
         for l in &mut self.layers {
-            l.attn_norm.params_mut(&mut out);
+            l.attn_norm.params_mut(frozen, &mut out);
             for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o] {
-                lin.params_mut(&mut out);
+                lin.params_mut(frozen, &mut out);
             }
-            l.mlp_norm.params_mut(&mut out);
+            l.mlp_norm.params_mut(frozen, &mut out);
             match &mut l.mlp {
                 Mlp::Gelu { fc, proj } => {
-                    fc.params_mut(&mut out);
-                    proj.params_mut(&mut out);
+                    fc.params_mut(frozen, &mut out);
+                    proj.params_mut(frozen, &mut out);
                 }
                 Mlp::SwiGlu { gate, up, down } => {
-                    gate.params_mut(&mut out);
-                    up.params_mut(&mut out);
-                    down.params_mut(&mut out);
+                    gate.params_mut(frozen, &mut out);
+                    up.params_mut(frozen, &mut out);
+                    down.params_mut(frozen, &mut out);
                 }
             }
         }
-        self.final_norm.params_mut(&mut out);
-        if let Some(h) = self.lm_head.as_mut() {
-            out.push((h, true));
+        self.final_norm.params_mut(frozen, &mut out);
+        if !frozen {
+            if let Some(h) = self.lm_head.as_mut() {
+                out.push((h, true));
+            }
         }
         if let Some(s) = self.score.as_mut() {
             out.push((s, true));
         }
         if let Some(v) = self.value.as_mut() {
-            v.params_mut(&mut out);
+            v.params_mut(false, &mut out);
         }
         out
     }
@@ -157,14 +210,14 @@ fn llama(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<ModelWeights> {
     let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
     let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-        Ok(Linear {
-            w: ck.tensor(&format!("{name}.weight"), &[out, inp])?,
-            b: if bias {
+        Ok(Linear::new(
+            ck.tensor(&format!("{name}.weight"), &[out, inp])?,
+            if bias {
                 Some(ck.tensor(&format!("{name}.bias"), &[out])?)
             } else {
                 None
             },
-        })
+        ))
     };
     let rms = |name: &str| -> Result<Norm> {
         Ok(Norm::Rms {
@@ -198,6 +251,7 @@ fn llama(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<ModelWeights> {
         lm_head,
         score,
         value: value_head(ck, cfg)?,
+        lora: None,
     })
 }
 
@@ -213,10 +267,10 @@ fn gpt2(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<ModelWeights> {
     let name = |n: &str| format!("{prefix}{n}");
     // Conv1D stores `(in, out)`; transpose to `(out, in)`.
     let conv = |n: &str, inp: usize, out: usize| -> Result<Linear> {
-        Ok(Linear {
-            w: ck.tensor_transposed(&name(&format!("{n}.weight")), [inp, out])?,
-            b: Some(ck.tensor(&name(&format!("{n}.bias")), &[out])?),
-        })
+        Ok(Linear::new(
+            ck.tensor_transposed(&name(&format!("{n}.weight")), [inp, out])?,
+            Some(ck.tensor(&name(&format!("{n}.bias")), &[out])?),
+        ))
     };
     let ln = |n: &str| -> Result<Norm> {
         Ok(Norm::Layer {
@@ -254,6 +308,7 @@ fn gpt2(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<ModelWeights> {
         lm_head,
         score,
         value: value_head(ck, cfg)?,
+        lora: None,
     })
 }
 
@@ -280,10 +335,10 @@ fn value_head(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<Option<Linear>
     if !ck.contains(VALUE_HEAD_WEIGHT) {
         return Ok(None);
     }
-    Ok(Some(Linear {
-        w: ck.tensor(VALUE_HEAD_WEIGHT, &[1, cfg.hidden_size])?,
-        b: Some(ck.tensor(VALUE_HEAD_BIAS, &[1])?),
-    }))
+    Ok(Some(Linear::new(
+        ck.tensor(VALUE_HEAD_WEIGHT, &[1, cfg.hidden_size])?,
+        Some(ck.tensor(VALUE_HEAD_BIAS, &[1])?),
+    )))
 }
 
 /// Splits a `(3·rows, cols)` projection into three `(rows, cols)` ones.
@@ -294,13 +349,13 @@ fn split_rows(fused: &Linear, rows: usize, cols: usize) -> Result<(Linear, Linea
         let wv = w[i * rows * cols..(i + 1) * rows * cols].to_vec();
         let bv = b.map(|b| b[i * rows..(i + 1) * rows].to_vec());
         let bad = || Error::Config("c_attn does not split into q, k, v".into());
-        Ok(Linear {
-            w: Tensor::owned(wv, vec![rows, cols]).ok_or_else(bad)?,
-            b: match bv {
+        Ok(Linear::new(
+            Tensor::owned(wv, vec![rows, cols]).ok_or_else(bad)?,
+            match bv {
                 Some(bv) => Some(Tensor::owned(bv, vec![rows]).ok_or_else(bad)?),
                 None => None,
             },
-        })
+        ))
     };
     Ok((part(0)?, part(1)?, part(2)?))
 }

@@ -9,7 +9,7 @@ pub mod grpo;
 pub mod ppo;
 
 use crate::error::{Error, Result};
-use crate::model::{Gradients, Model};
+use crate::model::{Gradients, LinearGrad, Model, NormGrad};
 
 /// Learning rate as a function of the step number.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -245,36 +245,37 @@ impl Trainer {
 
 /// Mutable views of every gradient, in `Gradients::flat` order.
 fn flat_mut(g: &mut Gradients) -> Vec<&mut [f32]> {
+    fn lin<'a>(l: &'a mut LinearGrad, out: &mut Vec<&'a mut [f32]>) {
+        out.push(&mut l.w);
+        if let Some(b) = l.b.as_mut() {
+            out.push(b);
+        }
+        if let Some(lg) = l.lora.as_mut() {
+            out.push(&mut lg.a);
+            out.push(&mut lg.b);
+        }
+    }
+    fn norm<'a>(n: &'a mut NormGrad, out: &mut Vec<&'a mut [f32]>) {
+        out.push(&mut n.w);
+        if let Some(b) = n.b.as_mut() {
+            out.push(b);
+        }
+    }
     let mut out: Vec<&mut [f32]> = vec![&mut g.tok_emb];
     if let Some(p) = g.pos_emb.as_mut() {
         out.push(p);
     }
     for l in &mut g.layers {
-        out.push(&mut l.attn_norm.w);
-        if let Some(b) = l.attn_norm.b.as_mut() {
-            out.push(b);
+        norm(&mut l.attn_norm, &mut out);
+        for g in [&mut l.q, &mut l.k, &mut l.v, &mut l.o] {
+            lin(g, &mut out);
         }
-        for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o] {
-            out.push(&mut lin.w);
-            if let Some(b) = lin.b.as_mut() {
-                out.push(b);
-            }
-        }
-        out.push(&mut l.mlp_norm.w);
-        if let Some(b) = l.mlp_norm.b.as_mut() {
-            out.push(b);
-        }
-        for lin in &mut l.mlp {
-            out.push(&mut lin.w);
-            if let Some(b) = lin.b.as_mut() {
-                out.push(b);
-            }
+        norm(&mut l.mlp_norm, &mut out);
+        for g in &mut l.mlp {
+            lin(g, &mut out);
         }
     }
-    out.push(&mut g.final_norm.w);
-    if let Some(b) = g.final_norm.b.as_mut() {
-        out.push(b);
-    }
+    norm(&mut g.final_norm, &mut out);
     if let Some(h) = g.lm_head.as_mut() {
         out.push(h);
     }
@@ -282,11 +283,9 @@ fn flat_mut(g: &mut Gradients) -> Vec<&mut [f32]> {
         out.push(h);
     }
     if let Some(v) = g.value.as_mut() {
-        out.push(&mut v.w);
-        if let Some(b) = v.b.as_mut() {
-            out.push(b);
-        }
+        lin(v, &mut out);
     }
+    out.retain(|g| !g.is_empty());
     out
 }
 
