@@ -28,6 +28,12 @@ pub enum SaveDtype {
 
 /// Writes `model` as an HF folder at `out` (which must not exist yet).
 pub fn save_hf_folder(model: &Model, out: &Path, dtype: SaveDtype) -> Result<()> {
+    check_savable(model)?;
+    write_folder_atomically(out, |tmp| write_all(model, tmp, dtype))
+}
+
+/// Errors for models that cannot be written as an HF folder.
+pub(crate) fn check_savable(model: &Model) -> Result<()> {
     let cfg = model.config();
     if model.weights().lora.is_some() {
         return Err(Error::invalid(
@@ -41,6 +47,16 @@ pub fn save_hf_folder(model: &Model, out: &Path, dtype: SaveDtype) -> Result<()>
             "q/k/v biases without an output bias cannot be written as a LlamaForCausalLM".into(),
         ));
     }
+    Ok(())
+}
+
+/// Fills a new folder `out` through `write`, which gets a temporary sibling folder; only a
+/// folder whose every file was written and synced is renamed into place. An existing `out`
+/// is an error and is never touched; on failure the temporary folder is removed.
+pub(crate) fn write_folder_atomically(
+    out: &Path,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     if out.exists() {
         return Err(Error::io(
             out,
@@ -51,8 +67,13 @@ pub fn save_hf_folder(model: &Model, out: &Path, dtype: SaveDtype) -> Result<()>
         ));
     }
     let tmp = temp_sibling(out)?;
+    if tmp.exists() {
+        // Left by an earlier process with our id that was killed mid-save.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_all(model, &tmp, dtype).and_then(|_| {
+    let result = write(&tmp).and_then(|_| {
+        sync(&tmp)?;
         std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
         sync_parent(out);
         Ok(())
@@ -61,6 +82,12 @@ pub fn save_hf_folder(model: &Model, out: &Path, dtype: SaveDtype) -> Result<()>
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Writes the HF files of `model` into the existing folder `dir`.
+pub(crate) fn write_model_files(model: &Model, dir: &Path, dtype: SaveDtype) -> Result<()> {
+    check_savable(model)?;
+    write_all(model, dir, dtype)
 }
 
 fn temp_sibling(out: &Path) -> Result<PathBuf> {
@@ -415,6 +442,11 @@ fn replace_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> R
     result
 }
 
+/// Writes `named` as an f32 safetensors file.
+pub(crate) fn write_safetensors_f32(path: &Path, named: Named) -> Result<()> {
+    write_safetensors(path, named, SaveDtype::F32)
+}
+
 /// [`write_safetensors`] (f32) through a temporary file and a rename.
 pub(crate) fn write_safetensors_atomically(path: &Path, named: Named) -> Result<()> {
     replace_atomically(path, |tmp| write_safetensors(tmp, named, SaveDtype::F32))
@@ -439,7 +471,7 @@ fn norm_parts(n: &Norm) -> (&Tensor, Option<&Tensor>) {
     }
 }
 
-fn write_json(path: &Path, value: &Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, value: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| Error::Json {
         path: path.to_path_buf(),
         message: e.to_string(),

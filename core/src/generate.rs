@@ -44,6 +44,7 @@ impl Model {
         mut on_token: Option<&mut StreamCallback<'_>>,
     ) -> Result<Vec<Generation>> {
         params.validate()?;
+        self.require_lm_head()?;
         for p in prompts {
             self.check_tokens(p.as_ref(), params.max_new_tokens)?;
         }

@@ -233,6 +233,52 @@ impl Gradients {
         out
     }
 
+    /// Mutable views of every gradient, in [`Gradients::flat`] order.
+    pub fn flat_mut(&mut self) -> Vec<&mut [f32]> {
+        fn lin<'a>(l: &'a mut LinearGrad, out: &mut Vec<&'a mut [f32]>) {
+            out.push(&mut l.w);
+            if let Some(b) = l.b.as_mut() {
+                out.push(b);
+            }
+            if let Some(lg) = l.lora.as_mut() {
+                out.push(&mut lg.a);
+                out.push(&mut lg.b);
+            }
+        }
+        fn norm<'a>(n: &'a mut NormGrad, out: &mut Vec<&'a mut [f32]>) {
+            out.push(&mut n.w);
+            if let Some(b) = n.b.as_mut() {
+                out.push(b);
+            }
+        }
+        let mut out: Vec<&mut [f32]> = vec![&mut self.tok_emb];
+        if let Some(p) = self.pos_emb.as_mut() {
+            out.push(p);
+        }
+        for l in &mut self.layers {
+            norm(&mut l.attn_norm, &mut out);
+            for g in [&mut l.q, &mut l.k, &mut l.v, &mut l.o] {
+                lin(g, &mut out);
+            }
+            norm(&mut l.mlp_norm, &mut out);
+            for g in &mut l.mlp {
+                lin(g, &mut out);
+            }
+        }
+        norm(&mut self.final_norm, &mut out);
+        if let Some(h) = self.lm_head.as_mut() {
+            out.push(h);
+        }
+        if let Some(h) = self.score.as_mut() {
+            out.push(h);
+        }
+        if let Some(v) = self.value.as_mut() {
+            lin(v, &mut out);
+        }
+        out.retain(|g| !g.is_empty());
+        out
+    }
+
     /// Llama-family gradients under their HF parameter names.
     pub fn named_llama(&self) -> Vec<(String, &[f32])> {
         let mut out: Vec<(String, &[f32])> = vec![
@@ -390,6 +436,7 @@ impl Model {
         if sequences.is_empty() {
             return Err(Error::invalid("empty batch"));
         }
+        self.require_lm_head()?;
         super::check_masks(sequences, masks)?;
         let mut rows: Vec<Selected> = Vec::new();
         let mut tokens: Vec<u32> = Vec::new();

@@ -244,6 +244,17 @@ impl Model {
         }
     }
 
+    /// An error for a reward model whose untied LM head is gone (its `tok_emb` is not one).
+    pub(crate) fn require_lm_head(&self) -> Result<()> {
+        if self.weights.lm_head.is_none() && !self.config.tie_word_embeddings {
+            return Err(Error::invalid(
+                "this reward model has no LM head: it scores sequences but cannot give \
+                 token probabilities",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks that a sequence is non-empty, in the vocabulary, and fits the context.
     pub(crate) fn check_tokens(&self, tokens: &[u32], extra: usize) -> Result<()> {
         if tokens.is_empty() {
@@ -271,6 +282,7 @@ impl Model {
 
     /// Full logits `(T, V)` of one sequence, row `t` predicting token `t + 1`.
     pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.require_lm_head()?;
         self.check_tokens(tokens, 0)?;
         self.install(|| {
             let mut cache = [KvCache::new(&self.config, tokens.len())?];
@@ -294,6 +306,7 @@ impl Model {
         temperature: f32,
     ) -> Result<Vec<Vec<f32>>> {
         let temperature = checked_temperature(temperature)?;
+        self.require_lm_head()?;
         for seq in sequences {
             self.check_tokens(seq.as_ref(), 0)?;
         }

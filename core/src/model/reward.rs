@@ -44,11 +44,16 @@ impl Model {
             .ok_or_else(|| Error::invalid("this model has no score head (load a *ForSequenceClassification checkpoint or call add_score_head)"))
     }
 
-    /// Gives the model a fresh scalar score head, `N(0, 0.02²)` like transformers' initializer,
-    /// drawn from `seed`. The LM head stays; generation still works.
+    /// Makes the model a reward model with a fresh scalar score head, `N(0, 0.02²)` like
+    /// transformers' initializer, drawn from `seed`. An untied LM head is dropped, as
+    /// transformers does when it loads a causal-LM checkpoint into `*ForSequenceClassification`
+    /// (a tied one is the embedding and stays).
     pub fn add_score_head(&mut self, seed: u64) {
         let c = self.config().hidden_size;
-        self.weights_mut().score = Tensor::owned(normal_values(seed, c, 0.02), vec![1, c]);
+        let w = self.weights_mut();
+        w.score = Tensor::owned(normal_values(seed, c, 0.02), vec![1, c]);
+        w.lm_head = None;
+        self.config.score_head = true;
     }
 
     /// Gives the model a fresh per-token value head for PPO: weight `N(0, 0.02²)` drawn from

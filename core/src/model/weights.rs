@@ -89,32 +89,35 @@ impl Linear {
         Linear { w, b, lora: None }
     }
 
-    /// Trainable tensors of this layer with their weight-decay flag: the weight and bias unless
-    /// the base is frozen, and the LoRA factors when present.
-    fn params_mut<'a>(&'a mut self, frozen_base: bool, out: &mut Vec<(&'a mut Tensor, bool)>) {
+    /// Trainable tensors of this map, named under `name`, with their weight-decay flag: the
+    /// weight and bias unless the base is frozen, and the LoRA factors when present.
+    fn params_mut<'a>(&'a mut self, name: &str, frozen_base: bool, out: &mut Params<'a>) {
         if !frozen_base {
-            out.push((&mut self.w, true));
+            out.push((format!("{name}.weight"), &mut self.w, true));
             if let Some(b) = self.b.as_mut() {
-                out.push((b, false));
+                out.push((format!("{name}.bias"), b, false));
             }
         }
         if let Some(l) = self.lora.as_mut() {
-            out.push((&mut l.a, true));
-            out.push((&mut l.b, true));
+            out.push((format!("{name}.lora_A"), &mut l.a, true));
+            out.push((format!("{name}.lora_B"), &mut l.b, true));
         }
     }
 }
 
+/// Named trainable tensors with their weight-decay flag.
+pub type Params<'a> = Vec<(String, &'a mut Tensor, bool)>;
+
 impl Norm {
-    fn params_mut<'a>(&'a mut self, frozen_base: bool, out: &mut Vec<(&'a mut Tensor, bool)>) {
+    fn params_mut<'a>(&'a mut self, name: &str, frozen_base: bool, out: &mut Params<'a>) {
         if frozen_base {
             return;
         }
         match self {
-            Norm::Rms { w } => out.push((w, false)),
+            Norm::Rms { w } => out.push((format!("{name}.weight"), w, false)),
             Norm::Layer { w, b } => {
-                out.push((w, false));
-                out.push((b, false));
+                out.push((format!("{name}.weight"), w, false));
+                out.push((format!("{name}.bias"), b, false));
             }
         }
     }
@@ -153,43 +156,56 @@ impl ModelWeights {
     /// factors and an untied head: yes; norms, biases, embeddings: no). The order matches
     /// `Gradients::flat`.
     pub fn params_mut(&mut self) -> Vec<(&mut Tensor, bool)> {
+        self.named_params_mut()
+            .into_iter()
+            .map(|(_, t, d)| (t, d))
+            .collect()
+    }
+
+    /// [`ModelWeights::params_mut`] with stable names (`layers.3.q.weight`, `lm_head`, …) that
+    /// checkpoints of optimizer state are keyed by.
+    pub fn named_params_mut(&mut self) -> Params<'_> {
         let frozen = self.base_frozen();
-        let mut out = Vec::new();
+        let mut out: Params<'_> = Vec::new();
         if !frozen {
-            out.push((&mut self.tok_emb, false));
+            out.push(("tok_emb".into(), &mut self.tok_emb, false));
             if let Some(p) = self.pos_emb.as_mut() {
-                out.push((p, false));
+                out.push(("pos_emb".into(), p, false));
             }
         }
-        for l in &mut self.layers {
-            l.attn_norm.params_mut(frozen, &mut out);
-            for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o] {
-                lin.params_mut(frozen, &mut out);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("layers.{i}");
+            l.attn_norm
+                .params_mut(&format!("{p}.attn_norm"), frozen, &mut out);
+            for (n, lin) in [
+                ("q", &mut l.q),
+                ("k", &mut l.k),
+                ("v", &mut l.v),
+                ("o", &mut l.o),
+            ] {
+                lin.params_mut(&format!("{p}.{n}"), frozen, &mut out);
             }
-            l.mlp_norm.params_mut(frozen, &mut out);
-            match &mut l.mlp {
-                Mlp::Gelu { fc, proj } => {
-                    fc.params_mut(frozen, &mut out);
-                    proj.params_mut(frozen, &mut out);
-                }
-                Mlp::SwiGlu { gate, up, down } => {
-                    gate.params_mut(frozen, &mut out);
-                    up.params_mut(frozen, &mut out);
-                    down.params_mut(frozen, &mut out);
-                }
+            l.mlp_norm
+                .params_mut(&format!("{p}.mlp_norm"), frozen, &mut out);
+            let mlp: Vec<(&str, &mut Linear)> = match &mut l.mlp {
+                Mlp::Gelu { fc, proj } => vec![("fc", fc), ("proj", proj)],
+                Mlp::SwiGlu { gate, up, down } => vec![("gate", gate), ("up", up), ("down", down)],
+            };
+            for (n, lin) in mlp {
+                lin.params_mut(&format!("{p}.mlp.{n}"), frozen, &mut out);
             }
         }
-        self.final_norm.params_mut(frozen, &mut out);
+        self.final_norm.params_mut("final_norm", frozen, &mut out);
         if !frozen {
             if let Some(h) = self.lm_head.as_mut() {
-                out.push((h, true));
+                out.push(("lm_head".into(), h, true));
             }
         }
         if let Some(s) = self.score.as_mut() {
-            out.push((s, true));
+            out.push(("score".into(), s, true));
         }
         if let Some(v) = self.value.as_mut() {
-            v.params_mut(false, &mut out);
+            v.params_mut("value", false, &mut out);
         }
         out
     }

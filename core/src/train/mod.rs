@@ -4,12 +4,13 @@
 //! A skipped step changes nothing: weights, moments, step counter and schedule position stay
 //! as they were (a skipped step must not advance the scheduler either).
 
+pub mod checkpoint;
 pub mod dpo;
 pub mod grpo;
 pub mod ppo;
 
 use crate::error::{Error, Result};
-use crate::model::{Gradients, LinearGrad, Model, NormGrad};
+use crate::model::{Gradients, Model};
 
 /// Learning rate as a function of the step number.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,7 +52,7 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let ok = self.lr.is_finite()
             && self.lr >= 0.0
             && (0.0..1.0).contains(&self.beta1)
@@ -111,32 +112,46 @@ pub struct StepStats {
     pub step: u64,
 }
 
-/// A model under training with its AdamW state (f32 moments, one per parameter value).
+/// A model under training with its AdamW state (f32 moments, one per trainable value) and
+/// any gradients accumulated towards the next step.
 pub struct Trainer {
     model: Model,
     config: TrainConfig,
+    /// Names of the trainable tensors, in `params_mut` order (keys of saved moments).
+    names: Vec<String>,
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     step: u64,
     skipped: u64,
+    pending: Option<Pending>,
+}
+
+/// Gradients accumulated over micro-batches: `Σ wᵢ·gᵢ`, `Σ wᵢ·lossᵢ` and `Σ wᵢ`.
+struct Pending {
+    grads: Gradients,
+    loss: f64,
+    weight: f64,
+    micro_batches: usize,
 }
 
 impl Trainer {
     pub fn new(mut model: Model, config: TrainConfig) -> Result<Self> {
         config.validate()?;
-        let sizes: Vec<usize> = model
+        let (names, sizes): (Vec<String>, Vec<usize>) = model
             .weights_mut()
-            .params_mut()
+            .named_params_mut()
             .iter()
-            .map(|(t, _)| t.as_slice().len())
-            .collect();
+            .map(|(n, t, _)| (n.clone(), t.as_slice().len()))
+            .unzip();
         Ok(Trainer {
+            names,
             m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
             v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
             model,
             config,
             step: 0,
             skipped: 0,
+            pending: None,
         })
     }
 
@@ -144,8 +159,17 @@ impl Trainer {
         &self.model
     }
 
+    /// The model, for changes outside the optimizer (e.g. a fresh head before training).
+    pub fn model_mut(&mut self) -> &mut Model {
+        &mut self.model
+    }
+
     pub fn into_model(self) -> Model {
         self.model
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
     }
 
     pub fn step_count(&self) -> u64 {
@@ -154,6 +178,11 @@ impl Trainer {
 
     pub fn skipped_steps(&self) -> u64 {
         self.skipped
+    }
+
+    /// Micro-batches accumulated since the last step.
+    pub fn pending_micro_batches(&self) -> usize {
+        self.pending.as_ref().map_or(0, |p| p.micro_batches)
     }
 
     /// One supervised fine-tuning step on a batch (mean cross-entropy over masked tokens).
@@ -177,8 +206,71 @@ impl Trainer {
         Ok((self.apply(pair.loss, grads)?, pair))
     }
 
-    /// Applies gradients computed elsewhere (for objectives built on `Model::*_gradients`).
-    pub fn apply(&mut self, loss: f64, mut grads: Gradients) -> Result<StepStats> {
+    /// Adds one micro-batch's loss and gradients with weight `weight` towards the next
+    /// [`Trainer::step`], which applies their weighted mean. Weighting each micro-batch of a
+    /// token-mean loss by its token count makes the step equal to one on the whole batch.
+    pub fn accumulate(&mut self, loss: f64, grads: Gradients, weight: f64) -> Result<()> {
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(Error::invalid(format!(
+                "micro-batch weight must be positive, got {weight}"
+            )));
+        }
+        if grads.flat().len() != self.m.len() {
+            return Err(Error::invalid("gradients do not match this model"));
+        }
+        match self.pending.as_mut() {
+            None => {
+                let mut grads = grads;
+                if weight != 1.0 {
+                    for g in grads.flat_mut() {
+                        g.iter_mut().for_each(|x| *x *= weight as f32);
+                    }
+                }
+                self.pending = Some(Pending {
+                    grads,
+                    loss: loss * weight,
+                    weight,
+                    micro_batches: 1,
+                });
+            }
+            Some(p) => {
+                for (acc, g) in p.grads.flat_mut().into_iter().zip(grads.flat()) {
+                    for (a, &x) in acc.iter_mut().zip(g) {
+                        *a += weight as f32 * x;
+                    }
+                }
+                p.loss += loss * weight;
+                p.weight += weight;
+                p.micro_batches += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the accumulated micro-batches as one optimizer step (their weighted mean).
+    pub fn step(&mut self) -> Result<StepStats> {
+        let p = self
+            .pending
+            .take()
+            .ok_or_else(|| Error::invalid("no gradients accumulated since the last step"))?;
+        let mut grads = p.grads;
+        if p.weight != 1.0 {
+            let inv = (1.0 / p.weight) as f32;
+            for g in grads.flat_mut() {
+                g.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+        self.update(p.loss / p.weight, grads)
+    }
+
+    /// Applies gradients computed elsewhere (for objectives built on `Model::*_gradients`) as
+    /// one step; accumulated micro-batches, if any, are included.
+    pub fn apply(&mut self, loss: f64, grads: Gradients) -> Result<StepStats> {
+        self.accumulate(loss, grads, 1.0)?;
+        self.step()
+    }
+
+    fn update(&mut self, loss: f64, mut grads: Gradients) -> Result<StepStats> {
         let lr = self.config.lr_at(self.step);
         let flat = grads.flat();
         if flat.len() != self.m.len() {
@@ -211,7 +303,7 @@ impl Trainer {
         let bias1 = 1.0 - (c.beta1 as f64).powi(t);
         let bias2_sqrt = (1.0 - (c.beta2 as f64).powi(t)).sqrt();
         let step_size = (lr as f64 / bias1) as f32;
-        let grads_flat: Vec<&mut [f32]> = flat_mut(&mut grads);
+        let grads_flat: Vec<&mut [f32]> = grads.flat_mut();
         let params = self.model.weights_mut().params_mut();
         for (((param, decay), g), (m, v)) in params
             .into_iter()
@@ -241,52 +333,6 @@ impl Trainer {
             step: self.step,
         })
     }
-}
-
-/// Mutable views of every gradient, in `Gradients::flat` order.
-fn flat_mut(g: &mut Gradients) -> Vec<&mut [f32]> {
-    fn lin<'a>(l: &'a mut LinearGrad, out: &mut Vec<&'a mut [f32]>) {
-        out.push(&mut l.w);
-        if let Some(b) = l.b.as_mut() {
-            out.push(b);
-        }
-        if let Some(lg) = l.lora.as_mut() {
-            out.push(&mut lg.a);
-            out.push(&mut lg.b);
-        }
-    }
-    fn norm<'a>(n: &'a mut NormGrad, out: &mut Vec<&'a mut [f32]>) {
-        out.push(&mut n.w);
-        if let Some(b) = n.b.as_mut() {
-            out.push(b);
-        }
-    }
-    let mut out: Vec<&mut [f32]> = vec![&mut g.tok_emb];
-    if let Some(p) = g.pos_emb.as_mut() {
-        out.push(p);
-    }
-    for l in &mut g.layers {
-        norm(&mut l.attn_norm, &mut out);
-        for g in [&mut l.q, &mut l.k, &mut l.v, &mut l.o] {
-            lin(g, &mut out);
-        }
-        norm(&mut l.mlp_norm, &mut out);
-        for g in &mut l.mlp {
-            lin(g, &mut out);
-        }
-    }
-    norm(&mut g.final_norm, &mut out);
-    if let Some(h) = g.lm_head.as_mut() {
-        out.push(h);
-    }
-    if let Some(h) = g.score.as_mut() {
-        out.push(h);
-    }
-    if let Some(v) = g.value.as_mut() {
-        lin(v, &mut out);
-    }
-    out.retain(|g| !g.is_empty());
-    out
 }
 
 #[cfg(test)]
