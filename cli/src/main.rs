@@ -31,7 +31,8 @@ enum Command {
     Chat(ChatArgs),
     /// Write a GGUF (or any Llama-family model rlx loads) as an HF folder that transformers loads.
     Convert(ConvertArgs),
-    /// Time prefill and decode on a model; prints one JSON object.
+    /// Time prefill and decode on a model, or (with --train-batch) SFT training steps; prints
+    /// one JSON object.
     Bench(BenchArgs),
 }
 
@@ -128,6 +129,22 @@ struct BenchArgs {
     /// Timed repetitions (the best is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Time full fine-tune SFT steps (AdamW) on batches of this many sequences instead of
+    /// prefill and decode.
+    #[arg(long)]
+    train_batch: Option<usize>,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 256)]
+    train_len: usize,
+    /// Leading tokens of each training sequence left out of the loss (the "prompt").
+    #[arg(long, default_value_t = 32)]
+    train_prompt: usize,
+    /// Timed training steps, after one untimed warm-up step.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// AdamW learning rate for the training steps.
+    #[arg(long, default_value_t = 1e-5)]
+    lr: f64,
 }
 
 fn main() -> ExitCode {
@@ -328,6 +345,9 @@ fn convert(a: ConvertArgs) -> CliResult {
 }
 
 fn bench(a: BenchArgs) -> CliResult {
+    if let Some(batch) = a.train_batch {
+        return bench_train(&a, batch);
+    }
     let model = load(&a.model)?;
     let v = model.config().vocab_size as u32;
     // Deterministic pseudo-random prompt ids (no tokenizer needed).
@@ -362,6 +382,115 @@ fn bench(a: BenchArgs) -> CliResult {
         "decode_tokens": a.decode,
         "decode_seconds": decode_best,
         "decode_tok_per_s": a.decode as f64 / decode_best,
+    });
+    println!("{json}");
+    Ok(())
+}
+
+/// Deterministic pseudo-random token `i` of a benchmark input (no tokenizer needed);
+/// benches/train_step.py builds the same ids.
+fn bench_token(i: usize, vocab: u32) -> u32 {
+    ((i as u32).wrapping_mul(2_654_435_761) >> 7) % vocab
+}
+
+/// A `VmHWM:` / `VmRSS:` line of /proc/self/status, in bytes (None off Linux).
+fn proc_status_bytes(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    let kib: u64 = line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Resets the process's peak RSS (VmHWM) to its current RSS; false where the kernel refuses.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// `rlx bench --train-batch B`: one untimed warm-up SFT step, then `steps` timed ones, on
+/// `B` sequences of `train_len` pseudo-random tokens whose first `train_prompt` tokens are
+/// masked out of the loss. The peak RSS is reset after the model is loaded, so it covers the
+/// optimizer state and the steps (with the weights resident) but not load-time buffers.
+fn bench_train(a: &BenchArgs, batch: usize) -> CliResult {
+    if batch == 0 || a.steps == 0 {
+        return Err("--train-batch and --steps must be at least 1".into());
+    }
+    if a.train_len < 2 || a.train_prompt >= a.train_len {
+        return Err(format!(
+            "--train-len ({}) must be at least 2 and above --train-prompt ({})",
+            a.train_len, a.train_prompt
+        )
+        .into());
+    }
+    let model = load(&a.model)?;
+    let source = model.source().display().to_string();
+    let v = model.config().vocab_size as u32;
+    let sequences: Vec<Vec<u32>> = (0..batch)
+        .map(|b| {
+            (0..a.train_len)
+                .map(|i| bench_token(b * a.train_len + i, v))
+                .collect()
+        })
+        .collect();
+    let prompt = a.train_prompt.max(1);
+    let masks: Vec<Vec<bool>> = (0..batch)
+        .map(|_| (0..a.train_len).map(|t| t >= prompt).collect())
+        .collect();
+    let rss_after_load = proc_status_bytes("VmRSS:");
+    let peak_after_load = proc_status_bytes("VmHWM:");
+    let peak_reset = reset_peak_rss();
+    let config = rlx::TrainConfig {
+        lr: a.lr as f32,
+        ..Default::default()
+    };
+    let mut trainer = rlx::Trainer::new(model, config)?;
+    let mut seconds = Vec::with_capacity(a.steps + 1);
+    let mut losses = Vec::with_capacity(a.steps + 1);
+    let mut grad_norms = Vec::with_capacity(a.steps + 1);
+    for _ in 0..=a.steps {
+        let t = Instant::now();
+        let stats = trainer.sft_step(&sequences, &masks)?;
+        seconds.push(t.elapsed().as_secs_f64());
+        if stats.skipped {
+            return Err(format!(
+                "step {} was skipped (non-finite loss or gradient)",
+                stats.step
+            )
+            .into());
+        }
+        losses.push(stats.loss);
+        grad_norms.push(stats.grad_norm);
+    }
+    let peak = proc_status_bytes("VmHWM:");
+    let timed = &seconds[1..];
+    let best = timed.iter().copied().fold(f64::INFINITY, f64::min);
+    let mean = timed.iter().sum::<f64>() / timed.len() as f64;
+    let tokens = batch * a.train_len;
+    let json = serde_json::json!({
+        "engine": "rlx",
+        "mode": "sft_step",
+        "threads": a.model.threads,
+        "model": source,
+        "batch": batch,
+        "seq_len": a.train_len,
+        "prompt_tokens": a.train_prompt,
+        "loss_tokens": batch * (a.train_len - prompt),
+        "lr": a.lr,
+        "warmup_seconds": seconds[0],
+        "step_seconds": timed,
+        "step_seconds_best": best,
+        "step_seconds_mean": mean,
+        "tok_per_s": tokens as f64 / best,
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "rss_after_load_bytes": rss_after_load,
+        "peak_rss_load_bytes": peak_after_load,
+        "peak_rss_reset_after_load": peak_reset,
+        "peak_rss_bytes": peak,
     });
     println!("{json}");
     Ok(())

@@ -2,6 +2,7 @@
 //! for full fine-tuning and LoRA; a process killed mid-save never leaves a broken checkpoint;
 //! failed saves leave earlier checkpoints untouched; gradient accumulation equals one big batch.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -11,7 +12,10 @@ use rlx::{LoadOptions, Model, Schedule, TrainConfig, Trainer};
 use rlx_tests::fixture;
 use serde_json::json;
 
-fn batches() -> Vec<(Vec<Vec<u32>>, Vec<Vec<bool>>)> {
+/// Token sequences with their response masks.
+type Batch = (Vec<Vec<u32>>, Vec<Vec<bool>>);
+
+fn batches() -> Vec<Batch> {
     (0..3u32)
         .map(|i| {
             let a: Vec<u32> = (0..9).map(|t| (t * 7 + i * 13 + 1) % 60 + 1).collect();
@@ -195,9 +199,8 @@ fn failed_saves_keep_earlier_checkpoints() {
     // A read-only folder (root ignores permissions, so the check only runs for other users).
     let ro = out.path().join("read-only");
     std::fs::create_dir(&ro).unwrap();
-    let mut perms = std::fs::metadata(&ro).unwrap().permissions();
-    perms.set_readonly(true);
-    std::fs::set_permissions(&ro, perms.clone()).unwrap();
+    let mode = |m: u32| std::fs::Permissions::from_mode(m);
+    std::fs::set_permissions(&ro, mode(0o555)).unwrap();
     if std::fs::write(ro.join("probe"), b"x").is_ok() {
         println!("skipping the read-only check: this user can write into read-only folders");
     } else {
@@ -205,8 +208,7 @@ fn failed_saves_keep_earlier_checkpoints() {
             .save_checkpoint(&ro.join("checkpoint-2"), &json!(null))
             .is_err());
     }
-    perms.set_readonly(false);
-    std::fs::set_permissions(&ro, perms).unwrap();
+    std::fs::set_permissions(&ro, mode(0o755)).unwrap();
     let names: Vec<String> = std::fs::read_dir(out.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
