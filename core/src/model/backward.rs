@@ -479,7 +479,10 @@ impl Model {
             .map(|s| KvCache::new(cfg, s.as_ref().len()))
             .collect::<Result<Vec<_>>>()?;
         let mut s = Scratch::default();
-        let mut tape = Tape::default();
+        let mut tape = Tape {
+            checkpointed: self.gradient_checkpointing(),
+            ..Default::default()
+        };
         self.forward_taped(tokens, slots, &mut caches, &mut s, Some(&mut tape))?;
         let mut grads = Gradients::zeros(self);
         let head = w.lm_head();
@@ -664,8 +667,16 @@ impl Model {
         let mut dq = vec![0f32; t * qd];
         let mut dk_rows = vec![0f32; t * kvd];
         let mut dv_rows = vec![0f32; t * kvd];
+        let mut recompute_scratch = Scratch::default();
         for (l, layer) in w.layers.iter().enumerate().rev() {
-            let lt = &tape.layers[l];
+            let recomputed;
+            let lt = if tape.checkpointed {
+                recomputed = self.recompute_layer(l, slots, caches, tape, &mut recompute_scratch);
+                &recomputed
+            } else {
+                &tape.layers[l]
+            };
+            let x_in = &tape.layers[l].x_in;
             let g = &mut grads.layers[l];
             // MLP block: x_out = x_mid + out_proj(act).
             let (out_proj, out_grad) = match &layer.mlp {
@@ -733,13 +744,7 @@ impl Model {
             add(&mut dh, &tmp);
             linear_backward(Some(&mut tmp), &mut g.v, &dv_rows, &lt.h1, &layer.v, t);
             add(&mut dh, &tmp);
-            self.norm_backward(
-                &layer.attn_norm,
-                &mut g.attn_norm,
-                &mut dnorm,
-                &dh,
-                &lt.x_in,
-            );
+            self.norm_backward(&layer.attn_norm, &mut g.attn_norm, &mut dnorm, &dh, x_in);
             add(&mut dx, &dnorm); // now d x_in
         }
 

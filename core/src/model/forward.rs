@@ -10,7 +10,7 @@ use crate::backend::cpu::rope;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 
-use super::weights::{Linear, Mlp, Norm};
+use super::weights::{Layer, Linear, Mlp, Norm};
 use super::Model;
 
 /// Activation buffers for one call, reused across decode steps (`Vec::resize` keeps capacity).
@@ -34,6 +34,26 @@ pub(crate) struct Scratch {
     m2: Vec<f32>,
     positions: Vec<usize>,
     next_pos: Vec<usize>,
+}
+
+impl Scratch {
+    /// Sizes every per-layer buffer (all but the residual stream `x`) for `t` tokens.
+    fn resize_for(&mut self, cfg: &crate::config::ModelConfig, t: usize) {
+        let (c, qd, kvd, f) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        self.h.resize(t * c, 0.0);
+        self.q.resize(t * qd, 0.0);
+        self.k.resize(t * kvd, 0.0);
+        self.v.resize(t * kvd, 0.0);
+        self.att.resize(t * qd, 0.0);
+        self.out.resize(t * c, 0.0);
+        self.m1.resize(t * f, 0.0);
+        self.m2.resize(t * f, 0.0);
+    }
 }
 
 /// Activations one layer keeps for its backward pass (each `(T, ·)`).
@@ -67,6 +87,9 @@ pub(crate) struct Tape {
     pub x_final: Vec<f32>,
     /// RoPE tables of the call's positions.
     pub rope: Option<(Vec<f32>, Vec<f32>)>,
+    /// Gradient checkpointing: `layers` keep only `x_in`; the backward pass recomputes the
+    /// rest of each layer when it reaches it.
+    pub checkpointed: bool,
 }
 
 impl Model {
@@ -123,16 +146,9 @@ impl Model {
             }
             *next += 1;
         }
-        let (qd, kvd, f) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let kvd = cfg.kv_dim();
         s.x.resize(t * c, 0.0);
-        s.h.resize(t * c, 0.0);
-        s.q.resize(t * qd, 0.0);
-        s.k.resize(t * kvd, 0.0);
-        s.v.resize(t * kvd, 0.0);
-        s.att.resize(t * qd, 0.0);
-        s.out.resize(t * c, 0.0);
-        s.m1.resize(t * f, 0.0);
-        s.m2.resize(t * f, 0.0);
+        s.resize_for(cfg, t);
         s.positions.clear();
         s.positions.extend(slots.iter().map(|sl| sl.pos));
 
@@ -141,30 +157,19 @@ impl Model {
             .rope_inv_freq
             .as_ref()
             .map(|f| rope::tables(f, &s.positions));
-        let heads = Heads {
-            nh: cfg.num_heads,
-            nkv: cfg.num_kv_heads,
-            hs: cfg.head_dim,
-        };
-
         if let Some(tape) = tape.as_deref_mut() {
             tape.layers.clear();
             tape.rope = rope_tables.clone();
         }
         for (l, layer) in self.weights.layers.iter().enumerate() {
-            let mut lt = tape.as_ref().map(|_| LayerTape::default());
-            if let Some(lt) = lt.as_mut() {
-                lt.x_in = s.x.clone();
-            }
-            // Attention block.
-            self.norm(&layer.attn_norm, &mut s.h, &s.x);
-            linear(&mut s.q, &s.h, &layer.q, t);
-            linear(&mut s.k, &s.h, &layer.k, t);
-            linear(&mut s.v, &s.h, &layer.v, t);
-            if let Some((cos, sin)) = &rope_tables {
-                rope::apply(&mut s.q, cos, sin, heads.nh, heads.hs);
-                rope::apply(&mut s.k, cos, sin, heads.nkv, heads.hs);
-            }
+            // With checkpointing the tape keeps only each layer's input; the backward pass
+            // recomputes the rest one layer at a time.
+            let full_tape = tape.as_ref().is_some_and(|tp| !tp.checkpointed);
+            let mut lt = tape.as_ref().map(|_| LayerTape {
+                x_in: s.x.clone(),
+                ..Default::default()
+            });
+            self.attention_inputs(layer, s, rope_tables.as_ref(), t);
             for (i, slot) in slots.iter().enumerate() {
                 caches[slot.seq].write(
                     l,
@@ -173,49 +178,15 @@ impl Model {
                     &s.v[i * kvd..(i + 1) * kvd],
                 );
             }
-            let views: Vec<KvView<'_>> = caches
-                .iter()
-                .map(|cache| {
-                    let (k, v) = cache.layer(l);
-                    KvView { k, v }
-                })
-                .collect();
-            attention(&mut s.att, &s.q, slots, &views, heads);
-            linear(&mut s.out, &s.att, &layer.o, t);
-            add_inplace(&mut s.x, &s.out);
-            if let Some(lt) = lt.as_mut() {
-                lt.h1 = s.h.clone();
-                lt.q = s.q.clone();
-                lt.att = s.att.clone();
-                lt.x_mid = s.x.clone();
-            }
-
-            // MLP block.
-            self.norm(&layer.mlp_norm, &mut s.h, &s.x);
-            match &layer.mlp {
-                Mlp::Gelu { fc, proj } => {
-                    linear(&mut s.m1, &s.h, fc, t);
-                    if let Some(lt) = lt.as_mut() {
-                        lt.m1 = s.m1[..t * f].to_vec();
-                    }
-                    gelu_tanh(&mut s.m1);
-                    linear(&mut s.out, &s.m1, proj, t);
-                }
-                Mlp::SwiGlu { gate, up, down } => {
-                    linear(&mut s.m1, &s.h, gate, t);
-                    linear(&mut s.m2, &s.h, up, t);
-                    if let Some(lt) = lt.as_mut() {
-                        lt.m1 = s.m1[..t * f].to_vec();
-                        lt.m2 = s.m2[..t * f].to_vec();
-                    }
-                    silu_mul(&mut s.m1, &s.m2);
-                    linear(&mut s.out, &s.m1, down, t);
-                }
-            }
-            add_inplace(&mut s.x, &s.out);
-            if let (Some(tape), Some(mut lt)) = (tape.as_deref_mut(), lt) {
-                lt.h2 = s.h.clone();
-                lt.act = s.m1[..t * f].to_vec();
+            self.layer_rest(
+                l,
+                layer,
+                slots,
+                caches,
+                s,
+                lt.as_mut().filter(|_| full_tape),
+            );
+            if let (Some(tape), Some(lt)) = (tape.as_deref_mut(), lt) {
                 tape.layers.push(lt);
             }
         }
@@ -227,6 +198,113 @@ impl Model {
             cache.set_len(next);
         }
         Ok(())
+    }
+
+    /// Attention sub-block up to the cache write: `h = norm(x)`, then q, k, v (with RoPE).
+    fn attention_inputs(
+        &self,
+        layer: &Layer,
+        s: &mut Scratch,
+        rope_tables: Option<&(Vec<f32>, Vec<f32>)>,
+        t: usize,
+    ) {
+        let cfg = &self.config;
+        self.norm(&layer.attn_norm, &mut s.h, &s.x);
+        linear(&mut s.q, &s.h, &layer.q, t);
+        linear(&mut s.k, &s.h, &layer.k, t);
+        linear(&mut s.v, &s.h, &layer.v, t);
+        if let Some((cos, sin)) = rope_tables {
+            rope::apply(&mut s.q, cos, sin, cfg.num_heads, cfg.head_dim);
+            rope::apply(&mut s.k, cos, sin, cfg.num_kv_heads, cfg.head_dim);
+        }
+    }
+
+    /// The rest of layer `l` once its K/V are in the caches: attention, output projection,
+    /// residual, MLP block, residual. Fills `lt` (all but `x_in`) when given.
+    fn layer_rest(
+        &self,
+        l: usize,
+        layer: &Layer,
+        slots: &[Slot],
+        caches: &[KvCache],
+        s: &mut Scratch,
+        mut lt: Option<&mut LayerTape>,
+    ) {
+        let cfg = &self.config;
+        let (t, f) = (slots.len(), cfg.intermediate_size);
+        let heads = Heads {
+            nh: cfg.num_heads,
+            nkv: cfg.num_kv_heads,
+            hs: cfg.head_dim,
+        };
+        let views: Vec<KvView<'_>> = caches
+            .iter()
+            .map(|cache| {
+                let (k, v) = cache.layer(l);
+                KvView { k, v }
+            })
+            .collect();
+        attention(&mut s.att, &s.q, slots, &views, heads);
+        linear(&mut s.out, &s.att, &layer.o, t);
+        add_inplace(&mut s.x, &s.out);
+        if let Some(lt) = lt.as_deref_mut() {
+            lt.h1 = s.h.clone();
+            lt.q = s.q.clone();
+            lt.att = s.att.clone();
+            lt.x_mid = s.x.clone();
+        }
+
+        // MLP block.
+        self.norm(&layer.mlp_norm, &mut s.h, &s.x);
+        match &layer.mlp {
+            Mlp::Gelu { fc, proj } => {
+                linear(&mut s.m1, &s.h, fc, t);
+                if let Some(lt) = lt.as_deref_mut() {
+                    lt.m1 = s.m1[..t * f].to_vec();
+                }
+                gelu_tanh(&mut s.m1);
+                linear(&mut s.out, &s.m1, proj, t);
+            }
+            Mlp::SwiGlu { gate, up, down } => {
+                linear(&mut s.m1, &s.h, gate, t);
+                linear(&mut s.m2, &s.h, up, t);
+                if let Some(lt) = lt.as_deref_mut() {
+                    lt.m1 = s.m1[..t * f].to_vec();
+                    lt.m2 = s.m2[..t * f].to_vec();
+                }
+                silu_mul(&mut s.m1, &s.m2);
+                linear(&mut s.out, &s.m1, down, t);
+            }
+        }
+        add_inplace(&mut s.x, &s.out);
+        if let Some(lt) = lt {
+            lt.h2 = s.h.clone();
+            lt.act = s.m1[..t * f].to_vec();
+        }
+    }
+
+    /// Recomputes the full tape of layer `l` from its input `x_in` (gradient checkpointing);
+    /// the layer's K/V are already in `caches`.
+    pub(crate) fn recompute_layer(
+        &self,
+        l: usize,
+        slots: &[Slot],
+        caches: &[KvCache],
+        tape: &Tape,
+        s: &mut Scratch,
+    ) -> LayerTape {
+        let t = slots.len();
+        let layer = &self.weights.layers[l];
+        s.x.clear();
+        s.x.extend_from_slice(&tape.layers[l].x_in);
+        s.resize_for(&self.config, t);
+        self.attention_inputs(layer, s, tape.rope.as_ref(), t);
+        let mut lt = LayerTape {
+            x_in: Vec::new(),
+            ..Default::default()
+        };
+        self.layer_rest(l, layer, slots, caches, s, Some(&mut lt));
+        lt
     }
 
     /// `x = wte[token] (+ wpe[pos])`.

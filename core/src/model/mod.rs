@@ -59,6 +59,8 @@ pub struct Model {
     rope_inv_freq: Option<Vec<f64>>,
     pool: Option<Arc<ThreadPool>>,
     source: PathBuf,
+    /// Recompute each layer's activations in the backward pass instead of keeping them.
+    gradient_checkpointing: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -133,6 +135,7 @@ impl Model {
             rope_inv_freq,
             pool,
             source: dir.to_path_buf(),
+            gradient_checkpointing: false,
         })
     }
 
@@ -176,6 +179,7 @@ impl Model {
             rope_inv_freq,
             pool,
             source: path.to_path_buf(),
+            gradient_checkpointing: false,
         })
     }
 
@@ -230,6 +234,18 @@ impl Model {
     /// the tokenizer's `eos_token`).
     pub fn eos_token_ids(&self) -> &[u32] {
         &self.eos_token_ids
+    }
+
+    /// Gradient checkpointing (per-layer recomputation): training keeps only each layer's
+    /// input and recomputes the layer's other activations during the backward pass — about
+    /// one more forward of compute for activation memory of one layer instead of all.
+    /// Gradients are identical either way.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
     }
 
     pub fn source(&self) -> &Path {

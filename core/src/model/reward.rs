@@ -164,7 +164,10 @@ impl Model {
             let c = self.config().hidden_size;
             let pairs = chosen.len();
             let mut s = Scratch::default();
-            let mut tape = Tape::default();
+            let mut tape = Tape {
+                checkpointed: self.gradient_checkpointing(),
+                ..Default::default()
+            };
             let Packed {
                 tokens,
                 slots,

@@ -15,10 +15,7 @@ fn main() -> Result<(), rlx::Error> {
     let model = Model::load(&model_dir, LoadOptions::default())?;
     let mut trainer = Trainer::new(model, TrainConfig::default())?;
     let seq = [1u32, 5, 9, 2, 7, 3];
-    trainer.sft_step(
-        &[seq],
-        &[vec![false, false, true, true, true, true]],
-    )?;
+    trainer.sft_step(&[seq], &[vec![false, false, true, true, true, true]])?;
     let mut n = std::fs::read_dir(&out)
         .map_err(|e| rlx::Error::io(&out, e))?
         .count();
