@@ -30,7 +30,7 @@ pub use chat::{ChatTemplate, Message};
 pub use config::{Architecture, Family, ModelConfig};
 pub use error::{Error, Result};
 pub use generate::{FinishReason, Generation, StreamCallback};
-pub use model::{LoadOptions, Model};
+pub use model::{LoadOptions, LoraConfig, Model};
 pub use sampling::SamplingParams;
 pub use tokenizer::{TextStream, Tokenizer};
 pub use train::dpo::{DpoLoss, DpoStats};

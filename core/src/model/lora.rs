@@ -50,6 +50,18 @@ impl Default for LoraConfig {
     }
 }
 
+impl LoraConfig {
+    /// Rank `rank`, scale numerator `alpha`, on `q_proj` and `v_proj` (PEFT's default for
+    /// Llama); set `target_modules` for others.
+    pub fn new(rank: usize, alpha: f32) -> Self {
+        LoraConfig {
+            rank,
+            alpha,
+            ..Default::default()
+        }
+    }
+}
+
 /// One adapter: `A (r, in)`, `B (out, r)` and the scale `alpha / r`.
 #[derive(Clone, Debug)]
 pub struct LoraAdapter {

@@ -206,6 +206,52 @@ impl Trainer {
         Ok((self.apply(pair.loss, grads)?, pair))
     }
 
+    /// One DPO step on preference pairs (see [`Model::dpo_gradients`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn dpo_step<S: AsRef<[u32]> + Sync>(
+        &mut self,
+        chosen: &[S],
+        chosen_masks: &[Vec<bool>],
+        rejected: &[S],
+        rejected_masks: &[Vec<bool>],
+        ref_chosen: &[f64],
+        ref_rejected: &[f64],
+        beta: f64,
+        kind: dpo::DpoLoss,
+    ) -> Result<(StepStats, dpo::DpoStats)> {
+        let (stats, grads) = self.model.dpo_gradients(
+            chosen,
+            chosen_masks,
+            rejected,
+            rejected_masks,
+            ref_chosen,
+            ref_rejected,
+            beta,
+            kind,
+        )?;
+        Ok((self.apply(stats.loss, grads)?, stats))
+    }
+
+    /// One PPO step on a minibatch (see [`Model::ppo_gradients`]).
+    pub fn ppo_step(
+        &mut self,
+        batch: &ppo::PpoMinibatch<'_>,
+        config: &ppo::PpoConfig,
+    ) -> Result<(StepStats, ppo::PpoStats)> {
+        let (stats, grads) = self.model.ppo_gradients(batch, config)?;
+        Ok((self.apply(stats.loss, grads)?, stats))
+    }
+
+    /// One GRPO step (see [`Model::grpo_gradients`]).
+    pub fn grpo_step(
+        &mut self,
+        batch: &grpo::GrpoBatch<'_>,
+        config: &grpo::GrpoConfig,
+    ) -> Result<(StepStats, grpo::GrpoStats)> {
+        let (stats, grads) = self.model.grpo_gradients(batch, config)?;
+        Ok((self.apply(stats.loss, grads)?, stats))
+    }
+
     /// Adds one micro-batch's loss and gradients with weight `weight` towards the next
     /// [`Trainer::step`], which applies their weighted mean. Weighting each micro-batch of a
     /// token-mean loss by its token count makes the step equal to one on the whole batch.
