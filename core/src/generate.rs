@@ -77,20 +77,37 @@ impl Model {
             let mut s = Scratch::default();
             let c = cfg.hidden_size;
 
-            // Prefill every prompt in one packed call; keep each one's last hidden row.
+            // Prefill every distinct prompt once, in one packed call; a repeated prompt (k
+            // samples of one prompt) forks the first copy's cache instead of recomputing it.
+            // Kernels do not depend on batch composition, so the fork is bitwise what a
+            // prefill would have written.
+            let mut first_copy: std::collections::HashMap<&[u32], usize> =
+                std::collections::HashMap::new();
+            let source: Vec<usize> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| *first_copy.entry(p.as_ref()).or_insert(i))
+                .collect();
             let mut tokens: Vec<u32> = Vec::new();
             let mut slots: Vec<Slot> = Vec::new();
-            let mut last_rows = Vec::with_capacity(n);
+            let mut last_rows = vec![0usize; n];
             for (i, p) in prompts.iter().enumerate() {
+                if source[i] != i {
+                    continue;
+                }
                 let p = p.as_ref();
                 tokens.extend_from_slice(p);
                 slots.extend((0..p.len()).map(|pos| Slot { seq: i, pos }));
-                last_rows.push(tokens.len() - 1);
+                last_rows[i] = tokens.len() - 1;
             }
             self.install(|| self.forward(&tokens, &slots, &mut caches, &mut s))?;
             let mut hidden = vec![0f32; n * c];
-            for (i, &r) in last_rows.iter().enumerate() {
+            for i in 0..n {
+                let r = last_rows[source[i]];
                 hidden[i * c..(i + 1) * c].copy_from_slice(&s.h[r * c..(r + 1) * c]);
+                if source[i] != i {
+                    caches[i] = caches[source[i]].clone();
+                }
             }
             let mut logits = zeroed(n * v)?;
             let mut active: Vec<usize> = (0..n).collect();

@@ -6,6 +6,8 @@
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
+/// Cloning forks a cache: the clone continues from the same prefix without recomputing it.
+#[derive(Clone)]
 pub struct KvCache {
     /// `(L, capacity, NKV·HS)`.
     k: Vec<f32>,

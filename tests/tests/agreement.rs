@@ -184,3 +184,21 @@ fn eos_stops_a_sequence() {
     assert_eq!(stopped[0].finish_reason, rlx::FinishReason::Stop);
     assert_eq!(m.eos_token_ids(), &[2]);
 }
+
+#[test]
+fn repeated_prompts_fork_one_prefill_and_still_agree() {
+    // k samples of one prompt share its prefill (the cache is forked); their log-probs are
+    // still bitwise what the training-side forward computes, and the samples differ.
+    let model = load("llama-f32", 2);
+    let p = prompts()[1].clone();
+    let batch = vec![p.clone(), prompts()[0].clone(), p.clone(), p.clone()];
+    let outs = model.generate(&batch, &sampling(), None).unwrap();
+    for (prompt, out) in batch.iter().zip(&outs) {
+        let mut full = prompt.clone();
+        full.extend(&out.tokens);
+        let lp = model.logprobs(&[full], sampling().temperature).unwrap();
+        let tail = &lp[0][prompt.len() - 1..];
+        assert_eq!(bits(tail), bits(&out.logprobs));
+    }
+    assert!(outs[0].tokens != outs[2].tokens || outs[2].tokens != outs[3].tokens);
+}
