@@ -19,6 +19,7 @@ pub mod error;
 pub mod generate;
 pub mod kv_cache;
 pub mod model;
+pub mod pipeline;
 pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;

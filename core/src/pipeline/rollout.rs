@@ -1,0 +1,575 @@
+//! The on-policy stages: PPO (InstructGPT stage 3) and GRPO. Each iteration samples answers
+//! to a batch of prompts with `generate` (k per prompt, sharing the prompt's prefill), scores
+//! them, computes the reference log-probs, then updates the policy.
+//!
+//! Rollouts sample at temperature 1 with no top-k/top-p filter, so the log-probs `generate`
+//! records are the policy's own and serve as the "old" log-probs: the first update's
+//! importance ratios are exactly 1.
+
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::sampling::SamplingParams;
+use crate::train::grpo::{group_advantages, GrpoBatch, GrpoConfig};
+use crate::train::ppo::{ppo_advantages, PpoConfig, PpoMinibatch};
+use crate::train::Trainer;
+
+use super::data::Prompt;
+use super::{save, save_final, shuffled, Metrics, Observer, Outcome, StageReport};
+
+/// A scorer of (prompt text, response text).
+pub type ScoreFn<'a> = dyn Fn(&str, &str) -> f64 + Sync + 'a;
+
+/// Where rewards come from.
+pub enum Reward<'a> {
+    /// A reward model (score head at the last token). When its tokenizer differs from the
+    /// policy's, sequences are re-tokenised through their text.
+    Model(&'a Model),
+    /// A programmatic reward of (prompt, response) texts.
+    Function(&'a ScoreFn<'a>),
+}
+
+/// Options of the on-policy stages.
+#[derive(Debug, Clone)]
+pub struct RolloutOptions {
+    pub out: std::path::PathBuf,
+    pub iterations: usize,
+    pub prompts_per_iteration: usize,
+    /// Answers sampled per prompt (GRPO's group size k ≥ 2).
+    pub samples_per_prompt: usize,
+    pub max_new_tokens: usize,
+    /// Passes over each rollout (PPO epochs; GRPO's μ).
+    pub epochs: usize,
+    /// Sequences per minibatch (one optimizer step each).
+    pub minibatch_size: usize,
+    /// Save a checkpoint every this many iterations (0: at the end or on stop only).
+    pub save_every: u64,
+    pub seed: u64,
+}
+
+impl Default for RolloutOptions {
+    fn default() -> Self {
+        RolloutOptions {
+            out: "out".into(),
+            iterations: 10,
+            prompts_per_iteration: 4,
+            samples_per_prompt: 2,
+            max_new_tokens: 32,
+            epochs: 2,
+            minibatch_size: 4,
+            save_every: 0,
+            seed: 0,
+        }
+    }
+}
+
+impl RolloutOptions {
+    fn validate(&self) -> Result<()> {
+        if self.iterations == 0
+            || self.prompts_per_iteration == 0
+            || self.samples_per_prompt == 0
+            || self.max_new_tokens == 0
+            || self.epochs == 0
+            || self.minibatch_size == 0
+        {
+            return Err(Error::invalid(
+                "iterations, prompts, samples, max_new_tokens, epochs and minibatch size \
+                 must all be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The adaptive KL controller of Ziegler et al. (2019): the coefficient moves so that the
+/// measured KL approaches `target`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveKl {
+    pub target: f64,
+    pub horizon: f64,
+}
+
+impl AdaptiveKl {
+    fn update(&self, coef: f64, kl: f64, n_steps: usize) -> f64 {
+        let error = (kl / self.target - 1.0).clamp(-0.2, 0.2);
+        coef * (1.0 + error * n_steps as f64 / self.horizon)
+    }
+}
+
+/// One iteration's samples.
+struct Rollout {
+    seqs: Vec<Vec<u32>>,
+    masks: Vec<Vec<bool>>,
+    /// Log-probs `generate` recorded for each response token.
+    old: Vec<Vec<f64>>,
+    prompt_text: Vec<String>,
+    response_text: Vec<String>,
+    generated: usize,
+}
+
+/// The prompts of iteration `it`: consecutive positions of an endless stream of shuffled
+/// epochs over the dataset.
+fn prompts_of(it: usize, per: usize, n: usize, seed: u64) -> Vec<usize> {
+    (it * per..(it + 1) * per)
+        .map(|q| shuffled(n, seed ^ ((q / n) as u64).wrapping_mul(0x9E37_79B9))[q % n])
+        .collect()
+}
+
+fn rollout(
+    policy: &Model,
+    prompts: &[&Prompt],
+    k: usize,
+    max_new: usize,
+    seed: u64,
+) -> Result<Rollout> {
+    let inputs: Vec<&[u32]> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.tokens.as_slice(), k))
+        .collect();
+    let params = SamplingParams {
+        max_new_tokens: max_new,
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        repetition_penalty: 1.0,
+        stop_token_ids: None,
+        seed,
+    };
+    let outs = policy.generate(&inputs, &params, None)?;
+    let tok = policy.require_tokenizer()?;
+    let mut r = Rollout {
+        seqs: Vec::new(),
+        masks: Vec::new(),
+        old: Vec::new(),
+        prompt_text: Vec::new(),
+        response_text: Vec::new(),
+        generated: 0,
+    };
+    for (i, (input, out)) in inputs.iter().zip(&outs).enumerate() {
+        let mut seq = input.to_vec();
+        seq.extend(&out.tokens);
+        r.masks
+            .push((0..seq.len()).map(|t| t >= input.len()).collect());
+        r.seqs.push(seq);
+        r.old.push(out.logprobs.iter().map(|&x| x as f64).collect());
+        r.prompt_text.push(prompts[i / k].text.clone());
+        r.response_text.push(tok.decode(&out.tokens, true)?);
+        r.generated += out.tokens.len();
+    }
+    Ok(r)
+}
+
+/// Log-probs of each response token under `model`.
+fn response_logprobs(model: &Model, r: &Rollout) -> Result<Vec<Vec<f64>>> {
+    let all = model.logprobs(&r.seqs, 1.0)?;
+    Ok(all
+        .iter()
+        .zip(&r.masks)
+        .map(|(lp, m)| {
+            lp.iter()
+                .zip(&m[1..])
+                .filter(|(_, &sel)| sel)
+                .map(|(&v, _)| v as f64)
+                .collect()
+        })
+        .collect())
+}
+
+/// Whether two models tokenize identically (same tokenizer definition).
+fn same_tokenizer(a: &Model, b: &Model) -> bool {
+    match (a.tokenizer(), b.tokenizer()) {
+        (Some(x), Some(y)) => {
+            x.inner().to_string(false).ok() == y.inner().to_string(false).ok()
+                && a.config().vocab_size == b.config().vocab_size
+        }
+        _ => false,
+    }
+}
+
+fn scores(reward: &Reward<'_>, policy: &Model, same: bool, r: &Rollout) -> Result<Vec<f64>> {
+    match reward {
+        Reward::Function(f) => Ok(r
+            .prompt_text
+            .iter()
+            .zip(&r.response_text)
+            .map(|(p, a)| f(p, a))
+            .collect()),
+        Reward::Model(rm) if same => Ok(rm
+            .reward_scores(&r.seqs)?
+            .into_iter()
+            .map(f64::from)
+            .collect()),
+        Reward::Model(rm) => {
+            // Different vocabularies: re-tokenise the whole text with the RM's tokenizer.
+            let (pt, rt) = (policy.require_tokenizer()?, rm.require_tokenizer()?);
+            let seqs = r
+                .seqs
+                .iter()
+                .map(|s| rt.encode(&pt.decode(s, false)?, false))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(rm
+                .reward_scores(&seqs)?
+                .into_iter()
+                .map(f64::from)
+                .collect())
+        }
+    }
+}
+
+fn mean_std(x: &[f64]) -> (f64, f64) {
+    let n = x.len().max(1) as f64;
+    let mean = x.iter().sum::<f64>() / n;
+    let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+fn rate(tokens: usize, since: Instant) -> f64 {
+    tokens as f64 / since.elapsed().as_secs_f64().max(1e-9)
+}
+
+/// What the on-policy stages share: prompts, scoring, output, and the iteration cursor.
+pub struct OnPolicy<'a> {
+    pub prompts: &'a [Prompt],
+    pub reward: Reward<'a>,
+    /// A second scorer reported beside the reward (e.g. the true labeller), so a policy that
+    /// fools the reward model shows.
+    pub monitor: Option<&'a ScoreFn<'a>>,
+    pub options: RolloutOptions,
+}
+
+fn start_iteration(resume: Option<&Value>, stage: &str) -> Result<(usize, Value)> {
+    match resume {
+        None => Ok((0, Value::Null)),
+        Some(e) if e["stage"].as_str() == Some(stage) => Ok((
+            e["iteration"]
+                .as_u64()
+                .ok_or_else(|| Error::invalid("checkpoint lacks `iteration`"))?
+                as usize,
+            e["state"].clone(),
+        )),
+        Some(e) => Err(Error::invalid(format!(
+            "the checkpoint is from stage `{}`, not `{stage}`",
+            e["stage"].as_str().unwrap_or("?")
+        ))),
+    }
+}
+
+/// PPO against a reward, with a KL penalty to `reference` (the SFT model). The policy needs a
+/// value head (`add_value_head`).
+pub fn ppo(
+    trainer: &mut Trainer,
+    reference: &Model,
+    job: &OnPolicy<'_>,
+    config: &PpoConfig,
+    adaptive: Option<AdaptiveKl>,
+    resume: Option<&Value>,
+    observer: &mut dyn Observer,
+) -> Result<StageReport> {
+    let opts = &job.options;
+    opts.validate()?;
+    if job.prompts.is_empty() {
+        return Err(Error::invalid("no prompts"));
+    }
+    if trainer.model().weights().value.is_none() {
+        return Err(Error::invalid(
+            "PPO needs a value head on the policy (add_value_head)",
+        ));
+    }
+    let (first, state) = start_iteration(resume, "ppo")?;
+    let mut config = config.clone();
+    if let Some(c) = state["kl_coef"].as_f64() {
+        config.kl_coef = c;
+    }
+    let same = match &job.reward {
+        Reward::Model(rm) => same_tokenizer(trainer.model(), rm),
+        Reward::Function(_) => true,
+    };
+    let mut metrics = Metrics::open(&opts.out, observer)?;
+    let mut last = Value::Null;
+    for it in first..opts.iterations {
+        let picked: Vec<&Prompt> =
+            prompts_of(it, opts.prompts_per_iteration, job.prompts.len(), opts.seed)
+                .into_iter()
+                .map(|i| &job.prompts[i])
+                .collect();
+        let seed = opts.seed.wrapping_add(it as u64);
+        let obs = metrics.observer();
+        obs.phase(&format!("ppo {}/{} rollout", it + 1, opts.iterations), 4);
+        let t = Instant::now();
+        let r = rollout(
+            trainer.model(),
+            &picked,
+            opts.samples_per_prompt,
+            opts.max_new_tokens,
+            seed,
+        )?;
+        let rollout_tps = rate(r.generated, t);
+        obs.advance(1);
+        let total: usize = r.seqs.iter().map(Vec::len).sum();
+        let t = Instant::now();
+        let values_all = trainer.model().values(&r.seqs)?;
+        let old_values: Vec<Vec<f64>> = values_all
+            .iter()
+            .zip(&r.masks)
+            .map(|(v, m)| {
+                (1..m.len())
+                    .filter(|&t| m[t])
+                    .map(|t| v[t - 1] as f64)
+                    .collect()
+            })
+            .collect();
+        let score = scores(&job.reward, trainer.model(), same, &r)?;
+        let scoring_tps = rate(2 * total, t);
+        obs.advance(1);
+        let t = Instant::now();
+        let reference_lp = response_logprobs(reference, &r)?;
+        let reference_tps = rate(total, t);
+        obs.advance(1);
+        let adv = ppo_advantages(&r.old, &reference_lp, &old_values, &score, &config)?;
+        let t = Instant::now();
+        let n = r.seqs.len();
+        let mut sums = [0f64; 4];
+        let mut first_approx_kl = None;
+        let mut steps = 0usize;
+        for epoch in 0..opts.epochs {
+            let order = shuffled(n, seed ^ (epoch as u64 + 1).wrapping_mul(0x51_7CC1));
+            for mb in order.chunks(opts.minibatch_size) {
+                let take = |rows: &[Vec<f64>]| -> Vec<Vec<f64>> {
+                    mb.iter().map(|&i| rows[i].clone()).collect()
+                };
+                let seqs: Vec<Vec<u32>> = mb.iter().map(|&i| r.seqs[i].clone()).collect();
+                let masks: Vec<Vec<bool>> = mb.iter().map(|&i| r.masks[i].clone()).collect();
+                let (old, ov, a, ret) = (
+                    take(&r.old),
+                    take(&old_values),
+                    take(&adv.advantages),
+                    take(&adv.returns),
+                );
+                let batch = PpoMinibatch {
+                    sequences: &seqs,
+                    masks: &masks,
+                    old_logprobs: &old,
+                    old_values: &ov,
+                    advantages: &a,
+                    returns: &ret,
+                };
+                let (_, s) = trainer.ppo_step(&batch, &config)?;
+                for (acc, v) in
+                    sums.iter_mut()
+                        .zip([s.entropy, s.clip_fraction, s.approx_kl, s.value_loss])
+                {
+                    *acc += v;
+                }
+                // The first minibatch is on-policy: its ratios are exactly 1 (approx-KL 0).
+                first_approx_kl.get_or_insert(s.approx_kl);
+                steps += 1;
+            }
+        }
+        let update_tps = rate(total * opts.epochs, t);
+        obs.advance(1);
+        obs.end_phase();
+        let (reward_mean, reward_std) = mean_std(&score);
+        let monitor = job.monitor.map(|f| {
+            let s: Vec<f64> = r
+                .prompt_text
+                .iter()
+                .zip(&r.response_text)
+                .map(|(p, a)| f(p, a))
+                .collect();
+            mean_std(&s).0
+        });
+        let lengths: Vec<f64> = r.old.iter().map(|o| o.len() as f64).collect();
+        let k = steps.max(1) as f64;
+        last = json!({
+            "stage": "ppo", "iteration": it + 1, "step": trainer.step_count(),
+            "reward_mean": reward_mean, "reward_std": reward_std, "monitor_score": monitor,
+            "kl": adv.kl, "kl_coef": config.kl_coef,
+            "entropy": sums[0] / k, "clip_fraction": sums[1] / k, "approx_kl": sums[2] / k,
+            "value_loss": sums[3] / k, "first_approx_kl": first_approx_kl,
+            "response_length": mean_std(&lengths).0,
+            "tokens_per_second": {"rollout": rollout_tps, "scoring": scoring_tps,
+                                   "reference": reference_tps, "update": update_tps},
+            "sample": r.response_text.first(),
+        });
+        metrics.record(&last)?;
+        if let Some(ctl) = adaptive {
+            config.kl_coef = ctl.update(config.kl_coef, adv.kl, n);
+        }
+        let extra = json!({"stage": "ppo", "iteration": it + 1,
+                           "state": {"kl_coef": config.kl_coef}});
+        if metrics.observer().stop_requested() {
+            save(trainer, &opts.out, &extra)?;
+            return Ok(StageReport {
+                outcome: Outcome::Interrupted,
+                steps: trainer.step_count(),
+                last,
+                model_dir: None,
+            });
+        }
+        if it + 1 == opts.iterations
+            || (opts.save_every > 0 && (it as u64 + 1) % opts.save_every == 0)
+        {
+            save(trainer, &opts.out, &extra)?;
+        }
+    }
+    Ok(StageReport {
+        outcome: Outcome::Finished,
+        steps: trainer.step_count(),
+        last,
+        model_dir: Some(save_final(trainer, &opts.out)?),
+    })
+}
+
+/// GRPO: k answers per prompt, group-normalised rewards, clipped ratio and (β > 0) a KL term to
+/// `reference`.
+pub fn grpo(
+    trainer: &mut Trainer,
+    reference: Option<&Model>,
+    job: &OnPolicy<'_>,
+    config: &GrpoConfig,
+    resume: Option<&Value>,
+    observer: &mut dyn Observer,
+) -> Result<StageReport> {
+    let opts = &job.options;
+    opts.validate()?;
+    if job.prompts.is_empty() {
+        return Err(Error::invalid("no prompts"));
+    }
+    let k = opts.samples_per_prompt;
+    if k < 2 {
+        return Err(Error::invalid(
+            "GRPO needs at least 2 samples per prompt (k ≥ 2)",
+        ));
+    }
+    if config.beta > 0.0 && reference.is_none() {
+        return Err(Error::invalid("GRPO with beta > 0 needs a reference model"));
+    }
+    let (first, _) = start_iteration(resume, "grpo")?;
+    let same = match &job.reward {
+        Reward::Model(rm) => same_tokenizer(trainer.model(), rm),
+        Reward::Function(_) => true,
+    };
+    let mut metrics = Metrics::open(&opts.out, observer)?;
+    let mut last = Value::Null;
+    for it in first..opts.iterations {
+        let picked: Vec<&Prompt> =
+            prompts_of(it, opts.prompts_per_iteration, job.prompts.len(), opts.seed)
+                .into_iter()
+                .map(|i| &job.prompts[i])
+                .collect();
+        let seed = opts.seed.wrapping_add(it as u64);
+        let obs = metrics.observer();
+        obs.phase(&format!("grpo {}/{}", it + 1, opts.iterations), 3);
+        let t = Instant::now();
+        let r = rollout(trainer.model(), &picked, k, opts.max_new_tokens, seed)?;
+        let rollout_tps = rate(r.generated, t);
+        obs.advance(1);
+        let score = scores(&job.reward, trainer.model(), same, &r)?;
+        let advantages = group_advantages(&score, k, config.scale_rewards)?;
+        let reference_lp = match reference {
+            Some(m) if config.beta > 0.0 => Some(response_logprobs(m, &r)?),
+            _ => None,
+        };
+        obs.advance(1);
+        let n = r.seqs.len();
+        let mut sums = [0f64; 3];
+        let mut steps = 0usize;
+        let t = Instant::now();
+        for epoch in 0..opts.epochs {
+            let order = shuffled(n, seed ^ (epoch as u64 + 1).wrapping_mul(0x51_7CC1));
+            for mb in order.chunks(opts.minibatch_size) {
+                let seqs: Vec<Vec<u32>> = mb.iter().map(|&i| r.seqs[i].clone()).collect();
+                let masks: Vec<Vec<bool>> = mb.iter().map(|&i| r.masks[i].clone()).collect();
+                let adv: Vec<f64> = mb.iter().map(|&i| advantages[i]).collect();
+                let old: Vec<Vec<f64>> = mb.iter().map(|&i| r.old[i].clone()).collect();
+                let refs: Option<Vec<Vec<f64>>> = reference_lp
+                    .as_ref()
+                    .map(|rl| mb.iter().map(|&i| rl[i].clone()).collect());
+                let batch = GrpoBatch {
+                    sequences: &seqs,
+                    masks: &masks,
+                    advantages: &adv,
+                    old_logprobs: Some(&old),
+                    ref_logprobs: refs.as_deref(),
+                };
+                let (_, s) = trainer.grpo_step(&batch, config)?;
+                sums[0] += s.kl;
+                sums[1] += s.clip_fraction;
+                sums[2] += s.entropy;
+                steps += 1;
+            }
+        }
+        let total: usize = r.seqs.iter().map(Vec::len).sum();
+        let update_tps = rate(total * opts.epochs, t);
+        obs.advance(1);
+        obs.end_phase();
+        let (reward_mean, reward_std) = mean_std(&score);
+        let monitor = job.monitor.map(|f| {
+            let s: Vec<f64> = r
+                .prompt_text
+                .iter()
+                .zip(&r.response_text)
+                .map(|(p, a)| f(p, a))
+                .collect();
+            mean_std(&s).0
+        });
+        let lengths: Vec<f64> = r.old.iter().map(|o| o.len() as f64).collect();
+        let kk = steps.max(1) as f64;
+        last = json!({
+            "stage": "grpo", "iteration": it + 1, "step": trainer.step_count(),
+            "reward_mean": reward_mean, "reward_std": reward_std, "monitor_score": monitor,
+            "kl": sums[0] / kk, "clip_fraction": sums[1] / kk, "entropy": sums[2] / kk,
+            "response_length": mean_std(&lengths).0,
+            "tokens_per_second": {"rollout": rollout_tps, "update": update_tps},
+            "sample": r.response_text.first(),
+        });
+        metrics.record(&last)?;
+        let extra = json!({"stage": "grpo", "iteration": it + 1, "state": null});
+        if metrics.observer().stop_requested() {
+            save(trainer, &opts.out, &extra)?;
+            return Ok(StageReport {
+                outcome: Outcome::Interrupted,
+                steps: trainer.step_count(),
+                last,
+                model_dir: None,
+            });
+        }
+        if it + 1 == opts.iterations
+            || (opts.save_every > 0 && (it as u64 + 1) % opts.save_every == 0)
+        {
+            save(trainer, &opts.out, &extra)?;
+        }
+    }
+    Ok(StageReport {
+        outcome: Outcome::Finished,
+        steps: trainer.step_count(),
+        last,
+        model_dir: Some(save_final(trainer, &opts.out)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_stream_covers_each_epoch_once() {
+        let mut seen: Vec<usize> = (0..5).flat_map(|it| prompts_of(it, 2, 10, 7)).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+        assert!(
+            (AdaptiveKl {
+                target: 6.0,
+                horizon: 10000.0
+            }
+            .update(0.1, 12.0, 100)
+                - 0.1002)
+                .abs()
+                < 1e-12
+        );
+    }
+}
