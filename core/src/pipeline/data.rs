@@ -49,12 +49,12 @@ pub struct BadLine {
     pub message: String,
 }
 
-/// The JSON objects of a JSONL file with their line numbers (blank lines skipped). A line that
-/// is not a JSON object is an error naming it, or, with `skip_bad`, is reported in the second
-/// list and left out.
 /// JSON objects with their 1-based line numbers.
 pub type Lines = Vec<(usize, Value)>;
 
+/// The JSON objects of a JSONL file with their line numbers (blank lines skipped). A line that
+/// is not a JSON object is an error naming it, or, with `skip_bad`, is reported in the second
+/// list and left out.
 pub fn read_jsonl(path: &Path, skip_bad: bool) -> Result<(Lines, Vec<BadLine>)> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut rows = Vec::new();
