@@ -9,6 +9,8 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use rlx::{LoadOptions, Message, Model, SamplingParams, TextStream};
 
+mod train;
+
 #[derive(Parser)]
 #[command(
     name = "rlx",
@@ -34,6 +36,17 @@ enum Command {
     /// Time prefill and decode on a model, or (with --train-batch) SFT training steps; prints
     /// one JSON object.
     Bench(BenchArgs),
+    /// Supervised fine-tuning on demonstrations: {"prompt","response"} or {"messages"} JSONL.
+    Sft(train::SupervisedArgs),
+    /// Train a reward model on preferences: {"prompt","chosen","rejected"} or
+    /// {"prompt","responses":[best..worst]} JSONL.
+    Rm(train::SupervisedArgs),
+    /// Direct preference optimisation on the same data as `rm`.
+    Dpo(train::SupervisedArgs),
+    /// PPO against a reward model with a KL leash to the starting model: {"prompt"} JSONL.
+    Ppo(train::OnPolicyArgs),
+    /// GRPO: k answers per prompt, group-normalised rewards: {"prompt"} JSONL.
+    Grpo(train::OnPolicyArgs),
 }
 
 #[derive(Args)]
@@ -155,6 +168,11 @@ fn main() -> ExitCode {
         Command::Chat(a) => chat(a),
         Command::Convert(a) => convert(a),
         Command::Bench(a) => bench(a),
+        Command::Sft(a) => train::sft(a),
+        Command::Rm(a) => train::rm(a),
+        Command::Dpo(a) => train::dpo(a),
+        Command::Ppo(a) => train::ppo(a),
+        Command::Grpo(a) => train::grpo(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -186,14 +186,27 @@ pub(crate) fn save(trainer: &Trainer, out: &Path, extra: &Value) -> Result<()> {
     trainer.save_checkpoint(&dir, extra)
 }
 
-/// Writes the finished model to `out/model` (LoRA merged into a copy).
+/// Writes the finished model to `out/model` (LoRA merged into a copy). A `model/` from an
+/// earlier finish (a resumed run that went further) is replaced once the new one is complete.
 pub(crate) fn save_final(trainer: &Trainer, out: &Path) -> Result<PathBuf> {
     let dir = out.join("model");
     let mut model = trainer.model().clone();
     if model.weights().lora.is_some() {
         model.merge_lora()?;
     }
-    save_hf_folder(&model, &dir, SaveDtype::F32)?;
+    if !dir.exists() {
+        save_hf_folder(&model, &dir, SaveDtype::F32)?;
+        return Ok(dir);
+    }
+    let fresh = out.join(format!("model.new-{}", std::process::id()));
+    if fresh.exists() {
+        std::fs::remove_dir_all(&fresh).map_err(|e| Error::io(&fresh, e))?;
+    }
+    save_hf_folder(&model, &fresh, SaveDtype::F32)?;
+    let old = out.join(format!("model.old-{}", std::process::id()));
+    std::fs::rename(&dir, &old).map_err(|e| Error::io(&dir, e))?;
+    std::fs::rename(&fresh, &dir).map_err(|e| Error::io(&dir, e))?;
+    std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
     Ok(dir)
 }
 

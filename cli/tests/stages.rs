@@ -1,0 +1,266 @@
+//! The training commands chained on the tiny Llama fixture, as InstructGPT chains them:
+//! `rlx sft` → `rlx rm` (on the SFT model) → `rlx ppo` (SFT policy, RM reward), plus `rlx dpo`,
+//! `rlx grpo`, a TOML config, `--resume`, and dataset errors.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use rlx_tests::fixture;
+
+fn rlx(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rlx"))
+        .args(args)
+        .output()
+        .expect("run rlx")
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn sft_then_rm_then_ppo_then_dpo_and_grpo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let base = fixture("llama-f32");
+    let sft_data = write(
+        t,
+        "sft.jsonl",
+        "{\"prompt\": \"Say hi.\", \"response\": \"Hi there!\"}\n\
+         {\"prompt\": \"Count.\", \"response\": \"one two three\"}\n",
+    );
+    let prefs = write(
+        t,
+        "prefs.jsonl",
+        "{\"prompt\": \"Greet me.\", \"chosen\": \"Hello, friend!\", \"rejected\": \"go away\"}\n\
+         {\"prompt\": \"Thank me.\", \"responses\": [\"Thank you kindly!\", \"thanks\", \"no\"]}\n",
+    );
+    let prompts = write(
+        t,
+        "prompts.jsonl",
+        "{\"prompt\": \"Hi\"}\n{\"prompt\": \"Go\"}\n",
+    );
+    let config = write(t, "sft.toml", "epochs = 2\nbatch_size = 1\nlr = 0.001\n");
+    let out = |n: &str| t.join(n).to_str().unwrap().to_string();
+
+    let sft_out = out("sft");
+    ok(&rlx(&[
+        "sft",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        &sft_data,
+        "--out",
+        &sft_out,
+        "--config",
+        &config,
+        "--no-chat-template",
+    ]));
+    let sft_model = out("sft/model");
+    assert!(Path::new(&sft_model).join("model.safetensors").exists());
+    let lines = std::fs::read_to_string(t.join("sft/metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 4, "2 epochs × 2 batches of 1");
+    // The same --out again without --resume: refused, nothing lost.
+    let again = rlx(&[
+        "sft",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        &sft_data,
+        "--out",
+        &sft_out,
+        "--no-chat-template",
+    ]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+    assert!(Path::new(&sft_model).join("model.safetensors").exists());
+
+    let rm_out = out("rm");
+    ok(&rlx(&[
+        "rm",
+        "--model",
+        &sft_model,
+        "--data",
+        &prefs,
+        "--eval",
+        &prefs,
+        "--out",
+        &rm_out,
+        "--epochs",
+        "3",
+        "--no-chat-template",
+        "--lr",
+        "0.001",
+    ]));
+    let rm_model = out("rm/model");
+
+    ok(&rlx(&[
+        "ppo",
+        "--model",
+        &sft_model,
+        "--reward-model",
+        &rm_model,
+        "--data",
+        &prompts,
+        "--out",
+        &out("ppo"),
+        "--iterations",
+        "2",
+        "--prompts-per-iteration",
+        "2",
+        "--samples-per-prompt",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--no-chat-template",
+        "--target-kl",
+        "1.0",
+    ]));
+    let ppo = std::fs::read_to_string(t.join("ppo/metrics.jsonl")).unwrap();
+    for line in ppo.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["first_approx_kl"].as_f64(), Some(0.0), "{v}");
+    }
+    // PPO needs a reward model with a score head.
+    let bad = rlx(&[
+        "ppo",
+        "--model",
+        &sft_model,
+        "--reward-model",
+        &sft_model,
+        "--data",
+        &prompts,
+        "--out",
+        &out("ppo-bad"),
+        "--no-chat-template",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("score head"));
+
+    ok(&rlx(&[
+        "dpo",
+        "--model",
+        &sft_model,
+        "--data",
+        &prefs,
+        "--out",
+        &out("dpo"),
+        "--no-chat-template",
+        "--loss",
+        "ipo",
+    ]));
+    ok(&rlx(&[
+        "grpo",
+        "--model",
+        &sft_model,
+        "--reward-model",
+        &rm_model,
+        "--data",
+        &prompts,
+        "--out",
+        &out("grpo"),
+        "--iterations",
+        "1",
+        "--samples-per-prompt",
+        "2",
+        "--prompts-per-iteration",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--no-chat-template",
+        "--loss-type",
+        "dr_grpo",
+    ]));
+}
+
+#[test]
+fn resume_continues_a_stopped_run_and_bad_lines_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let base = fixture("llama-f32");
+    let data = write(
+        t,
+        "d.jsonl",
+        "{\"prompt\": \"a\", \"response\": \"b c\"}\n{\"prompt\": \"d\", \"response\": \"e\"}\n",
+    );
+    let out = t.join("run").to_str().unwrap().to_string();
+    // Stop after 1 step (as a Ctrl-C would), then resume to the end.
+    ok(&rlx(&[
+        "sft",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        &data,
+        "--out",
+        &out,
+        "--batch-size",
+        "1",
+        "--epochs",
+        "2",
+        "--max-steps",
+        "1",
+        "--no-chat-template",
+    ]));
+    ok(&rlx(&[
+        "sft",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        &data,
+        "--out",
+        &out,
+        "--batch-size",
+        "1",
+        "--epochs",
+        "2",
+        "--no-chat-template",
+        "--resume",
+    ]));
+    let lines = std::fs::read_to_string(t.join("run/metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 4);
+    assert!(t.join("run/checkpoint-4").exists());
+
+    let bad = write(
+        t,
+        "bad.jsonl",
+        "{\"prompt\": \"a\", \"response\": \"b\"}\n{oops\n{\"prompt\": \"c\", \"response\": \"d\"}\n",
+    );
+    let o = rlx(&[
+        "sft",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        &bad,
+        "--out",
+        &out_dir(t, "x"),
+        "--no-chat-template",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("line 2") && !err.contains("panicked"), "{err}");
+    ok(&rlx(&[
+        "sft",
+        "--model",
+        base.to_str().unwrap(),
+        "--data",
+        &bad,
+        "--out",
+        &out_dir(t, "y"),
+        "--no-chat-template",
+        "--skip-bad-lines",
+    ]));
+}
+
+fn out_dir(t: &Path, name: &str) -> String {
+    t.join(name).to_str().unwrap().to_string()
+}
