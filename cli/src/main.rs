@@ -9,6 +9,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use rlx::{LoadOptions, Message, Model, SamplingParams, TextStream};
 
+mod demo;
 mod train;
 
 #[derive(Parser)]
@@ -47,6 +48,9 @@ enum Command {
     Ppo(train::OnPolicyArgs),
     /// GRPO: k answers per prompt, group-normalised rewards: {"prompt"} JSONL.
     Grpo(train::OnPolicyArgs),
+    /// The whole recipe on a small task with a programmatic labeller: SFT → RM → PPO, then
+    /// DPO and GRPO, and a before/after table on held-out prompts.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Args)]
@@ -173,6 +177,7 @@ fn main() -> ExitCode {
         Command::Dpo(a) => train::dpo(a),
         Command::Ppo(a) => train::ppo(a),
         Command::Grpo(a) => train::grpo(a),
+        Command::Demo(a) => demo::demo(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -24,7 +24,7 @@ use rlx::{
 };
 use serde_json::Value;
 
-type CliResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+pub(crate) type CliResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
 /// Settings shared by every training command.
 #[derive(Args, Clone)]
@@ -211,7 +211,7 @@ impl Config {
 }
 
 /// Progress bars for each phase, metrics on stderr, and the Ctrl-C flag.
-struct Console {
+pub(crate) struct Console {
     bar: Option<ProgressBar>,
     stop: Arc<AtomicBool>,
 }
@@ -264,7 +264,12 @@ impl Observer for Console {
     }
 }
 
-fn console() -> CliResult<Console> {
+/// The process's Ctrl-C flag; the handler is installed once.
+fn stop_flag() -> CliResult<Arc<AtomicBool>> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    if let Some(f) = FLAG.get() {
+        return Ok(f.clone());
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let presses = Arc::new(AtomicUsize::new(0));
     let flag = stop.clone();
@@ -276,7 +281,14 @@ fn console() -> CliResult<Console> {
         eprintln!("\nCtrl-C: finishing this step and saving a checkpoint (again to quit now)");
         flag.store(true, Ordering::SeqCst);
     })?;
-    Ok(Console { bar: None, stop })
+    Ok(FLAG.get_or_init(|| stop).clone())
+}
+
+pub(crate) fn console() -> CliResult<Console> {
+    Ok(Console {
+        bar: None,
+        stop: stop_flag()?,
+    })
 }
 
 fn report_bad(bad: &[BadLine], path: &Path) {
