@@ -7,7 +7,15 @@
 >>> lp = model.logprobs([prompt + out.tokens])[0]   # lp[len(prompt) - 1:] == out.logprobs
 """
 
-from rlx._rlx import Generation, Model, __version__
+from rlx._rlx import (
+    Generation,
+    LoraConfig,
+    Model,
+    RewardModel,
+    Trainer,
+    __version__,
+    group_advantages,
+)
 from rlx.errors import (
     ContextOverflowError,
     InvalidArgumentError,
@@ -21,6 +29,10 @@ from rlx.errors import (
 __all__ = [
     "Model",
     "Generation",
+    "Trainer",
+    "RewardModel",
+    "LoraConfig",
+    "group_advantages",
     "RlxError",
     "ModelFormatError",
     "UnsupportedError",

@@ -6,7 +6,15 @@ from typing import Literal, Union, final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Generation", "Model", "__version__"]
+__all__ = [
+    "Generation",
+    "LoraConfig",
+    "Model",
+    "RewardModel",
+    "Trainer",
+    "__version__",
+    "group_advantages",
+]
 __version__: str
 
 _TokenIds = Union[Sequence[int], npt.NDArray[np.integer]]
@@ -71,3 +79,102 @@ class Model:
     def context_length(self) -> int: ...
     @property
     def eos_token_ids(self) -> list[int]: ...
+
+_Masks = Sequence[Sequence[bool]]
+_StepStats = dict[str, Union[float, int, bool]]
+
+@final
+class LoraConfig:
+    """LoRA settings: rank ``r``, scale ``lora_alpha / r``, adapted modules (PEFT names;
+    ``["all-linear"]`` for every projection)."""
+
+    def __init__(
+        self,
+        r: int = 8,
+        lora_alpha: float = 16.0,
+        target_modules: Union[list[str], None] = None,
+        seed: int = 0,
+    ) -> None: ...
+    @property
+    def r(self) -> int: ...
+    @property
+    def lora_alpha(self) -> float: ...
+    @property
+    def target_modules(self) -> list[str]: ...
+
+@final
+class RewardModel:
+    """A decoder with a scalar score head (``*ForSequenceClassification``, num_labels = 1)."""
+
+    @staticmethod
+    def load(path: Union[str, PathLike[str]], threads: int = 0) -> RewardModel: ...
+    def score(self, sequences: Sequence[_TokenIds]) -> npt.NDArray[np.float32]:
+        """The reward of each sequence, read at its last token."""
+    def encode(self, text: str) -> list[int]: ...
+
+class Trainer:
+    """Trains a model with AdamW. Each ``*_step`` returns ``{"loss", "grad_norm", "lr",
+    "skipped", "step", ...}``; a non-finite step changes nothing and reports
+    ``skipped=True``.
+
+    >>> t = rlx.Trainer("path/to/model", lr=1e-5, lora=rlx.LoraConfig(r=8))
+    >>> t.sft_step([[1, 5, 9, 2]], [[False, True, True, True]])["loss"]
+    """
+
+    def __init__(
+        self,
+        path: Union[str, PathLike[str]],
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        max_grad_norm: Union[float, None] = 1.0,
+        warmup_steps: int = 0,
+        total_steps: int = 0,
+        lora: Union[LoraConfig, None] = None,
+        gradient_checkpointing: bool = False,
+        head: Union[Literal["score", "value"], None] = None,
+        seed: int = 0,
+        threads: int = 0,
+    ) -> None: ...
+    @staticmethod
+    def resume(path: Union[str, PathLike[str]], threads: int = 0) -> tuple[Trainer, object]:
+        """Continues from a checkpoint; returns the trainer and the saved ``extra``."""
+    def save(self, path: Union[str, PathLike[str]], extra: object = None) -> None:
+        """Writes a checkpoint folder (never over an existing one)."""
+    @property
+    def model(self) -> Model:
+        """A snapshot of the current model (shares the weights)."""
+    @property
+    def step(self) -> int: ...
+    def sft_step(self, sequences: Sequence[_TokenIds], masks: _Masks) -> _StepStats: ...
+    def rm_step(
+        self, chosen: Sequence[_TokenIds], rejected: Sequence[_TokenIds], margin: float = 0.0
+    ) -> _StepStats: ...
+    def dpo_step(
+        self,
+        chosen: Sequence[_TokenIds],
+        chosen_masks: _Masks,
+        rejected: Sequence[_TokenIds],
+        rejected_masks: _Masks,
+        ref_chosen: Sequence[float],
+        ref_rejected: Sequence[float],
+        beta: float = 0.1,
+        loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
+    ) -> _StepStats: ...
+    def grpo_step(
+        self,
+        sequences: Sequence[_TokenIds],
+        masks: _Masks,
+        advantages: Sequence[float],
+        old_logprobs: Union[Sequence[Sequence[float]], None] = None,
+        ref_logprobs: Union[Sequence[Sequence[float]], None] = None,
+        beta: float = 0.04,
+        epsilon: float = 0.2,
+        loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo",
+    ) -> _StepStats: ...
+
+def group_advantages(
+    rewards: Sequence[float], group_size: int, scale_rewards: bool = True
+) -> list[float]:
+    """Group-normalised GRPO advantages (consecutive groups of ``group_size``)."""

@@ -8,6 +8,7 @@
 mod convert;
 mod errors;
 mod model;
+mod train;
 
 use pyo3::prelude::*;
 
@@ -19,6 +20,8 @@ mod _rlx {
 
     #[pymodule_export]
     use crate::model::{PyGeneration, PyModel};
+    #[pymodule_export]
+    use crate::train::{group_advantages, PyLoraConfig, PyRewardModel, PyTrainer};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

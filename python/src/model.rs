@@ -73,6 +73,12 @@ impl PyGeneration {
     }
 }
 
+impl PyModel {
+    pub(crate) fn from_model(inner: rlx::Model) -> Self {
+        PyModel { inner }
+    }
+}
+
 #[pymethods]
 impl PyModel {
     /// Loads a Hugging Face model folder (config.json, model.safetensors, tokenizer.json, ...)
