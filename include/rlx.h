@@ -47,6 +47,21 @@
 #define RLX_VERSION_NUMBER 1000
 
 /**
+ * `rlx_trainer_params.head`: no new head.
+ */
+#define RLX_HEAD_NONE 0
+
+/**
+ * `rlx_trainer_params.head`: a scalar reward head (kept if the checkpoint already has one).
+ */
+#define RLX_HEAD_SCORE 1
+
+/**
+ * `rlx_trainer_params.head`: a per-token PPO value head.
+ */
+#define RLX_HEAD_VALUE 2
+
+/**
  * Result of every fallible rlx call. Values are stable: new codes are only appended.
  */
 typedef enum rlx_status {
@@ -116,6 +131,16 @@ typedef enum rlx_status {
 typedef struct rlx_model rlx_model;
 
 /**
+ * A model under training with its optimizer state.
+ *
+ * Create with rlx_trainer_create or rlx_trainer_resume; free with rlx_trainer_free. Calls on
+ * one trainer must not overlap: a call made while another thread is inside a call on the same
+ * trainer fails with RLX_INVALID_ARGUMENT. rlx_trainer_free must not run concurrently with any
+ * other call on the same trainer.
+ */
+typedef struct rlx_trainer rlx_trainer;
+
+/**
  * How to load a model. Start from rlx_model_default_params() and change the fields you need:
  * fields are only ever appended, and each new one's default keeps the old behaviour.
  */
@@ -177,6 +202,88 @@ typedef struct rlx_sampling_params {
    */
   bool ignore_eos;
 } rlx_sampling_params;
+
+/**
+ * How to train. Start from rlx_trainer_default_params(); fields are only ever appended.
+ */
+typedef struct rlx_trainer_params {
+  /**
+   * Peak learning rate.
+   */
+  float lr;
+  /**
+   * AdamW's β1, β2, ε.
+   */
+  float beta1;
+  float beta2;
+  float eps;
+  /**
+   * Decoupled weight decay on linear weights.
+   */
+  float weight_decay;
+  /**
+   * Clip the global gradient norm to this; ≤ 0 turns clipping off.
+   */
+  float max_grad_norm;
+  /**
+   * With total_steps > 0: linear warm-up over warmup_steps, then cosine decay to 0.
+   */
+  uint64_t warmup_steps;
+  /**
+   * 0 = constant learning rate.
+   */
+  uint64_t total_steps;
+  /**
+   * > 0: train LoRA adapters of this rank instead of every weight.
+   */
+  uint32_t lora_rank;
+  float lora_alpha;
+  /**
+   * Comma-separated module names for LoRA (NULL = "q_proj,v_proj").
+   */
+  const char *lora_targets;
+  /**
+   * Recompute activations in the backward pass to save memory.
+   */
+  bool gradient_checkpointing;
+  /**
+   * RLX_HEAD_NONE, RLX_HEAD_SCORE or RLX_HEAD_VALUE (a plain integer, so any value read from
+   * C is valid and an unknown one is an error).
+   */
+  uint32_t head;
+  /**
+   * Seed of fresh heads and LoRA initialisation.
+   */
+  uint64_t seed;
+  /**
+   * Worker threads (0 = one per CPU core).
+   */
+  uint32_t threads;
+} rlx_trainer_params;
+
+/**
+ * What one step did.
+ */
+typedef struct rlx_step_stats {
+  double loss;
+  /**
+   * Global gradient norm before clipping.
+   */
+  double grad_norm;
+  float lr;
+  /**
+   * True when the loss or a gradient was not finite and nothing changed.
+   */
+  bool skipped;
+  /**
+   * Optimizer steps taken so far.
+   */
+  uint64_t step;
+  /**
+   * Reward-model steps: fraction of pairs ranked correctly (0 otherwise).
+   */
+  double accuracy;
+} rlx_step_stats;
 
 #ifdef __cplusplus
 extern "C" {
@@ -392,6 +499,116 @@ enum rlx_status rlx_logprobs(const struct rlx_model *model,
                              float *out,
                              size_t cap,
                              size_t *n_written);
+
+/**
+ * The defaults: lr 1e-5, β (0.9, 0.999), ε 1e-8, no weight decay, clipping at 1, constant
+ * schedule, full fine-tuning, no new head, seed 0, threads 0.
+ */
+struct rlx_trainer_params rlx_trainer_default_params(void);
+
+/**
+ * Creates a trainer on the model at `path` (HF folder or GGUF). `params`: NULL for the
+ * defaults. On success `*out_trainer` owns a new trainer (free it with rlx_trainer_free); on
+ * failure it is set to NULL.
+ *
+ * Returns RLX_OK; RLX_NULL_POINTER; RLX_IO; RLX_FORMAT; RLX_UNSUPPORTED; RLX_TOKENIZER;
+ * RLX_INVALID_ARGUMENT (a setting out of range, an unknown LoRA target).
+ *
+ * # Safety
+ * `path` is NULL or NUL-terminated; `params` is NULL or points to an rlx_trainer_params whose
+ * `lora_targets` is NULL or NUL-terminated; `out_trainer` is NULL or valid for one write.
+ */
+enum rlx_status rlx_trainer_create(const char *path,
+                                   const struct rlx_trainer_params *params,
+                                   struct rlx_trainer **out_trainer);
+
+/**
+ * Continues from a checkpoint folder written by rlx_trainer_save (`threads`: 0 = one per
+ * core). On failure `*out_trainer` is set to NULL.
+ *
+ * # Safety
+ * `path` is NULL or NUL-terminated; `out_trainer` is NULL or valid for one write.
+ */
+enum rlx_status rlx_trainer_resume(const char *path,
+                                   uint32_t threads,
+                                   struct rlx_trainer **out_trainer);
+
+/**
+ * Writes a checkpoint folder at `path` (which must not exist): the model as an HF folder (or
+ * a PEFT adapter with LoRA), the optimizer moments and the step. Atomic: a crash leaves no
+ * partial folder under `path`.
+ *
+ * # Safety
+ * `trainer` is NULL or live; `path` is NULL or NUL-terminated.
+ */
+enum rlx_status rlx_trainer_save(const struct rlx_trainer *trainer, const char *path);
+
+/**
+ * Frees a trainer. NULL is a no-op; a handle that is not live is usually detected.
+ *
+ * # Safety
+ * `trainer` is NULL or a pointer from rlx_trainer_create / rlx_trainer_resume that no other
+ * thread is using.
+ */
+void rlx_trainer_free(struct rlx_trainer *trainer);
+
+/**
+ * One supervised fine-tuning step: mean cross-entropy over the tokens whose `mask` byte is
+ * non-zero. `tokens` and `mask` hold `n_tokens` entries: `n_seqs` sequences back to back,
+ * `lengths[i]` tokens each. `*out_stats` receives what the step did.
+ *
+ * Returns RLX_OK; RLX_NULL_POINTER; RLX_INVALID_ARGUMENT (lengths that do not add up, masks
+ * that select nothing, a trainer in use); RLX_OUT_OF_RANGE; RLX_CONTEXT_OVERFLOW.
+ *
+ * # Safety
+ * `trainer` is NULL or live; `tokens` and `mask` are NULL or hold `n_tokens` values;
+ * `lengths` is NULL or holds `n_seqs`; `out_stats` is NULL or valid for one write.
+ */
+enum rlx_status rlx_trainer_sft_step(const struct rlx_trainer *trainer,
+                                     const uint32_t *tokens,
+                                     const uint8_t *mask,
+                                     size_t n_tokens,
+                                     const size_t *lengths,
+                                     size_t n_seqs,
+                                     struct rlx_step_stats *out_stats);
+
+/**
+ * One reward-model step on `n_pairs` pairs: mean −log σ(r_chosen − r_rejected − margin).
+ * Chosen and rejected sequences are packed like rlx_trainer_sft_step's; `out_stats->accuracy`
+ * is the fraction of pairs ranked correctly. The trainer's model needs a score head
+ * (RLX_HEAD_SCORE).
+ *
+ * # Safety
+ * As rlx_trainer_sft_step, for both packed batches.
+ */
+enum rlx_status rlx_trainer_rm_step(const struct rlx_trainer *trainer,
+                                    const uint32_t *chosen,
+                                    size_t n_chosen_tokens,
+                                    const size_t *chosen_lengths,
+                                    const uint32_t *rejected,
+                                    size_t n_rejected_tokens,
+                                    const size_t *rejected_lengths,
+                                    size_t n_pairs,
+                                    float margin,
+                                    struct rlx_step_stats *out_stats);
+
+/**
+ * The reward of each of `n_seqs` packed sequences (score head at the last token) into `out`
+ * (capacity `cap` ≥ n_seqs, else RLX_BUFFER_TOO_SMALL with `*n_written` = n_seqs). The model
+ * needs a score head (a `*ForSequenceClassification` checkpoint).
+ *
+ * # Safety
+ * `model` is NULL or live; `tokens` holds `n_tokens`; `lengths` holds `n_seqs`; `out` is NULL
+ * or valid for `cap` writes; `n_written` is NULL or valid for one write.
+ */
+enum rlx_status rlx_reward_score(const struct rlx_model *model,
+                                 const uint32_t *tokens,
+                                 size_t n_tokens,
+                                 const size_t *lengths,
+                                 size_t n_seqs,
+                                 float *out,
+                                 size_t cap,
+                                 size_t *n_written);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -31,6 +31,8 @@ mod tokenize;
 
 mod generate;
 
+mod train;
+
 mod ptr;
 
 pub use generate::{rlx_generate, rlx_logprobs, rlx_sampling_default_params, rlx_sampling_params};
@@ -40,6 +42,11 @@ pub use model::{
 };
 pub use status::{rlx_last_error, rlx_status, rlx_status_string};
 pub use tokenize::{rlx_detokenize, rlx_tokenize};
+pub use train::{
+    rlx_reward_score, rlx_step_stats, rlx_trainer, rlx_trainer_create, rlx_trainer_default_params,
+    rlx_trainer_free, rlx_trainer_params, rlx_trainer_resume, rlx_trainer_rm_step,
+    rlx_trainer_save, rlx_trainer_sft_step, RLX_HEAD_NONE, RLX_HEAD_SCORE, RLX_HEAD_VALUE,
+};
 pub use version::{
     rlx_version_number, rlx_version_string, RLX_VERSION_MAJOR, RLX_VERSION_MINOR,
     RLX_VERSION_NUMBER, RLX_VERSION_PATCH,

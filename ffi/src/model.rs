@@ -71,7 +71,7 @@ pub extern "C" fn rlx_model_default_params() -> rlx_model_params {
     rlx_model_params { threads: 0 }
 }
 
-fn path_from(c: &CStr) -> FfiResult<PathBuf> {
+pub(crate) fn path_from(c: &CStr) -> FfiResult<PathBuf> {
     #[cfg(unix)]
     {
         use std::os::unix::ffi::OsStrExt;
