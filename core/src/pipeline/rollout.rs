@@ -231,6 +231,51 @@ fn rate(tokens: usize, since: Instant) -> f64 {
     tokens as f64 / since.elapsed().as_secs_f64().max(1e-9)
 }
 
+/// The mean monitor score of a rollout's answers.
+fn monitor_mean(f: &ScoreFn<'_>, r: &Rollout) -> f64 {
+    let s: Vec<f64> = r
+        .prompt_text
+        .iter()
+        .zip(&r.response_text)
+        .map(|(p, a)| f(p, a))
+        .collect();
+    mean_std(&s).0
+}
+
+/// After an iteration's metrics: a checkpoint when due, and the report if a stop was asked.
+fn end_iteration(
+    trainer: &Trainer,
+    opts: &RolloutOptions,
+    metrics: &mut Metrics<'_>,
+    it: usize,
+    extra: &Value,
+    last: &Value,
+) -> Result<Option<StageReport>> {
+    if metrics.observer().stop_requested() {
+        save(trainer, &opts.out, extra)?;
+        return Ok(Some(StageReport {
+            outcome: Outcome::Interrupted,
+            steps: trainer.step_count(),
+            last: last.clone(),
+            model_dir: None,
+        }));
+    }
+    if it + 1 == opts.iterations || (opts.save_every > 0 && (it as u64 + 1) % opts.save_every == 0)
+    {
+        save(trainer, &opts.out, extra)?;
+    }
+    Ok(None)
+}
+
+fn finished(trainer: &Trainer, opts: &RolloutOptions, last: Value) -> Result<StageReport> {
+    Ok(StageReport {
+        outcome: Outcome::Finished,
+        steps: trainer.step_count(),
+        last,
+        model_dir: Some(save_final(trainer, &opts.out)?),
+    })
+}
+
 /// What the on-policy stages share: prompts, scoring, output, and the iteration cursor.
 pub struct OnPolicy<'a> {
     pub prompts: &'a [Prompt],
@@ -373,15 +418,7 @@ pub fn ppo(
         obs.advance(1);
         obs.end_phase();
         let (reward_mean, reward_std) = mean_std(&score);
-        let monitor = job.monitor.map(|f| {
-            let s: Vec<f64> = r
-                .prompt_text
-                .iter()
-                .zip(&r.response_text)
-                .map(|(p, a)| f(p, a))
-                .collect();
-            mean_std(&s).0
-        });
+        let monitor = job.monitor.map(|f| monitor_mean(f, &r));
         let lengths: Vec<f64> = r.old.iter().map(|o| o.len() as f64).collect();
         let k = steps.max(1) as f64;
         last = json!({
@@ -401,27 +438,11 @@ pub fn ppo(
         }
         let extra = json!({"stage": "ppo", "iteration": it + 1,
                            "state": {"kl_coef": config.kl_coef}});
-        if metrics.observer().stop_requested() {
-            save(trainer, &opts.out, &extra)?;
-            return Ok(StageReport {
-                outcome: Outcome::Interrupted,
-                steps: trainer.step_count(),
-                last,
-                model_dir: None,
-            });
-        }
-        if it + 1 == opts.iterations
-            || (opts.save_every > 0 && (it as u64 + 1) % opts.save_every == 0)
-        {
-            save(trainer, &opts.out, &extra)?;
+        if let Some(stopped) = end_iteration(trainer, opts, &mut metrics, it, &extra, &last)? {
+            return Ok(stopped);
         }
     }
-    Ok(StageReport {
-        outcome: Outcome::Finished,
-        steps: trainer.step_count(),
-        last,
-        model_dir: Some(save_final(trainer, &opts.out)?),
-    })
+    finished(trainer, opts, last)
 }
 
 /// GRPO: k answers per prompt, group-normalised rewards, clipped ratio and (β > 0) a KL term to
@@ -508,15 +529,7 @@ pub fn grpo(
         obs.advance(1);
         obs.end_phase();
         let (reward_mean, reward_std) = mean_std(&score);
-        let monitor = job.monitor.map(|f| {
-            let s: Vec<f64> = r
-                .prompt_text
-                .iter()
-                .zip(&r.response_text)
-                .map(|(p, a)| f(p, a))
-                .collect();
-            mean_std(&s).0
-        });
+        let monitor = job.monitor.map(|f| monitor_mean(f, &r));
         let lengths: Vec<f64> = r.old.iter().map(|o| o.len() as f64).collect();
         let kk = steps.max(1) as f64;
         last = json!({
@@ -529,27 +542,11 @@ pub fn grpo(
         });
         metrics.record(&last)?;
         let extra = json!({"stage": "grpo", "iteration": it + 1, "state": null});
-        if metrics.observer().stop_requested() {
-            save(trainer, &opts.out, &extra)?;
-            return Ok(StageReport {
-                outcome: Outcome::Interrupted,
-                steps: trainer.step_count(),
-                last,
-                model_dir: None,
-            });
-        }
-        if it + 1 == opts.iterations
-            || (opts.save_every > 0 && (it as u64 + 1) % opts.save_every == 0)
-        {
-            save(trainer, &opts.out, &extra)?;
+        if let Some(stopped) = end_iteration(trainer, opts, &mut metrics, it, &extra, &last)? {
+            return Ok(stopped);
         }
     }
-    Ok(StageReport {
-        outcome: Outcome::Finished,
-        steps: trainer.step_count(),
-        last,
-        model_dir: Some(save_final(trainer, &opts.out)?),
-    })
+    finished(trainer, opts, last)
 }
 
 #[cfg(test)]

@@ -137,6 +137,14 @@ pub fn resume_point(extra: Option<&Value>, stage: &str) -> Result<(Cursor, Value
     }
 }
 
+/// The chosen and the rejected sequences of some pairs.
+fn sides<'a>(pairs: &[&'a PreferencePair]) -> (Vec<&'a [u32]>, Vec<&'a [u32]>) {
+    pairs
+        .iter()
+        .map(|p| (p.chosen.tokens.as_slice(), p.rejected.tokens.as_slice()))
+        .unzip()
+}
+
 fn pick<'a, T>(items: &'a [T], idx: &[usize]) -> Vec<&'a T> {
     idx.iter().map(|&i| &items[i]).collect()
 }
@@ -210,9 +218,7 @@ pub fn reward_model(
         observer,
         |model, idx| {
             let batch = pick(pairs, idx);
-            let chosen: Vec<&[u32]> = batch.iter().map(|p| p.chosen.tokens.as_slice()).collect();
-            let rejected: Vec<&[u32]> =
-                batch.iter().map(|p| p.rejected.tokens.as_slice()).collect();
+            let (chosen, rejected) = sides(&batch);
             let (stats, grads) = model.reward_pair_gradients(&chosen, &rejected, rm.margin)?;
             Ok((
                 stats.loss,
@@ -322,9 +328,7 @@ pub fn dpo(
         observer,
         |model, idx| {
             let batch = pick(pairs, idx);
-            let chosen: Vec<&[u32]> = batch.iter().map(|p| p.chosen.tokens.as_slice()).collect();
-            let rejected: Vec<&[u32]> =
-                batch.iter().map(|p| p.rejected.tokens.as_slice()).collect();
+            let (chosen, rejected) = sides(&batch);
             let cm: Vec<Vec<bool>> = batch.iter().map(|p| p.chosen.mask.clone()).collect();
             let rm: Vec<Vec<bool>> = batch.iter().map(|p| p.rejected.mask.clone()).collect();
             let rc: Vec<f64> = idx.iter().map(|&i| refs[i].0).collect();
