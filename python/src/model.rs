@@ -79,6 +79,17 @@ impl PyModel {
     }
 }
 
+/// Loads a model with the GIL released; `threads` < 0 is an argument error.
+pub(crate) fn load_model(
+    py: Python<'_>,
+    path: &std::path::Path,
+    threads: i64,
+) -> PyResult<rlx::Model> {
+    let threads = count(py, threads, "threads")?;
+    py.detach(|| rlx::Model::load(path, LoadOptions { threads }))
+        .map_err(|e| to_py_err(py, e))
+}
+
 #[pymethods]
 impl PyModel {
     /// Loads a Hugging Face model folder (config.json, model.safetensors, tokenizer.json, ...)
@@ -87,11 +98,9 @@ impl PyModel {
     #[staticmethod]
     #[pyo3(signature = (path, threads = 0))]
     fn load(py: Python<'_>, path: PathBuf, threads: i64) -> PyResult<Self> {
-        let threads = count(py, threads, "threads")?;
-        let inner = py
-            .detach(|| rlx::Model::load(&path, LoadOptions { threads }))
-            .map_err(|e| to_py_err(py, e))?;
-        Ok(PyModel { inner })
+        Ok(PyModel {
+            inner: load_model(py, &path, threads)?,
+        })
     }
 
     /// Generates a continuation of each prompt (a list of token-id lists or 1-D arrays).

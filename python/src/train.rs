@@ -18,7 +18,7 @@ use rlx::{
 
 use crate::convert::{count, token_id_lists};
 use crate::errors::{to_py_err, Class};
-use crate::model::PyModel;
+use crate::model::{load_model, PyModel};
 
 /// LoRA settings: rank `r`, scale `lora_alpha / r`, and the modules adapted (PEFT's names;
 /// `["all-linear"]` for every projection).
@@ -85,10 +85,7 @@ impl PyRewardModel {
     #[staticmethod]
     #[pyo3(signature = (path, threads = 0))]
     fn load(py: Python<'_>, path: PathBuf, threads: i64) -> PyResult<Self> {
-        let threads = count(py, threads, "threads")?;
-        let inner = py
-            .detach(|| rlx::Model::load(&path, LoadOptions { threads }))
-            .map_err(|e| to_py_err(py, e))?;
+        let inner = load_model(py, &path, threads)?;
         if inner.weights().score.is_none() {
             return Err(
                 Class::InvalidArgument.err(py, format!("{} has no score head", path.display()))
