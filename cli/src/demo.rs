@@ -273,7 +273,8 @@ fn trainer(
     )?)
 }
 
-fn stage_done(name: &str, started: std::time::Instant) {
+fn stage_done(out: &Path, name: &str, started: std::time::Instant) {
+    crate::train::plots(&out.join(name));
     eprintln!("== {name} done in {:.0} s", started.elapsed().as_secs_f64());
 }
 
@@ -326,7 +327,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
     )?;
     let sft_dir = r.model_dir.ok_or("SFT did not finish")?;
     drop(sft_trainer);
-    stage_done("sft", t);
+    stage_done(&a.out, "sft", t);
 
     // Stage 2: the reward model, initialised from the SFT model.
     let t = std::time::Instant::now();
@@ -348,7 +349,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
     let rm_accuracy = supervised::pairwise_accuracy(&rm, &held_pairs)?;
     eprintln!("reward model: held-out pairwise accuracy {rm_accuracy:.3}");
     drop(rm_trainer);
-    stage_done("rm", t);
+    stage_done(&a.out, "rm", t);
 
     let sft = Model::load(&sft_dir, LoadOptions { threads: a.threads })?;
     let labeller_fn = |p: &str, r: &str| labeller(p, r);
@@ -387,7 +388,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
     )?;
     let ppo_dir = r.model_dir.ok_or("PPO did not finish")?;
     drop(ppo_trainer);
-    stage_done("ppo", t);
+    stage_done(&a.out, "ppo", t);
 
     // DPO on the preference pairs, from the SFT model.
     let t = std::time::Instant::now();
@@ -409,7 +410,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
     )?;
     let dpo_dir = r.model_dir.ok_or("DPO did not finish")?;
     drop(dpo_trainer);
-    stage_done("dpo", t);
+    stage_done(&a.out, "dpo", t);
 
     // GRPO against the reward model, 4 answers per prompt.
     let t = std::time::Instant::now();
@@ -433,7 +434,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
     )?;
     let grpo_dir = r.model_dir.ok_or("GRPO did not finish")?;
     drop(grpo_trainer);
-    stage_done("grpo", t);
+    stage_done(&a.out, "grpo", t);
 
     // The table: every model on the held-out prompts.
     let t = std::time::Instant::now();
@@ -448,7 +449,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
         let m = Model::load(dir, LoadOptions { threads: a.threads })?;
         rows.push(evaluate(name, &m, &sft, &rm, &held, a.seed)?);
     }
-    stage_done("evaluation", t);
+    eprintln!("== evaluation done in {:.0} s", t.elapsed().as_secs_f64());
     let report = results(&rows, rm_accuracy, &a, t0.elapsed().as_secs_f64());
     std::fs::write(a.out.join("RESULTS.md"), &report)?;
     println!("{report}");

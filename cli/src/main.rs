@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use rlx::{LoadOptions, Message, Model, SamplingParams, TextStream};
 
 mod demo;
+mod plot;
 mod train;
 
 #[derive(Parser)]
@@ -51,6 +52,12 @@ enum Command {
     /// The whole recipe on a small task with a programmatic labeller: SFT → RM → PPO, then
     /// DPO and GRPO, and a before/after table on held-out prompts.
     Demo(demo::DemoArgs),
+    /// Draw PNG charts of a run's metrics.jsonl into its folder (the training commands do this
+    /// when they end).
+    Plot {
+        /// A run's output folder (holding metrics.jsonl).
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -178,6 +185,11 @@ fn main() -> ExitCode {
         Command::Ppo(a) => train::ppo(a),
         Command::Grpo(a) => train::grpo(a),
         Command::Demo(a) => demo::demo(a),
+        Command::Plot { out } => plot::write_plots(&out).map(|files| {
+            for f in files {
+                println!("{}", f.display());
+            }
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -429,7 +429,24 @@ impl Setup {
     }
 }
 
+/// Writes the run's PNG charts beside its checkpoints (a failure is reported, not fatal).
+pub(crate) fn plots(out: &Path) {
+    match crate::plot::write_plots(out) {
+        Ok(files) if !files.is_empty() => eprintln!(
+            "plots: {}",
+            files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("plots not written: {e}"),
+    }
+}
+
 fn summary(stage: &str, r: &StageReport, out: &Path) {
+    plots(out);
     match r.outcome {
         Outcome::Finished => eprintln!(
             "{stage}: finished after {} steps; model in {}",
