@@ -5,7 +5,8 @@
 //! The task: a customer reports a problem; the assistant should answer in one short, polite
 //! sentence. The labeller's score (0–4), stated once here and in docs/RESULTS.md:
 //! +1 the answer apologises ("sorry" or "apolog…"), +1 it thanks the customer ("thank…"),
-//! +1 it has 4 to 25 words, +1 it contains none of the rude phrases below (and is not empty).
+//! +1 it has 4 to 25 words, +1 it is on task: none of the rude phrases below, and it does not
+//! echo the customer's message back ("customer writes", or the quoted complaint).
 //!
 //! Data (written to OUT/data, deterministic): SFT demonstrations for some training prompts,
 //! K = 4 answers per prompt ranked by the labeller for the reward model and DPO, training
@@ -53,8 +54,16 @@ const RUDE: &[&str] = &[
     "go away",
 ];
 
+/// The customer's quoted message inside a prompt, lower-cased.
+fn complaint(prompt: &str) -> Option<String> {
+    let start = prompt.find('"')? + 1;
+    let len = prompt[start..].find('"')?;
+    let quoted = prompt[start..start + len].trim_end_matches(['.', '!', '?']);
+    Some(quoted.to_lowercase())
+}
+
 /// The labeller: 0–4 (see the module comment).
-pub fn labeller(_prompt: &str, answer: &str) -> f64 {
+pub fn labeller(prompt: &str, answer: &str) -> f64 {
     let a = answer.to_lowercase();
     let words = a.split_whitespace().count();
     let mut score = 0.0;
@@ -67,7 +76,9 @@ pub fn labeller(_prompt: &str, answer: &str) -> f64 {
     if (4..=25).contains(&words) {
         score += 1.0;
     }
-    if words > 0 && !RUDE.iter().any(|r| a.contains(r)) {
+    let echoes = a.contains("customer writes")
+        || complaint(prompt).is_some_and(|c| !c.is_empty() && a.contains(&c));
+    if words > 0 && !echoes && !RUDE.iter().any(|r| a.contains(r)) {
         score += 1.0;
     }
     score
@@ -99,8 +110,8 @@ fn prompt_text(product: &str, problem: &str) -> String {
     format!("A customer writes: \"My {product} {problem}.\" Reply to the customer in one short sentence.")
 }
 
-/// Four answers, best first by the labeller.
-fn ranked_answers(product: &str, problem: &str, variant: usize) -> [String; 4] {
+/// Five answers, best first by the labeller (scores 4, 3, 2, 1, 0).
+fn ranked_answers(product: &str, problem: &str, variant: usize) -> [String; 5] {
     let polite = [
         format!("We are sorry your {product} {problem}; thank you for telling us, we will make it right."),
         format!("Thank you for letting us know, and we are sorry about your {product}."),
@@ -115,7 +126,8 @@ fn ranked_answers(product: &str, problem: &str, variant: usize) -> [String; 4] {
              time contacting support about it."
         ),
         format!("We will look into your {product}."),
-        "That is not our problem, deal with it.".to_string(),
+        format!("A customer writes: \"My {product} {problem}.\""),
+        "Deal with it.".to_string(),
     ]
 }
 
@@ -150,7 +162,7 @@ fn write_data(dir: &Path) -> CliResult<DemoData> {
             // third.
             match (i + j) % 3 {
                 0 => sft.push(json!({"prompt": p, "response": answers[i % 2]})),
-                1 => prefs.push(json!({"prompt": p, "responses": answers})),
+                1 if prefs.len() < 8 => prefs.push(json!({"prompt": p, "responses": answers})),
                 _ => {}
             }
         }
@@ -495,11 +507,12 @@ mod tests {
     fn the_ranked_answers_are_in_labeller_order() {
         for (i, p) in TRAIN_PRODUCTS.iter().chain(HELD_PRODUCTS).enumerate() {
             for q in TRAIN_PROBLEMS.iter().chain(HELD_PROBLEMS) {
+                let prompt = prompt_text(p, q);
                 let scores: Vec<f64> = ranked_answers(p, q, i)
                     .iter()
-                    .map(|a| labeller("", a))
+                    .map(|a| labeller(&prompt, a))
                     .collect();
-                assert_eq!(scores[0], 4.0, "{p} {q}");
+                assert_eq!(scores, vec![4.0, 3.0, 2.0, 1.0, 0.0], "{p} {q}");
                 assert!(
                     scores.windows(2).all(|w| w[0] > w[1]),
                     "{p} {q}: {scores:?}"
@@ -507,5 +520,10 @@ mod tests {
             }
         }
         assert_eq!(labeller("", ""), 0.0);
+        let prompt = prompt_text("kettle", "arrived broken");
+        assert_eq!(
+            labeller(&prompt, "Sorry, my kettle arrived broken, thank you."),
+            3.0
+        );
     }
 }
