@@ -446,6 +446,20 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// Seconds this process's threads have run on a CPU and waited for one (summed over the
+/// live threads from /proc/self/task/*/schedstat); None off Linux. Waiting means another
+/// process competed for the cores, which skews a timing.
+fn cpu_and_wait_seconds() -> Option<(f64, f64)> {
+    let (mut run, mut wait) = (0u64, 0u64);
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        let mut fields = stat.split_whitespace().map(str::parse::<u64>);
+        run += fields.next()?.ok()?;
+        wait += fields.next()?.ok()?;
+    }
+    Some((run as f64 * 1e-9, wait as f64 * 1e-9))
+}
+
 /// `rlx bench --train-batch B`: one untimed warm-up SFT step, then `steps` timed ones, on
 /// `B` sequences of `train_len` pseudo-random tokens whose first `train_prompt` tokens are
 /// masked out of the loss. The peak RSS is reset after the model is loaded, so it covers the
@@ -486,10 +500,17 @@ fn bench_train(a: &BenchArgs, batch: usize) -> CliResult {
     let mut seconds = Vec::with_capacity(a.steps + 1);
     let mut losses = Vec::with_capacity(a.steps + 1);
     let mut grad_norms = Vec::with_capacity(a.steps + 1);
+    let mut cpu_seconds = Vec::with_capacity(a.steps + 1);
+    let mut wait_seconds = Vec::with_capacity(a.steps + 1);
     for _ in 0..=a.steps {
+        let before = cpu_and_wait_seconds();
         let t = Instant::now();
         let stats = trainer.sft_step(&sequences, &masks)?;
         seconds.push(t.elapsed().as_secs_f64());
+        if let (Some((run0, wait0)), Some((run1, wait1))) = (before, cpu_and_wait_seconds()) {
+            cpu_seconds.push(run1 - run0);
+            wait_seconds.push(wait1 - wait0);
+        }
         if stats.skipped {
             return Err(format!(
                 "step {} was skipped (non-finite loss or gradient)",
@@ -517,6 +538,8 @@ fn bench_train(a: &BenchArgs, batch: usize) -> CliResult {
         "lr": a.lr,
         "warmup_seconds": seconds[0],
         "step_seconds": timed,
+        "step_cpu_seconds": cpu_seconds.get(1..),
+        "step_runqueue_wait_seconds": wait_seconds.get(1..),
         "step_seconds_best": best,
         "step_seconds_mean": mean,
         "tok_per_s": tokens as f64 / best,
