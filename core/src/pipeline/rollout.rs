@@ -286,6 +286,25 @@ pub struct OnPolicy<'a> {
     pub options: RolloutOptions,
 }
 
+impl OnPolicy<'_> {
+    /// The prompts of iteration `it`.
+    fn prompts_for(&self, it: usize) -> Vec<&Prompt> {
+        let o = &self.options;
+        prompts_of(it, o.prompts_per_iteration, self.prompts.len(), o.seed)
+            .into_iter()
+            .map(|i| &self.prompts[i])
+            .collect()
+    }
+
+    /// Whether rewards can be read from the policy's own token ids.
+    fn reward_shares_tokenizer(&self, policy: &Model) -> bool {
+        match &self.reward {
+            Reward::Model(rm) => same_tokenizer(policy, rm),
+            Reward::Function(_) => true,
+        }
+    }
+}
+
 fn start_iteration(resume: Option<&Value>, stage: &str) -> Result<(usize, Value)> {
     match resume {
         None => Ok((0, Value::Null)),
@@ -329,18 +348,11 @@ pub fn ppo(
     if let Some(c) = state["kl_coef"].as_f64() {
         config.kl_coef = c;
     }
-    let same = match &job.reward {
-        Reward::Model(rm) => same_tokenizer(trainer.model(), rm),
-        Reward::Function(_) => true,
-    };
+    let same = job.reward_shares_tokenizer(trainer.model());
     let mut metrics = Metrics::open(&opts.out, observer)?;
     let mut last = Value::Null;
     for it in first..opts.iterations {
-        let picked: Vec<&Prompt> =
-            prompts_of(it, opts.prompts_per_iteration, job.prompts.len(), opts.seed)
-                .into_iter()
-                .map(|i| &job.prompts[i])
-                .collect();
+        let picked = job.prompts_for(it);
         let seed = opts.seed.wrapping_add(it as u64);
         let obs = metrics.observer();
         obs.phase(&format!("ppo {}/{} rollout", it + 1, opts.iterations), 4);
@@ -470,18 +482,11 @@ pub fn grpo(
         return Err(Error::invalid("GRPO with beta > 0 needs a reference model"));
     }
     let (first, _) = start_iteration(resume, "grpo")?;
-    let same = match &job.reward {
-        Reward::Model(rm) => same_tokenizer(trainer.model(), rm),
-        Reward::Function(_) => true,
-    };
+    let same = job.reward_shares_tokenizer(trainer.model());
     let mut metrics = Metrics::open(&opts.out, observer)?;
     let mut last = Value::Null;
     for it in first..opts.iterations {
-        let picked: Vec<&Prompt> =
-            prompts_of(it, opts.prompts_per_iteration, job.prompts.len(), opts.seed)
-                .into_iter()
-                .map(|i| &job.prompts[i])
-                .collect();
+        let picked = job.prompts_for(it);
         let seed = opts.seed.wrapping_add(it as u64);
         let obs = metrics.observer();
         obs.phase(&format!("grpo {}/{}", it + 1, opts.iterations), 3);
