@@ -55,7 +55,7 @@ def main() -> None:
 
 def reward_model(folder: Path, sequences) -> None:
     """LlamaForSequenceClassification on the fixture backbone with a random score head: rewards,
-    pairwise loss −log σ(r_c − r_r − margin), and a few gradients, written to rm.json and
+    pairwise loss −log σ(r_c − r_r − margin), and every gradient, written to rm.json and
     rm.safetensors (which also holds the score head)."""
     from transformers import LlamaForSequenceClassification
 
@@ -74,10 +74,8 @@ def reward_model(folder: Path, sequences) -> None:
     rc, rr = rewards(chosen), rewards(rejected)
     loss = -torch.nn.functional.logsigmoid(rc - rr - margin).mean()
     loss.backward()
-    keep = ["score.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.weight",
-            "model.embed_tokens.weight"]
     params = dict(rm.named_parameters())
-    tensors = {f"grad.{n}": params[n].grad.contiguous() for n in keep}
+    tensors = {f"grad.{n}": p.grad.contiguous() for n, p in params.items()}
     tensors["score.weight"] = rm.score.weight.detach().contiguous()
     save_file(tensors, folder / "rm.safetensors")
     meta = {"chosen": chosen, "rejected": rejected, "margin": margin, "loss": loss.item(),
@@ -86,8 +84,8 @@ def reward_model(folder: Path, sequences) -> None:
 
 
 def dpo(folder: Path, sequences) -> None:
-    """DPO (sigmoid) on the llama fixture with given reference log-likelihoods: loss and a few
-    gradients, written to dpo.json and dpo.safetensors."""
+    """DPO (sigmoid) on the llama fixture with given reference log-likelihoods: loss and every
+    gradient, written to dpo.json and dpo.safetensors."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     a, b = sequences
     chosen = [(a, 3), (b[:10], 4)]
@@ -104,10 +102,8 @@ def dpo(folder: Path, sequences) -> None:
     ])
     loss = -torch.nn.functional.logsigmoid(beta * h).mean()
     loss.backward()
-    keep = ["lm_head.weight", "model.norm.weight", "model.layers.1.mlp.up_proj.weight",
-            "model.embed_tokens.weight"]
-    params = dict(model.named_parameters())
-    save_file({n: params[n].grad.contiguous() for n in keep}, folder / "dpo.safetensors")
+    save_file({n: p.grad.contiguous() for n, p in model.named_parameters()},
+              folder / "dpo.safetensors")
     meta = {
         "chosen": [s for s, _ in chosen], "chosen_start": [k for _, k in chosen],
         "rejected": [s for s, _ in rejected], "rejected_start": [k for _, k in rejected],
@@ -180,10 +176,7 @@ def ppo(folder: Path, sequences) -> None:
     entropy = ent.mean()
     loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy
     loss.backward()
-    keep = ["lm_head.weight", "model.norm.weight", "model.layers.0.self_attn.k_proj.weight",
-            "model.embed_tokens.weight"]
-    params = dict(model.named_parameters())
-    tensors = {f"grad.{n}": params[n].grad.contiguous() for n in keep}
+    tensors = {f"grad.{n}": p.grad.contiguous() for n, p in model.named_parameters()}
     tensors["grad.v_head.summary.weight"] = vw.grad.contiguous()
     tensors["grad.v_head.summary.bias"] = vb.grad.contiguous()
     tensors["v_head.summary.weight"] = vw.detach().contiguous()
@@ -246,7 +239,8 @@ def grpo(folder: Path, sequences) -> None:
         if loss_type in ("grpo", "dr_grpo"):
             loss.backward()
             params = dict(model.named_parameters())
-            for n in keep:
+            names = params if loss_type == "grpo" else keep
+            for n in names:
                 tensors[f"{loss_type}.{n}"] = params[n].grad.contiguous()
     save_file(tensors, folder / "grpo.safetensors")
     (folder / "grpo.json").write_text(json.dumps(meta) + "\n")
