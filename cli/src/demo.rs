@@ -238,15 +238,20 @@ fn evaluate(
         },
         None,
     )?;
-    let mut kl = 0.0;
+    let (mut seqs, mut masks) = (Vec::new(), Vec::new());
     for (p, g) in prompts.iter().zip(&sampled) {
         let mut s = p.tokens.clone();
         s.extend(&g.tokens);
-        let mask: Vec<bool> = (0..s.len()).map(|t| t >= p.tokens.len()).collect();
-        let ours = model.masked_logprob_sums(&[&s], std::slice::from_ref(&mask), 1.0)?;
-        let theirs = sft.masked_logprob_sums(&[&s], &[mask], 1.0)?;
-        kl += ours[0] - theirs[0];
+        masks.push(
+            (0..s.len())
+                .map(|t| t >= p.tokens.len())
+                .collect::<Vec<bool>>(),
+        );
+        seqs.push(s);
     }
+    let ours = model.masked_logprob_sums(&seqs, &masks, 1.0)?;
+    let theirs = sft.masked_logprob_sums(&seqs, &masks, 1.0)?;
+    let kl: f64 = ours.iter().zip(&theirs).map(|(a, b)| a - b).sum();
     let n = prompts.len() as f64;
     Ok(Row {
         name: name.to_string(),

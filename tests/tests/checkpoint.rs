@@ -285,3 +285,18 @@ fn killing_a_process_mid_save_never_breaks_a_checkpoint() {
     println!("{saved} complete checkpoints; {interrupted} saves interrupted mid-write");
     assert!(saved > 0, "the writer never finished a checkpoint");
 }
+
+#[test]
+fn gradients_of_another_shape_are_refused() {
+    // Same number of tensors, different sizes (LoRA rank 2 vs 4): an error, not a panic.
+    let lora = |rank| {
+        let mut m = Model::load(fixture("llama-f32"), LoadOptions::default()).unwrap();
+        m.attach_lora(&LoraConfig::new(rank, 8.0)).unwrap();
+        m
+    };
+    let mut trainer = Trainer::new(lora(4), config()).unwrap();
+    let (s, m) = &batches()[0];
+    let (loss, grads) = lora(2).sft_gradients(s, m).unwrap();
+    assert!(trainer.apply(loss, grads).is_err());
+    assert_eq!(trainer.step_count(), 0);
+}

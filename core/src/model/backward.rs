@@ -534,7 +534,11 @@ impl Model {
             }
         }
         if let (Some(values), Some(head)) = (out.value.as_mut(), w.value.as_ref()) {
-            let bias = head.b.as_ref().map_or(0.0, |b| b.as_slice()[0]) as f64;
+            let bias = head
+                .b
+                .as_ref()
+                .and_then(|b| b.as_slice().first().copied())
+                .unwrap_or(0.0) as f64;
             for sel in rows {
                 let h = &s.h[sel.row * c..(sel.row + 1) * c];
                 values[sel.seq].push(dot(h, head.w.as_slice()) as f64 + bias);
@@ -618,8 +622,8 @@ impl Model {
                 for (gw, &hv) in g.w.iter_mut().zip(h) {
                     *gw += dvalue * hv;
                 }
-                if let Some(b) = g.b.as_mut() {
-                    b[0] += dvalue;
+                if let Some(b) = g.b.as_mut().and_then(|b| b.first_mut()) {
+                    *b += dvalue;
                 }
             }
         }

@@ -73,7 +73,11 @@ impl Model {
         let head = self.weights().value.as_ref().ok_or_else(|| {
             Error::invalid("this model has no value head (call add_value_head or load one)")
         })?;
-        let bias = head.b.as_ref().map_or(0.0, |b| b.as_slice()[0]);
+        let bias = head
+            .b
+            .as_ref()
+            .and_then(|b| b.as_slice().first().copied())
+            .unwrap_or(0.0);
         self.install(|| {
             let c = self.config().hidden_size;
             let mut s = Scratch::default();

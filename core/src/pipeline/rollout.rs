@@ -113,8 +113,17 @@ struct Rollout {
 /// The prompts of iteration `it`: consecutive positions of an endless stream of shuffled
 /// epochs over the dataset.
 fn prompts_of(it: usize, per: usize, n: usize, seed: u64) -> Vec<usize> {
+    // One shuffle per epoch the iteration touches (at most a few), not one per prompt.
+    let mut order: Option<(usize, Vec<usize>)> = None;
     (it * per..(it + 1) * per)
-        .map(|q| shuffled(n, seed ^ ((q / n) as u64).wrapping_mul(0x9E37_79B9))[q % n])
+        .map(|q| {
+            let epoch = q / n;
+            if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                let o = shuffled(n, seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
+                order = Some((epoch, o));
+            }
+            order.as_ref().map_or(q % n, |(_, o)| o[q % n])
+        })
         .collect()
 }
 

@@ -261,9 +261,11 @@ impl Trainer {
                 "micro-batch weight must be positive, got {weight}"
             )));
         }
-        if grads.flat().len() != self.m.len() {
+        let flat = grads.flat();
+        if flat.len() != self.m.len() || flat.iter().zip(&self.m).any(|(g, m)| g.len() != m.len()) {
             return Err(Error::invalid("gradients do not match this model"));
         }
+        drop(flat);
         match self.pending.as_mut() {
             None => {
                 let mut grads = grads;
@@ -318,10 +320,8 @@ impl Trainer {
 
     fn update(&mut self, loss: f64, mut grads: Gradients) -> Result<StepStats> {
         let lr = self.config.lr_at(self.step);
+        // Shapes were checked by `accumulate`, the only way gradients reach here.
         let flat = grads.flat();
-        if flat.len() != self.m.len() {
-            return Err(Error::invalid("gradients do not match this model"));
-        }
         let norm_sq: f64 = flat
             .iter()
             .flat_map(|g| g.iter())
