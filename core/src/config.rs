@@ -171,7 +171,7 @@ impl ModelConfig {
                 return Err(Error::Config(format!("`{name}` must be positive")));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::Config(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
@@ -183,7 +183,7 @@ impl ModelConfig {
                 self.hidden_size, self.num_heads
             )));
         }
-        if self.rope.is_some() && self.head_dim % 2 != 0 {
+        if self.rope.is_some() && !self.head_dim.is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "RoPE needs an even head_dim, got {}",
                 self.head_dim

@@ -39,7 +39,9 @@ impl Tensor {
     pub(crate) fn mapped(map: Arc<Mmap>, offset: usize, shape: Vec<usize>) -> Option<Self> {
         let len = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
         let end = len.checked_mul(4)?.checked_add(offset)?;
-        if end > map.len() || (map.as_ptr() as usize + offset) % std::mem::align_of::<f32>() != 0 {
+        if end > map.len()
+            || !(map.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<f32>())
+        {
             return None;
         }
         Some(Tensor {

@@ -12,6 +12,7 @@ use crate::backend::cpu::matmul::{matmul, matmul_backward};
 use crate::backend::cpu::norm::{layernorm_backward, rmsnorm_backward};
 use crate::backend::cpu::rope;
 use crate::backend::cpu::simd::dot;
+use crate::backend::cpu::zeroed;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 
@@ -106,7 +107,7 @@ fn zero_linear(l: &Linear, frozen: bool) -> LinearGrad {
         w: if frozen {
             Vec::new()
         } else {
-            vec![0.0; l.w.as_slice().len()]
+            zeroed(l.w.as_slice().len())
         },
         b: l.b
             .as_ref()
@@ -146,7 +147,7 @@ impl Gradients {
             if frozen {
                 Vec::new()
             } else {
-                vec![0.0; t.as_slice().len()]
+                zeroed(t.as_slice().len())
             }
         };
         Gradients {
@@ -558,11 +559,6 @@ impl Model {
             ));
         }
         let head_trainable = !grads.base_frozen();
-        let mut dhead = if head_trainable {
-            vec![0f32; head.as_slice().len()]
-        } else {
-            Vec::new()
-        };
         let mut dhf = vec![0f32; t * c];
         let mut dh_chunk = vec![0f32; LOSS_ROWS * c];
         let mut taken = vec![0usize; n_seq];
@@ -583,9 +579,14 @@ impl Model {
                     *l = (dlogp * (onehot - p) - dent * p * (logp_j + entropy)) as f32;
                 }
             }
+            // The head's gradient accumulates straight into its buffer (the embedding's when tied).
+            let dhead = match grads.lm_head.as_mut() {
+                Some(h) => h.as_mut_slice(),
+                None => grads.tok_emb.as_mut_slice(),
+            };
             matmul_backward(
                 Some(&mut dh_chunk[..m * c]),
-                head_trainable.then_some(dhead.as_mut_slice()),
+                head_trainable.then_some(dhead),
                 None,
                 &logits[..m * v],
                 &hidden[..m * c],
@@ -596,12 +597,6 @@ impl Model {
             );
             for (i, sel) in chunk.iter().enumerate() {
                 dhf[sel.row * c..(sel.row + 1) * c].copy_from_slice(&dh_chunk[i * c..(i + 1) * c]);
-            }
-        }
-        if head_trainable {
-            match grads.lm_head.as_mut() {
-                Some(h) => add(h, &dhead),
-                None => add(&mut grads.tok_emb, &dhead),
             }
         }
         if let (Some(dv), Some(head), Some(g)) =

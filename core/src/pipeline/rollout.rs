@@ -269,7 +269,8 @@ fn end_iteration(
             model_dir: None,
         }));
     }
-    if it + 1 == opts.iterations || (opts.save_every > 0 && (it as u64 + 1) % opts.save_every == 0)
+    if it + 1 == opts.iterations
+        || (opts.save_every > 0 && (it as u64 + 1).is_multiple_of(opts.save_every))
     {
         save(trainer, &opts.out, extra)?;
     }

@@ -91,7 +91,8 @@ fn run(
                     model_dir: None,
                 });
             }
-            if done || (opts.save_every > 0 && trainer.step_count() % opts.save_every == 0) {
+            if done || (opts.save_every > 0 && trainer.step_count().is_multiple_of(opts.save_every))
+            {
                 save(trainer, &opts.out, &extra(cursor))?;
             }
             if done {

@@ -65,7 +65,7 @@ pub fn group_advantages(rewards: &[f64], group_size: usize, scale: bool) -> Resu
             "GRPO needs at least 2 completions per prompt (group size k ≥ 2)",
         ));
     }
-    if rewards.is_empty() || rewards.len() % group_size != 0 {
+    if rewards.is_empty() || !rewards.len().is_multiple_of(group_size) {
         return Err(Error::invalid(format!(
             "{} rewards do not form groups of {group_size}",
             rewards.len()

@@ -9,8 +9,13 @@ pub mod dpo;
 pub mod grpo;
 pub mod ppo;
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 use crate::model::{Gradients, Model};
+
+/// Elements per task in the optimizer's elementwise loops and the gradient-norm sum.
+const PARALLEL_CHUNK: usize = 1 << 16;
 
 /// Learning rate as a function of the step number.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -145,8 +150,14 @@ impl Trainer {
             .unzip();
         Ok(Trainer {
             names,
-            m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
-            v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            m: sizes
+                .iter()
+                .map(|&n| crate::backend::cpu::zeroed(n))
+                .collect(),
+            v: sizes
+                .iter()
+                .map(|&n| crate::backend::cpu::zeroed(n))
+                .collect(),
             model,
             config,
             step: 0,
@@ -322,10 +333,15 @@ impl Trainer {
         let lr = self.config.lr_at(self.step);
         // Shapes were checked by `accumulate`, the only way gradients reach here.
         let flat = grads.flat();
+        // Fixed-size chunks summed in order: the same value on any number of threads.
         let norm_sq: f64 = flat
             .iter()
-            .flat_map(|g| g.iter())
-            .map(|&g| g as f64 * g as f64)
+            .flat_map(|g| g.chunks(PARALLEL_CHUNK))
+            .collect::<Vec<_>>()
+            .par_iter()
+            .map(|chunk| chunk.iter().map(|&g| g as f64 * g as f64).sum::<f64>())
+            .collect::<Vec<f64>>()
+            .iter()
             .sum();
         let grad_norm = norm_sq.sqrt();
         if !(loss.is_finite() && grad_norm.is_finite()) {
@@ -362,13 +378,20 @@ impl Trainer {
             } else {
                 1.0
             };
-            for i in 0..p.len() {
-                let gi = g[i] * clip;
-                m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * gi;
-                v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * gi * gi;
-                let denom = (v[i].sqrt() as f64 / bias2_sqrt) as f32 + c.eps;
-                p[i] = p[i] * wd - step_size * m[i] / denom;
-            }
+            // Elementwise, so splitting it across threads changes no value.
+            p.par_chunks_mut(PARALLEL_CHUNK)
+                .zip(m.par_chunks_mut(PARALLEL_CHUNK))
+                .zip(v.par_chunks_mut(PARALLEL_CHUNK))
+                .zip(g.par_chunks(PARALLEL_CHUNK))
+                .for_each(|(((p, m), v), g)| {
+                    for i in 0..p.len() {
+                        let gi = g[i] * clip;
+                        m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * gi;
+                        v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * gi * gi;
+                        let denom = (v[i].sqrt() as f64 / bias2_sqrt) as f32 + c.eps;
+                        p[i] = p[i] * wd - step_size * m[i] / denom;
+                    }
+                });
         }
         self.step += 1;
         Ok(StepStats {

@@ -257,7 +257,7 @@ fn unpermute_rows(t: &Tensor, heads: usize) -> Option<Tensor> {
     let shape = t.shape().to_vec();
     let rows = shape[0];
     let cols: usize = shape[1..].iter().product();
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return None;
     }
     let hs = rows / heads;

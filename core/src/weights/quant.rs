@@ -71,13 +71,14 @@ impl GgmlType {
 
     /// Bytes of a row of `n` values, or `None` when `n` is not a whole number of blocks.
     pub fn row_bytes(self, n: usize) -> Option<usize> {
-        (n % self.block_size() == 0).then(|| n / self.block_size() * self.type_size())
+        n.is_multiple_of(self.block_size())
+            .then(|| n / self.block_size() * self.type_size())
     }
 
     /// All values of `bytes` (whole rows of `row_len`) as f32.
     pub fn dequantize(self, bytes: &[u8], row_len: usize) -> Option<Vec<f32>> {
         let (bs, ts) = (self.block_size(), self.type_size());
-        if row_len % bs != 0 || bytes.len() % ts != 0 {
+        if !row_len.is_multiple_of(bs) || !bytes.len().is_multiple_of(ts) {
             return None;
         }
         let n = bytes.len() / ts * bs;

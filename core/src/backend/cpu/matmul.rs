@@ -12,6 +12,7 @@
 
 use rayon::prelude::*;
 
+use super::gemm::{gemm, Strided};
 use super::simd::{isa, Isa};
 use super::SendPtr;
 
@@ -62,8 +63,8 @@ pub fn matmul(
 }
 
 /// Backward of [`matmul`]. Given `dout (T, N)`: writes `dx (T, K) = dout · w` and accumulates
-/// `dw (N, K) += doutᵀ · x` and `db (N) += Σ_t dout`. Each output element is reduced in index
-/// order by one task (rows of `dx`, rows of `dw`), so gradients do not depend on thread count.
+/// `dw (N, K) += doutᵀ · x` and `db (N) += Σ_t dout`. The products run on [`gemm`], whose results
+/// do not depend on the thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward(
     dx: Option<&mut [f32]>,
@@ -78,32 +79,36 @@ pub fn matmul_backward(
 ) {
     assert!(dout.len() >= rows * n && x.len() >= rows * k && w.len() >= n * k);
     if let Some(dx) = dx {
-        dx[..rows * k]
-            .par_chunks_mut(k.max(1))
-            .enumerate()
-            .for_each(|(t, dxt)| {
-                dxt.fill(0.0);
-                for (j, &g) in dout[t * n..(t + 1) * n].iter().enumerate() {
-                    super::simd::axpy(dxt, g, &w[j * k..(j + 1) * k]);
-                }
-            });
+        let dout_rows = Strided {
+            data: dout,
+            row_stride: n,
+            col_stride: 1,
+        };
+        gemm(dx, k, false, dout_rows, w, k, rows, k, n);
     }
     if let Some(dw) = dw {
-        dw[..n * k]
-            .par_chunks_mut(k.max(1))
-            .enumerate()
-            .for_each(|(j, dwj)| {
-                for t in 0..rows {
-                    super::simd::axpy(dwj, dout[t * n + j], &x[t * k..(t + 1) * k]);
-                }
-            });
+        let dout_columns = Strided {
+            data: dout,
+            row_stride: 1,
+            col_stride: n,
+        };
+        gemm(dw, k, true, dout_columns, x, k, n, k, rows);
     }
     if let Some(db) = db {
-        db[..n].par_iter_mut().enumerate().for_each(|(j, b)| {
-            for t in 0..rows {
-                *b += dout[t * n + j];
-            }
-        });
+        // Columns in parallel, rows in order within each column: no reduction is split.
+        let db = &mut db[..n];
+        let per_task = n.div_ceil(4 * rayon::current_num_threads().max(1)).max(64);
+        db.par_chunks_mut(per_task)
+            .enumerate()
+            .for_each(|(ci, chunk)| {
+                let j0 = ci * per_task;
+                for t in 0..rows {
+                    let src = &dout[t * n + j0..t * n + j0 + chunk.len()];
+                    for (b, g) in chunk.iter_mut().zip(src) {
+                        *b += g;
+                    }
+                }
+            });
     }
 }
 
@@ -130,8 +135,8 @@ unsafe fn compute_rect(
 ) {
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2+FMA detected; the caller's contract covers `out`.
-        Isa::Avx2Fma => unsafe { avx2::rect(out, x, w, bias, n, k, rect) },
+        // SAFETY: AVX2+FMA detected (AVX-512 machines have both); the caller's contract covers `out`.
+        Isa::Avx2Fma | Isa::Avx512 => unsafe { avx2::rect(out, x, w, bias, n, k, rect) },
         _ => {
             for r in rect.r0..rect.r1 {
                 for c in rect.c0..rect.c1 {

@@ -11,11 +11,14 @@
 
 pub mod activation;
 pub mod attention;
+pub mod gemm;
 pub mod matmul;
 pub mod norm;
 pub mod rope;
 pub mod simd;
 pub mod softmax;
+
+use rayon::prelude::*;
 
 /// A raw pointer that may cross threads. Used only where each thread writes a disjoint region,
 /// which the user states in a `// SAFETY:` line.
@@ -31,4 +34,11 @@ impl SendPtr {
     pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
+}
+
+/// A zero-filled buffer whose pages are already written: gradient buffers are read before their
+/// first write, and a read of never-written memory maps the shared zero page, so the first write
+/// then costs a copy-on-write fault plus a TLB flush on every core.
+pub(crate) fn zeroed(len: usize) -> Vec<f32> {
+    (0..len).into_par_iter().map(|_| 0.0).collect()
 }

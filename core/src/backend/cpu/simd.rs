@@ -1,15 +1,29 @@
 //! Runtime ISA detection (one chokepoint) and the few vector primitives shared by kernels.
 //!
-//! `RLX_FORCE_SCALAR=1` selects the portable path even where AVX2+FMA exist, so tests can exercise
-//! it. A process always uses one path, so results are reproducible within a machine.
+//! `RLX_ISA=scalar|avx2|avx512` caps the level used (`RLX_FORCE_SCALAR=1` is `RLX_ISA=scalar`), so
+//! tests and benchmarks can exercise every path on one machine. A process always uses one path, so
+//! results are reproducible within a machine.
 
 use std::sync::OnceLock;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
     /// x86-64 with AVX2 and FMA: 8 f32 lanes.
     Avx2Fma,
+    /// x86-64 with AVX-512 F (plus AVX2 and FMA): 16 f32 lanes and mask registers.
+    Avx512,
+}
+
+impl Isa {
+    /// The name `RLX_ISA` takes and `rlx bench` reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2Fma => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
 }
 
 pub fn isa() -> Isa {
@@ -18,12 +32,25 @@ pub fn isa() -> Isa {
 }
 
 fn detect() -> Isa {
-    if std::env::var_os("RLX_FORCE_SCALAR").is_some_and(|v| v == "1") {
-        return Isa::Scalar;
-    }
+    let cap = if std::env::var_os("RLX_FORCE_SCALAR").is_some_and(|v| v == "1") {
+        Isa::Scalar
+    } else {
+        match std::env::var("RLX_ISA").as_deref() {
+            Ok("scalar") => Isa::Scalar,
+            Ok("avx2") => Isa::Avx2Fma,
+            _ => Isa::Avx512,
+        }
+    };
+    detect_hardware().min(cap)
+}
+
+fn detect_hardware() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
             return Isa::Avx2Fma;
         }
     }
@@ -36,8 +63,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (a, b) = (&a[..n], &b[..n]);
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: isa() returned Avx2Fma only after detecting both features.
-        Isa::Avx2Fma => unsafe { x86::dot(a, b) },
+        // SAFETY: isa() returns Avx2Fma or above only after detecting AVX2 and FMA.
+        Isa::Avx2Fma | Isa::Avx512 => unsafe { x86::dot(a, b) },
         _ => dot_scalar(a, b),
     }
 }

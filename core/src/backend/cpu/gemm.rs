@@ -1,0 +1,477 @@
+//! `C (+)= A · B` with B's rows contiguous and A read one scalar at a time through two strides —
+//! so `A` or `Aᵀ` cost the same. The backward pass's products have exactly this shape:
+//! `dx = dout · W` (A = dout, B = W) and `dW += doutᵀ · x` (A = doutᵀ, B = x).
+//!
+//! Every output `C[i, j]` is one chain of fused multiply-adds over `p = 0, 1, …, depth−1` in
+//! order, started from 0 (or from the old `C[i, j]` when accumulating). Blocking only pauses a
+//! chain (its partial sum is stored as f32 and reloaded, which changes nothing), and threads split
+//! outputs, never a chain — so results do not depend on block sizes or the number of threads.
+//!
+//! Structure (the classic register-blocked kernel): a tile of `MR` rows × two vectors of columns
+//! keeps its sums in registers while `p` runs over a block of `KC` steps, broadcasting one `A`
+//! value per row and loading two vectors of one `B` row per step. Ragged column edges use masked
+//! loads and stores, so no read or write leaves the operands.
+
+use rayon::prelude::*;
+
+use super::simd::{isa, Isa};
+use super::SendPtr;
+
+/// A matrix read element by element: `A(i, p) = data[i * row_stride + p * col_stride]`.
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+/// Steps of the reduction per block: a block of `B` (KC × 32 columns = 32 KiB) stays in L1/L2
+/// while every row tile of a task uses it.
+const KC: usize = 256;
+
+/// `c[i*ldc + j] = (accumulate ? c[i*ldc + j] : 0) + Σ_p a(i, p) · b[p*ldb + j]` for `i < m`,
+/// `j < n`, `p < depth`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    a: Strided<'_>,
+    b: &[f32],
+    ldb: usize,
+    m: usize,
+    n: usize,
+    depth: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        ldc >= n && (m - 1) * ldc + n <= c.len(),
+        "gemm: C too short"
+    );
+    if depth == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(
+        (m - 1) * a.row_stride + (depth - 1) * a.col_stride < a.data.len(),
+        "gemm: A too short"
+    );
+    assert!((depth - 1) * ldb + n <= b.len(), "gemm: B too short");
+
+    let isa = isa();
+    let (mr, nr) = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => (x86::MR512, 32),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => (x86::MR256, 16),
+        _ => (4, 16),
+    };
+    // Blocks of outputs per task. A task packs its block of A once per step block and reuses it
+    // for all its columns, and its block of B for all its rows (the packing of B, a read of B
+    // from memory, is what tall blocks amortize); narrower and then shorter blocks only as far as
+    // needed to give every thread a few tasks.
+    let threads = rayon::current_num_threads().max(1);
+    let (mut mb, mut nb) = (32 * mr, n.next_multiple_of(nr));
+    while m.div_ceil(mb) * n.div_ceil(nb) < 3 * threads {
+        if nb > 8 * nr {
+            nb = (nb / 2).next_multiple_of(nr);
+        } else if mb > 4 * mr {
+            mb = (mb / 2).next_multiple_of(mr);
+        } else if nb > nr {
+            nb = (nb / 2).next_multiple_of(nr);
+        } else if mb > mr {
+            mb = (mb / 2).next_multiple_of(mr);
+        } else {
+            break;
+        }
+    }
+    let (row_blocks, col_blocks) = (m.div_ceil(mb), n.div_ceil(nb));
+    let dst = SendPtr(c.as_mut_ptr());
+    (0..row_blocks * col_blocks)
+        .into_par_iter()
+        .for_each(|task| {
+            let (rb, cb) = (task / col_blocks, task % col_blocks);
+            let (r0, r1) = (rb * mb, ((rb + 1) * mb).min(m));
+            let (c0, c1) = (cb * nb, ((cb + 1) * nb).min(n));
+            PACKS.with_borrow_mut(|(pa, pb)| {
+                let mut p0 = 0;
+                while p0 < depth {
+                    let kc = KC.min(depth - p0);
+                    pack_a(pa, a, r0..r1, p0..p0 + kc, mr);
+                    pack_b(pb, b, ldb, c0..c1, p0..p0 + kc, nr);
+                    for (si, col) in (c0..c1).step_by(nr).enumerate() {
+                        for (ti, row) in (r0..r1).step_by(mr).enumerate() {
+                            let tile = Tile {
+                                c: dst.get(),
+                                c_offset: row * ldc + col,
+                                ldc,
+                                load: accumulate || p0 > 0,
+                                a: pa[ti * kc * mr..].as_ptr(),
+                                b: pb[si * kc * nr..].as_ptr(),
+                                rows: mr.min(r1 - row),
+                                cols: nr.min(c1 - col),
+                                depth: kc,
+                            };
+                            // SAFETY: the packs hold `kc` steps of `mr` rows (`nr` columns) for
+                            // this tile; C is bounded by the asserts above (row < m, col < n) and
+                            // tasks own disjoint blocks of it.
+                            unsafe { tile.run(isa) };
+                        }
+                    }
+                    p0 += kc;
+                }
+            });
+        });
+}
+
+thread_local! {
+    /// Each thread's packed blocks of A and B, reused across calls.
+    static PACKS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
+}
+
+/// Copies `A(rows, steps)` as consecutive tiles of `mr` rows, each laid out step-major
+/// (`[step][mr]`), zero-padding the last tile: the kernel then reads one contiguous run.
+fn pack_a(
+    dst: &mut Vec<f32>,
+    a: Strided<'_>,
+    rows: std::ops::Range<usize>,
+    steps: std::ops::Range<usize>,
+    mr: usize,
+) {
+    let kc = steps.len();
+    dst.clear();
+    dst.resize(rows.len().next_multiple_of(mr) * kc, 0.0);
+    for (ti, tile) in dst.chunks_exact_mut(mr * kc).enumerate() {
+        let first = rows.start + ti * mr;
+        for i in 0..mr.min(rows.end - first) {
+            let row = &a.data[(first + i) * a.row_stride..];
+            for (p, v) in steps.clone().zip(tile[i..].iter_mut().step_by(mr)) {
+                *v = row[p * a.col_stride];
+            }
+        }
+    }
+}
+
+/// Copies `B(steps, cols)` as consecutive slivers of `nr` columns, each step-major
+/// (`[step][nr]`), zero-padding the last sliver.
+fn pack_b(
+    dst: &mut Vec<f32>,
+    b: &[f32],
+    ldb: usize,
+    cols: std::ops::Range<usize>,
+    steps: std::ops::Range<usize>,
+    nr: usize,
+) {
+    match nr {
+        32 => pack_b_slivers::<32>(dst, b, ldb, cols, steps),
+        _ => pack_b_slivers::<16>(dst, b, ldb, cols, steps),
+    }
+}
+
+/// [`pack_b`] with the sliver width known at compile time, so full rows copy as fixed-size moves.
+fn pack_b_slivers<const NR: usize>(
+    dst: &mut Vec<f32>,
+    b: &[f32],
+    ldb: usize,
+    cols: std::ops::Range<usize>,
+    steps: std::ops::Range<usize>,
+) {
+    let kc = steps.len();
+    dst.clear();
+    dst.resize(cols.len().next_multiple_of(NR) * kc, 0.0);
+    for (si, sliver) in dst.chunks_exact_mut(NR * kc).enumerate() {
+        let first = cols.start + si * NR;
+        let width = NR.min(cols.end - first);
+        for (p, out) in steps.clone().zip(sliver.chunks_exact_mut(NR)) {
+            let src = &b[p * ldb + first..];
+            if width == NR {
+                let (out, src): (&mut [f32; NR], &[f32; NR]) =
+                    match (out.try_into(), src[..NR].try_into()) {
+                        (Ok(o), Ok(s)) => (o, s),
+                        _ => unreachable!("sliver rows are NR wide"),
+                    };
+                *out = *src;
+            } else {
+                for (o, v) in out.iter_mut().zip(&src[..width]) {
+                    *o = *v;
+                }
+            }
+        }
+    }
+}
+
+/// One register tile: `rows` (≤ MR) × `cols` (≤ NR) outputs over `depth` packed steps.
+struct Tile {
+    c: *mut f32,
+    c_offset: usize,
+    ldc: usize,
+    /// Continue the sums already in C (else start from 0).
+    load: bool,
+    /// `depth` steps of MR values (rows past `rows` are zero).
+    a: *const f32,
+    /// `depth` steps of NR values (columns past `cols` are zero).
+    b: *const f32,
+    rows: usize,
+    cols: usize,
+    depth: usize,
+}
+
+impl Tile {
+    /// # Safety
+    /// `a` and `b` hold `depth` packed steps for this ISA's tile shape; the tile's outputs are
+    /// inside C and no other thread touches them; `isa` was detected on this machine.
+    unsafe fn run(&self, isa: Isa) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 F detected; bounds per the caller.
+            Isa::Avx512 => unsafe { x86::avx512(self) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 and FMA detected; bounds per the caller.
+            Isa::Avx2Fma => unsafe { x86::avx2(self) },
+            // SAFETY: bounds per the caller.
+            _ => unsafe { self.scalar(4, 16) },
+        }
+    }
+
+    /// # Safety
+    /// As [`Tile::run`], with packs of `mr` rows and `nr` columns.
+    unsafe fn scalar(&self, mr: usize, nr: usize) {
+        for i in 0..self.rows {
+            for j in 0..self.cols {
+                // SAFETY (all raw accesses): in bounds per the caller.
+                let out = unsafe { self.c.add(self.c_offset + i * self.ldc + j) };
+                let mut s = if self.load { unsafe { *out } } else { 0.0 };
+                for p in 0..self.depth {
+                    let av = unsafe { *self.a.add(p * mr + i) };
+                    let bv = unsafe { *self.b.add(p * nr + j) };
+                    s += av * bv;
+                }
+                unsafe { *out = s };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Tile;
+
+    /// Tile heights; `gemm` packs A with these.
+    pub(super) const MR512: usize = 12;
+    pub(super) const MR256: usize = 6;
+
+    /// Instantiates the kernel for every row count up to the tile height, so each has its sums
+    /// in registers.
+    macro_rules! by_rows {
+        ($kernel:ident, $t:expr, $($r:literal)+) => {
+            match $t.rows {
+                $($r => unsafe { $kernel::<$r>($t) },)+
+                _ => unreachable!("tile rows exceed the kernel height"),
+            }
+        };
+    }
+
+    /// # Safety
+    /// AVX-512 F present; bounds as [`Tile::run`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn avx512(t: &Tile) {
+        by_rows!(avx512_rows, t, 1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    /// # Safety
+    /// As [`avx512`]; `t.rows == R`, `t.cols <= 32`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512_rows<const R: usize>(t: &Tile) {
+        let lanes = |from: usize| -> __mmask16 {
+            let n = t.cols.saturating_sub(from).min(16);
+            ((1u32 << n) - 1) as __mmask16
+        };
+        let (m0, m1) = (lanes(0), lanes(16));
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // SAFETY (all raw accesses below): indices within the operands per the caller; masked
+        // lanes are neither read nor written.
+        if t.load {
+            for (i, a) in acc.iter_mut().enumerate() {
+                let p = unsafe { t.c.add(t.c_offset + i * t.ldc) };
+                a[0] = unsafe { _mm512_maskz_loadu_ps(m0, p) };
+                a[1] = unsafe { _mm512_maskz_loadu_ps(m1, p.add(16)) };
+            }
+        }
+        let (mut ap, mut bp) = (t.a, t.b);
+        for _ in 0..t.depth {
+            let b0 = unsafe { _mm512_loadu_ps(bp) };
+            let b1 = unsafe { _mm512_loadu_ps(bp.add(16)) };
+            for (i, a) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(unsafe { *ap.add(i) });
+                a[0] = _mm512_fmadd_ps(av, b0, a[0]);
+                a[1] = _mm512_fmadd_ps(av, b1, a[1]);
+            }
+            ap = ap.wrapping_add(MR512);
+            bp = bp.wrapping_add(32);
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let p = unsafe { t.c.add(t.c_offset + i * t.ldc) };
+            unsafe { _mm512_mask_storeu_ps(p, m0, a[0]) };
+            unsafe { _mm512_mask_storeu_ps(p.add(16), m1, a[1]) };
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA present; bounds as [`Tile::run`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2(t: &Tile) {
+        by_rows!(avx2_rows, t, 1 2 3 4 5 6)
+    }
+
+    /// # Safety
+    /// As [`avx2`]; `t.rows == R`, `t.cols <= 16`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2_rows<const R: usize>(t: &Tile) {
+        let index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let lanes = |from: usize| -> __m256i {
+            let n = t.cols.saturating_sub(from).min(8) as i32;
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(n), index)
+        };
+        let (m0, m1) = (lanes(0), lanes(8));
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        // SAFETY (all raw accesses below): indices within the operands per the caller; masked
+        // lanes are neither read nor written.
+        if t.load {
+            for (i, a) in acc.iter_mut().enumerate() {
+                let p = unsafe { t.c.add(t.c_offset + i * t.ldc) };
+                a[0] = unsafe { _mm256_maskload_ps(p, m0) };
+                a[1] = unsafe { _mm256_maskload_ps(p.add(8), m1) };
+            }
+        }
+        let (mut ap, mut bp) = (t.a, t.b);
+        for _ in 0..t.depth {
+            let b0 = unsafe { _mm256_loadu_ps(bp) };
+            let b1 = unsafe { _mm256_loadu_ps(bp.add(8)) };
+            for (i, a) in acc.iter_mut().enumerate() {
+                let av = _mm256_set1_ps(unsafe { *ap.add(i) });
+                a[0] = _mm256_fmadd_ps(av, b0, a[0]);
+                a[1] = _mm256_fmadd_ps(av, b1, a[1]);
+            }
+            ap = ap.wrapping_add(MR256);
+            bp = bp.wrapping_add(16);
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let p = unsafe { t.c.add(t.c_offset + i * t.ldc) };
+            unsafe { _mm256_maskstore_ps(p, m0, a[0]) };
+            unsafe { _mm256_maskstore_ps(p.add(8), m1, a[1]) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0)
+                    - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_f64_on_ragged_shapes_both_orientations() {
+        for &(m, n, depth) in &[
+            (1, 1, 1),
+            (13, 33, 7),
+            (12, 32, 300),
+            (25, 17, 513),
+            (7, 70, 2),
+            (100, 5, 40),
+            (3, 64, 0),
+        ] {
+            for transposed in [false, true] {
+                let a = values(m * depth, 1);
+                let b = values(depth * n + 3, 2);
+                let a_op = if transposed {
+                    Strided {
+                        data: &a,
+                        row_stride: 1,
+                        col_stride: m,
+                    }
+                } else {
+                    Strided {
+                        data: &a,
+                        row_stride: depth,
+                        col_stride: 1,
+                    }
+                };
+                let ldc = n + 2;
+                let old = values(m * ldc, 3);
+                for accumulate in [false, true] {
+                    let mut c = old.clone();
+                    gemm(&mut c, ldc, accumulate, a_op, &b, n, m, n, depth);
+                    for i in 0..m {
+                        for j in 0..ldc {
+                            let got = c[i * ldc + j] as f64;
+                            if j >= n {
+                                assert_eq!(got, old[i * ldc + j] as f64, "padding written");
+                                continue;
+                            }
+                            let mut want = if accumulate {
+                                old[i * ldc + j] as f64
+                            } else {
+                                0.0
+                            };
+                            for p in 0..depth {
+                                let av = if transposed {
+                                    a[p * m + i]
+                                } else {
+                                    a[i * depth + p]
+                                };
+                                want += av as f64 * b[p * n + j] as f64;
+                            }
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "{m}x{n}x{depth} ({i},{j}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bitwise_independent_of_thread_count() {
+        let (m, n, depth) = (77, 90, 600);
+        let a = values(m * depth, 4);
+        let b = values(depth * n, 5);
+        let a_op = Strided {
+            data: &a,
+            row_stride: depth,
+            col_stride: 1,
+        };
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut c = vec![0f32; m * n];
+            pool.install(|| gemm(&mut c, n, false, a_op, &b, n, m, n, depth));
+            c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let one = run(1);
+        assert_eq!(one, run(2));
+        assert_eq!(one, run(5));
+    }
+}
