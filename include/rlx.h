@@ -62,6 +62,41 @@
 #define RLX_HEAD_VALUE 2
 
 /**
+ * DPO's loss on the log-ratio margin h: −log σ(βh) (the DPO paper).
+ */
+#define RLX_DPO_SIGMOID 0
+
+/**
+ * (h − 1/(2β))² (IPO).
+ */
+#define RLX_DPO_IPO 1
+
+/**
+ * max(0, 1 − βh) (SLiC).
+ */
+#define RLX_DPO_HINGE 2
+
+/**
+ * GRPO's aggregation: mean over each completion's tokens, then over completions.
+ */
+#define RLX_GRPO_LOSS_GRPO 0
+
+/**
+ * Sum over all tokens ÷ tokens in the batch.
+ */
+#define RLX_GRPO_LOSS_BNPO 1
+
+/**
+ * Sum over all tokens ÷ (completions × max_completion_length) (Dr. GRPO).
+ */
+#define RLX_GRPO_LOSS_DR_GRPO 2
+
+/**
+ * Sum over all tokens ÷ tokens in the batch (DAPO; equals BNPO without accumulation).
+ */
+#define RLX_GRPO_LOSS_DAPO 3
+
+/**
  * Result of every fallible rlx call. Values are stable: new codes are only appended.
  */
 typedef enum rlx_status {
@@ -204,6 +239,15 @@ typedef struct rlx_sampling_params {
 } rlx_sampling_params;
 
 /**
+ * Called by rlx_generate_stream with each new token as soon as it is sampled: the token id,
+ * its log-prob (as rlx_generate reports it) and the caller's `user_data`. Return true to go on,
+ * false to stop generation after this token. The callback runs on the thread that called
+ * rlx_generate_stream; it must not unwind (no C++ exception or longjmp may leave it) and must
+ * not use the same model handle's generation from inside.
+ */
+typedef bool (*rlx_token_callback)(uint32_t token, float logprob, void *user_data);
+
+/**
  * How to train. Start from rlx_trainer_default_params(); fields are only ever appended.
  */
 typedef struct rlx_trainer_params {
@@ -280,10 +324,90 @@ typedef struct rlx_step_stats {
    */
   uint64_t step;
   /**
-   * Reward-model steps: fraction of pairs ranked correctly (0 otherwise).
+   * Reward-model steps: fraction of pairs ranked correctly; DPO steps: fraction of pairs
+   * whose implicit reward prefers the chosen answer (0 otherwise).
    */
   double accuracy;
+  /**
+   * PPO: approximate KL to the rollout policy, ½·mean (log π − log π_old)²; GRPO: mean k3
+   * KL to the reference (0 otherwise).
+   */
+  double kl;
+  /**
+   * PPO and GRPO: fraction of response tokens whose ratio was clipped (0 otherwise).
+   */
+  double clip_fraction;
+  /**
+   * PPO and GRPO: mean entropy of the policy over the response tokens (0 otherwise).
+   */
+  double entropy;
+  /**
+   * PPO: the clipped value loss (0 otherwise).
+   */
+  double value_loss;
 } rlx_step_stats;
+
+typedef struct rlx_dpo_params {
+  /**
+   * β, the strength of the implicit KL leash (> 0).
+   */
+  double beta;
+  /**
+   * RLX_DPO_SIGMOID, RLX_DPO_IPO or RLX_DPO_HINGE.
+   */
+  uint32_t loss_type;
+} rlx_dpo_params;
+
+typedef struct rlx_grpo_params {
+  /**
+   * β of the k3 KL term to the reference; 0 drops it (and the need for reference log-probs).
+   */
+  double beta;
+  double epsilon_low;
+  double epsilon_high;
+  /**
+   * One of RLX_GRPO_LOSS_*.
+   */
+  uint32_t loss_type;
+  /**
+   * Dr. GRPO's normaliser; 0 = the longest completion in the batch.
+   */
+  uint64_t max_completion_length;
+} rlx_grpo_params;
+
+typedef struct rlx_ppo_params {
+  /**
+   * ε of the clipped surrogate.
+   */
+  double clip_range;
+  /**
+   * ε of the clipped value loss.
+   */
+  double clip_range_value;
+  double vf_coef;
+  /**
+   * Weight of the entropy bonus (0 turns it off).
+   */
+  double entropy_coef;
+  double gamma;
+  /**
+   * GAE's λ.
+   */
+  double lam;
+  /**
+   * Coefficient of the per-token KL penalty folded into the rewards.
+   */
+  double kl_coef;
+  bool whiten_advantages;
+} rlx_ppo_params;
+
+/**
+ * One chat message: NUL-terminated UTF-8 role ("system", "user", "assistant", …) and content.
+ */
+typedef struct rlx_chat_message {
+  const char *role;
+  const char *content;
+} rlx_chat_message;
 
 #ifdef __cplusplus
 extern "C" {
@@ -477,6 +601,27 @@ enum rlx_status rlx_generate(const struct rlx_model *model,
                              size_t *n_written);
 
 /**
+ * rlx_generate with a streaming callback: `on_token` (NULL = none) sees every new token as it
+ * is produced and can stop generation early by returning false. The output buffers receive the
+ * same tokens and log-probs as with rlx_generate, up to and including the token at which the
+ * callback stopped; `*n_written` counts them.
+ *
+ * # Safety
+ * As rlx_generate; `on_token` is NULL or a function that honours rlx_token_callback's
+ * contract; `user_data` is passed to it untouched.
+ */
+enum rlx_status rlx_generate_stream(const struct rlx_model *model,
+                                    const uint32_t *prompt,
+                                    size_t n_prompt,
+                                    const struct rlx_sampling_params *params,
+                                    rlx_token_callback on_token,
+                                    void *user_data,
+                                    uint32_t *out_tokens,
+                                    float *out_logprobs,
+                                    size_t cap,
+                                    size_t *n_written);
+
+/**
  * Per-token log-probs of one sequence: for t = 1..n, log p(tokens[t] | tokens[<t]) under
  * softmax(logits / temperature) (temperature 0 means 1), written to `out[t - 1]`;
  * `*n_written` receives n - 1.
@@ -609,6 +754,199 @@ enum rlx_status rlx_reward_score(const struct rlx_model *model,
                                  float *out,
                                  size_t cap,
                                  size_t *n_written);
+
+/**
+ * DPO's defaults (TRL's): β 0.1, sigmoid loss.
+ */
+struct rlx_dpo_params rlx_dpo_default_params(void);
+
+/**
+ * GRPO's defaults (TRL's): β 0.04, ε 0.2 both sides, DAPO aggregation.
+ */
+struct rlx_grpo_params rlx_grpo_default_params(void);
+
+/**
+ * PPO's defaults (TRL's): clip 0.2/0.2, vf_coef 0.1, no entropy bonus, γ 1, λ 0.95,
+ * KL coefficient 0.05, whitened advantages.
+ */
+struct rlx_ppo_params rlx_ppo_default_params(void);
+
+/**
+ * A model handle holding the trainer's current weights (heads and LoRA adapters included),
+ * for rlx_generate, rlx_logprobs and rlx_reward_score — for example to sample a PPO or GRPO
+ * rollout from the policy being trained. The snapshot shares memory with the trainer until
+ * the next step changes the weights, and never changes afterwards. Free it with rlx_model_free.
+ *
+ * # Safety
+ * `trainer` is NULL or live; `out_model` is NULL or valid for one pointer write.
+ */
+enum rlx_status rlx_trainer_model(const struct rlx_trainer *trainer, struct rlx_model **out_model);
+
+/**
+ * The value head's estimate for each response token of a packed batch (the value of the state
+ * before the token), packed like the other per-token arrays, into `out` (capacity `cap`, else
+ * RLX_BUFFER_TOO_SMALL with `*n_written` = the number of response tokens). The trainer needs a
+ * value head (RLX_HEAD_VALUE).
+ *
+ * # Safety
+ * `trainer` is NULL or live; `tokens`/`mask` hold `n_tokens`; `lengths` holds `n_seqs`; `out`
+ * is NULL or valid for `cap` writes; `n_written` is NULL or valid for one write.
+ */
+enum rlx_status rlx_trainer_values(const struct rlx_trainer *trainer,
+                                   const uint32_t *tokens,
+                                   const uint8_t *mask,
+                                   size_t n_tokens,
+                                   const size_t *lengths,
+                                   size_t n_seqs,
+                                   float *out,
+                                   size_t cap,
+                                   size_t *n_written);
+
+/**
+ * One DPO step on `n_pairs` preference pairs, chosen and rejected each packed with masks (the
+ * response tokens are the ones scored). `ref_chosen`/`ref_rejected` hold, per pair, the
+ * reference model's summed log-prob of the response (`n_pairs` each; compute them once with
+ * rlx_logprobs on the frozen reference). `out_stats->accuracy` is the fraction of pairs whose
+ * implicit reward prefers the chosen answer.
+ *
+ * # Safety
+ * As rlx_trainer_sft_step for both packed batches; `ref_chosen` and `ref_rejected` are NULL or
+ * hold `n_pairs` doubles; `params` is NULL or points to an rlx_dpo_params.
+ */
+enum rlx_status rlx_trainer_dpo_step(const struct rlx_trainer *trainer,
+                                     const uint32_t *chosen,
+                                     const uint8_t *chosen_mask,
+                                     size_t n_chosen_tokens,
+                                     const size_t *chosen_lengths,
+                                     const uint32_t *rejected,
+                                     const uint8_t *rejected_mask,
+                                     size_t n_rejected_tokens,
+                                     const size_t *rejected_lengths,
+                                     size_t n_pairs,
+                                     const double *ref_chosen,
+                                     const double *ref_rejected,
+                                     const struct rlx_dpo_params *params,
+                                     struct rlx_step_stats *out_stats);
+
+/**
+ * GRPO's advantages: each reward minus its group's mean (divided by the group's standard
+ * deviation + 1e-4 when `scale_rewards`), for `n` rewards in consecutive groups of
+ * `group_size` (≥ 2, dividing `n`), into `out` (capacity `cap` ≥ n).
+ *
+ * # Safety
+ * `rewards` is NULL or holds `n` floats; `out` is NULL or valid for `cap` writes.
+ */
+enum rlx_status rlx_group_advantages(const float *rewards,
+                                     size_t n,
+                                     size_t group_size,
+                                     bool scale_rewards,
+                                     float *out,
+                                     size_t cap);
+
+/**
+ * One GRPO step on a packed batch of completions (prompt + completion per sequence, the mask
+ * selecting the completion). `advantages` holds one value per sequence
+ * (rlx_group_advantages). `old_logprobs` (the sampling policy's, from rlx_generate) may be
+ * NULL, meaning "this very policy" (every ratio exactly 1); `ref_logprobs` (the frozen
+ * reference's, from rlx_logprobs) is needed when β > 0. Both are per response token, `n_resp`
+ * values. `out_stats` also receives the KL to the reference, the clip fraction and the entropy.
+ *
+ * # Safety
+ * As rlx_trainer_sft_step; `advantages` holds `n_seqs` floats; `old_logprobs` and
+ * `ref_logprobs` are NULL or hold `n_resp` floats; `params` is NULL or an rlx_grpo_params.
+ */
+enum rlx_status rlx_trainer_grpo_step(const struct rlx_trainer *trainer,
+                                      const uint32_t *tokens,
+                                      const uint8_t *mask,
+                                      size_t n_tokens,
+                                      const size_t *lengths,
+                                      size_t n_seqs,
+                                      const float *advantages,
+                                      const float *old_logprobs,
+                                      const float *ref_logprobs,
+                                      size_t n_resp,
+                                      const struct rlx_grpo_params *params,
+                                      struct rlx_step_stats *out_stats);
+
+/**
+ * PPO's first stage for a rollout: the per-token rewards (−kl_coef × (log π_old − log π_ref),
+ * plus each sequence's score at its last response token), GAE advantages (whitened when
+ * `params->whiten_advantages`) and returns, written per response token into `out_advantages`
+ * and `out_returns` (capacity `cap` each; RLX_BUFFER_TOO_SMALL reports the count in
+ * `*n_written`). `scores` holds one reward-model score per sequence.
+ *
+ * # Safety
+ * `mask` holds `n_tokens` bytes and `lengths` `n_seqs` values (the batch's layout);
+ * `old_logprobs`, `ref_logprobs` and `old_values` hold `n_resp` floats; `scores` holds
+ * `n_seqs`; the outputs are NULL or valid for `cap` writes; `n_written` is NULL or writable.
+ */
+enum rlx_status rlx_ppo_advantages(const uint8_t *mask,
+                                   size_t n_tokens,
+                                   const size_t *lengths,
+                                   size_t n_seqs,
+                                   const float *old_logprobs,
+                                   const float *ref_logprobs,
+                                   const float *old_values,
+                                   size_t n_resp,
+                                   const float *scores,
+                                   const struct rlx_ppo_params *params,
+                                   float *out_advantages,
+                                   float *out_returns,
+                                   size_t cap,
+                                   size_t *n_written);
+
+/**
+ * One PPO minibatch step: clipped surrogate + clipped value loss (+ entropy bonus) on a packed
+ * batch, from the rollout's per-response-token `old_logprobs` and `old_values` and the
+ * `advantages` and `returns` of rlx_ppo_advantages (`n_resp` floats each). The trainer needs a
+ * value head (RLX_HEAD_VALUE). `out_stats` also receives the approximate KL to the rollout
+ * policy, the clip fraction, the entropy and the value loss.
+ *
+ * # Safety
+ * As rlx_trainer_sft_step; the four per-token arrays are NULL or hold `n_resp` floats;
+ * `params` is NULL or points to an rlx_ppo_params.
+ */
+enum rlx_status rlx_trainer_ppo_step(const struct rlx_trainer *trainer,
+                                     const uint32_t *tokens,
+                                     const uint8_t *mask,
+                                     size_t n_tokens,
+                                     const size_t *lengths,
+                                     size_t n_seqs,
+                                     const float *old_logprobs,
+                                     const float *old_values,
+                                     const float *advantages,
+                                     const float *returns,
+                                     size_t n_resp,
+                                     const struct rlx_ppo_params *params,
+                                     struct rlx_step_stats *out_stats);
+
+/**
+ * Renders `n_messages` messages with the model's own chat template (from tokenizer_config.json
+ * or the GGUF's tokenizer.chat_template). `add_generation_prompt`: end with the header of an
+ * assistant turn, ready for generation. Tokenize the result with rlx_tokenize and
+ * `add_special` = false: the template already wrote the special tokens it wants.
+ *
+ * Output as rlx_detokenize's: the text and a NUL into `out` (capacity `cap` bytes),
+ * `*n_written` = its length without the NUL; when `cap` is too small, RLX_BUFFER_TOO_SMALL
+ * with `*n_written` = the capacity needed (length + 1).
+ *
+ * Returns RLX_OK; RLX_NULL_POINTER; RLX_INVALID_ARGUMENT (not a live model, text that is not
+ * UTF-8); RLX_TOKENIZER (no chat template, or it failed to render); RLX_BUFFER_TOO_SMALL.
+ *
+ * Thread-safety: as the model's other read-only calls (any number of threads at once).
+ *
+ * # Safety
+ * `model` is NULL or live; `messages` is NULL or holds `n_messages` messages whose strings are
+ * NULL or NUL-terminated; `out` is NULL or valid for `cap` writes; `n_written` is NULL or valid
+ * for one write.
+ */
+enum rlx_status rlx_apply_chat_template(const struct rlx_model *model,
+                                        const struct rlx_chat_message *messages,
+                                        size_t n_messages,
+                                        bool add_generation_prompt,
+                                        char *out,
+                                        size_t cap,
+                                        size_t *n_written);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== python tools (numpy, pytest, maturin)"
-python3 -m pip install --quiet --root-user-action=ignore numpy pytest maturin
+echo "== tools (numpy, pytest, maturin; cmake for the C/C++ examples)"
+python3 -m pip install --quiet --root-user-action=ignore numpy pytest maturin cmake
 
 echo "== default model (for the real-model parity tests)"
 ./scripts/fetch_model.sh || echo "default model unavailable: its tests will be skipped"

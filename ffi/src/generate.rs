@@ -1,5 +1,7 @@
 //! Generation and log-probs over token ids.
 
+use std::ffi::c_void;
+
 use rlx_core::SamplingParams;
 
 use crate::model::{model_ref, rlx_model};
@@ -119,6 +121,86 @@ pub unsafe extern "C" fn rlx_generate(
     cap: usize,
     n_written: *mut usize,
 ) -> rlx_status {
+    // SAFETY: forwarded caller contracts; no callback.
+    unsafe {
+        generate(
+            model,
+            prompt,
+            n_prompt,
+            params,
+            None,
+            std::ptr::null_mut(),
+            out_tokens,
+            out_logprobs,
+            cap,
+            n_written,
+        )
+    }
+}
+
+/// Called by rlx_generate_stream with each new token as soon as it is sampled: the token id,
+/// its log-prob (as rlx_generate reports it) and the caller's `user_data`. Return true to go on,
+/// false to stop generation after this token. The callback runs on the thread that called
+/// rlx_generate_stream; it must not unwind (no C++ exception or longjmp may leave it) and must
+/// not use the same model handle's generation from inside.
+#[allow(non_camel_case_types)]
+pub type rlx_token_callback =
+    Option<unsafe extern "C" fn(token: u32, logprob: f32, user_data: *mut c_void) -> bool>;
+
+/// rlx_generate with a streaming callback: `on_token` (NULL = none) sees every new token as it
+/// is produced and can stop generation early by returning false. The output buffers receive the
+/// same tokens and log-probs as with rlx_generate, up to and including the token at which the
+/// callback stopped; `*n_written` counts them.
+///
+/// # Safety
+/// As rlx_generate; `on_token` is NULL or a function that honours rlx_token_callback's
+/// contract; `user_data` is passed to it untouched.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn rlx_generate_stream(
+    model: *const rlx_model,
+    prompt: *const u32,
+    n_prompt: usize,
+    params: *const rlx_sampling_params,
+    on_token: rlx_token_callback,
+    user_data: *mut c_void,
+    out_tokens: *mut u32,
+    out_logprobs: *mut f32,
+    cap: usize,
+    n_written: *mut usize,
+) -> rlx_status {
+    // SAFETY: forwarded caller contracts.
+    unsafe {
+        generate(
+            model,
+            prompt,
+            n_prompt,
+            params,
+            on_token,
+            user_data,
+            out_tokens,
+            out_logprobs,
+            cap,
+            n_written,
+        )
+    }
+}
+
+/// # Safety
+/// As rlx_generate_stream.
+#[allow(clippy::too_many_arguments)]
+unsafe fn generate(
+    model: *const rlx_model,
+    prompt: *const u32,
+    n_prompt: usize,
+    params: *const rlx_sampling_params,
+    on_token: rlx_token_callback,
+    user_data: *mut c_void,
+    out_tokens: *mut u32,
+    out_logprobs: *mut f32,
+    cap: usize,
+    n_written: *mut usize,
+) -> rlx_status {
     boundary(|| {
         // SAFETY: the caller guarantees `n_written` is NULL or writable.
         let n_written = unsafe { OutPtr::new(n_written, "n_written") }?;
@@ -147,7 +229,16 @@ pub unsafe extern "C" fn rlx_generate(
             // SAFETY: forwarded caller contract.
             Some(unsafe { OutBuf::new(out_logprobs, cap, "out_logprobs") }?)
         };
-        let mut outs = model.generate(&[prompt], &params, None)?;
+        let mut callback = on_token.map(|f| {
+            move |_seq: usize, token: u32, logprob: f32| -> bool {
+                // SAFETY: the caller guarantees `f` honours rlx_token_callback's contract.
+                unsafe { f(token, logprob, user_data) }
+            }
+        });
+        let stream = callback
+            .as_mut()
+            .map(|c| c as &mut rlx_core::generate::StreamCallback<'_>);
+        let mut outs = model.generate(&[prompt], &params, stream)?;
         let g = outs
             .pop()
             .ok_or_else(|| FfiError::invalid("generate returned no sequence"))?;

@@ -33,12 +33,27 @@ mod generate;
 
 mod train;
 
+mod rl;
+
+mod chat;
+
 mod ptr;
 
-pub use generate::{rlx_generate, rlx_logprobs, rlx_sampling_default_params, rlx_sampling_params};
+pub use chat::{rlx_apply_chat_template, rlx_chat_message};
+pub use generate::{
+    rlx_generate, rlx_generate_stream, rlx_logprobs, rlx_sampling_default_params,
+    rlx_sampling_params, rlx_token_callback,
+};
 pub use model::{
     rlx_model, rlx_model_context_length, rlx_model_default_params, rlx_model_eos_token_ids,
     rlx_model_free, rlx_model_load, rlx_model_params, rlx_model_vocab_size,
+};
+pub use rl::{
+    rlx_dpo_default_params, rlx_dpo_params, rlx_group_advantages, rlx_grpo_default_params,
+    rlx_grpo_params, rlx_ppo_advantages, rlx_ppo_default_params, rlx_ppo_params,
+    rlx_trainer_dpo_step, rlx_trainer_grpo_step, rlx_trainer_model, rlx_trainer_ppo_step,
+    rlx_trainer_values, RLX_DPO_HINGE, RLX_DPO_IPO, RLX_DPO_SIGMOID, RLX_GRPO_LOSS_BNPO,
+    RLX_GRPO_LOSS_DAPO, RLX_GRPO_LOSS_DR_GRPO, RLX_GRPO_LOSS_GRPO,
 };
 pub use status::{rlx_last_error, rlx_status, rlx_status_string};
 pub use tokenize::{rlx_detokenize, rlx_tokenize};

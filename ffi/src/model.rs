@@ -44,6 +44,11 @@ pub struct rlx_model_params {
     pub threads: u32,
 }
 
+/// A new handle owning `model` (released by rlx_model_free).
+pub(crate) fn boxed_model(model: Model) -> *mut rlx_model {
+    Box::into_raw(Box::new(rlx_model { magic: LIVE, model }))
+}
+
 /// Borrows the model behind a handle.
 ///
 /// # Safety
@@ -123,7 +128,7 @@ pub unsafe extern "C" fn rlx_model_load(
         let threads = usize::try_from(params.threads)
             .map_err(|_| FfiError::invalid("`threads` does not fit this platform"))?;
         let model = Model::load(&path, LoadOptions { threads })?;
-        out.set(Box::into_raw(Box::new(rlx_model { magic: LIVE, model })));
+        out.set(boxed_model(model));
         Ok(())
     })
 }

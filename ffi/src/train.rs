@@ -84,8 +84,18 @@ pub struct rlx_step_stats {
     pub skipped: bool,
     /// Optimizer steps taken so far.
     pub step: u64,
-    /// Reward-model steps: fraction of pairs ranked correctly (0 otherwise).
+    /// Reward-model steps: fraction of pairs ranked correctly; DPO steps: fraction of pairs
+    /// whose implicit reward prefers the chosen answer (0 otherwise).
     pub accuracy: f64,
+    /// PPO: approximate KL to the rollout policy, ½·mean (log π − log π_old)²; GRPO: mean k3
+    /// KL to the reference (0 otherwise).
+    pub kl: f64,
+    /// PPO and GRPO: fraction of response tokens whose ratio was clipped (0 otherwise).
+    pub clip_fraction: f64,
+    /// PPO and GRPO: mean entropy of the policy over the response tokens (0 otherwise).
+    pub entropy: f64,
+    /// PPO: the clipped value loss (0 otherwise).
+    pub value_loss: f64,
 }
 
 /// The defaults: lr 1e-5, β (0.9, 0.999), ε 1e-8, no weight decay, clipping at 1, constant
@@ -115,7 +125,7 @@ pub extern "C" fn rlx_trainer_default_params() -> rlx_trainer_params {
 ///
 /// # Safety
 /// `trainer` is NULL or a pointer from rlx_trainer_create / rlx_trainer_resume.
-unsafe fn with_trainer<T>(
+pub(crate) unsafe fn with_trainer<T>(
     trainer: *const rlx_trainer,
     f: impl FnOnce(&mut Trainer) -> FfiResult<T>,
 ) -> FfiResult<T> {
@@ -301,7 +311,7 @@ pub unsafe extern "C" fn rlx_trainer_free(trainer: *mut rlx_trainer) {
 }
 
 /// Splits packed tokens into sequences of `lengths[i]` tokens.
-fn unpack<'a>(tokens: &'a [u32], lengths: &[usize]) -> FfiResult<Vec<&'a [u32]>> {
+pub(crate) fn unpack<'a>(tokens: &'a [u32], lengths: &[usize]) -> FfiResult<Vec<&'a [u32]>> {
     let total = lengths
         .iter()
         .try_fold(0usize, |a, &n| a.checked_add(n))
@@ -323,15 +333,16 @@ fn unpack<'a>(tokens: &'a [u32], lengths: &[usize]) -> FfiResult<Vec<&'a [u32]>>
         .collect())
 }
 
-fn write_stats(out: &OutPtr<rlx_step_stats>, s: &rlx_core::StepStats, accuracy: f64) {
-    out.set(rlx_step_stats {
+/// The optimizer's side of a step; the objective's own numbers are filled in by the caller.
+pub(crate) fn step_stats(s: &rlx_core::StepStats) -> rlx_step_stats {
+    rlx_step_stats {
         loss: s.loss,
         grad_norm: s.grad_norm,
         lr: s.lr,
         skipped: s.skipped,
         step: s.step,
-        accuracy,
-    });
+        ..rlx_step_stats::default()
+    }
 }
 
 /// One supervised fine-tuning step: mean cross-entropy over the tokens whose `mask` byte is
@@ -371,14 +382,14 @@ pub unsafe extern "C" fn rlx_trainer_sft_step(
         unsafe {
             with_trainer(trainer, |t| {
                 let s = t.sft_step(&seqs, &masks)?;
-                write_stats(&out, &s, 0.0);
+                out.set(step_stats(&s));
                 Ok(())
             })
         }
     })
 }
 
-fn unpack_flags(flags: &[bool], lengths: &[usize]) -> Vec<Vec<bool>> {
+pub(crate) fn unpack_flags(flags: &[bool], lengths: &[usize]) -> Vec<Vec<bool>> {
     let mut at = 0;
     lengths
         .iter()
@@ -427,7 +438,10 @@ pub unsafe extern "C" fn rlx_trainer_rm_step(
         unsafe {
             with_trainer(trainer, |t| {
                 let (s, pair) = t.rm_step(&c, &r, margin)?;
-                write_stats(&out, &s, pair.accuracy);
+                out.set(rlx_step_stats {
+                    accuracy: pair.accuracy,
+                    ..step_stats(&s)
+                });
                 Ok(())
             })
         }

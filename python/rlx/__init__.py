@@ -14,9 +14,12 @@ from rlx._rlx import (
     RewardModel,
     Trainer,
     __version__,
+    TokenStream,
     group_advantages,
+    ppo_advantages,
 )
 from rlx.errors import (
+    ClosedError,
     ContextOverflowError,
     InvalidArgumentError,
     ModelFormatError,
@@ -33,6 +36,8 @@ __all__ = [
     "RewardModel",
     "LoraConfig",
     "group_advantages",
+    "ppo_advantages",
+    "TokenStream",
     "RlxError",
     "ModelFormatError",
     "UnsupportedError",
@@ -40,5 +45,6 @@ __all__ = [
     "ContextOverflowError",
     "TokenizerError",
     "TemplateError",
+    "ClosedError",
     "__version__",
 ]

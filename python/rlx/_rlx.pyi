@@ -1,6 +1,7 @@
 # Type stubs for the compiled module rlx._rlx (python/src/).
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
+from types import TracebackType
 from typing import Literal, Union, final
 
 import numpy as np
@@ -11,9 +12,11 @@ __all__ = [
     "LoraConfig",
     "Model",
     "RewardModel",
+    "TokenStream",
     "Trainer",
     "__version__",
     "group_advantages",
+    "ppo_advantages",
 ]
 __version__: str
 
@@ -58,12 +61,44 @@ class Model:
         repetition_penalty: float = 1.0,
         stop_token_ids: Union[_TokenIds, None] = None,
         seed: int = 0,
+        do_sample: bool = True,
     ) -> list[Generation]:
-        """Generates a continuation of each prompt. ``temperature=0`` is greedy; the same
-        ``seed`` gives the same tokens. ``stop_token_ids=None`` stops at ``eos_token_ids``.
+        """Generates a continuation of each prompt. ``temperature=0`` (or
+        ``do_sample=False``) is greedy; the same ``seed`` gives the same tokens.
+        ``stop_token_ids=None`` stops at ``eos_token_ids``. The GIL is released meanwhile;
+        Ctrl-C raises KeyboardInterrupt within a token.
 
-        Raises InvalidArgumentError (bad id or parameter), ContextOverflowError.
+        >>> out = model.generate([prompt], max_new_tokens=16, do_sample=False)[0]
+
+        Raises InvalidArgumentError (bad id or parameter), ContextOverflowError,
+        ClosedError.
         """
+    def stream(
+        self,
+        prompt: _TokenIds,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        stop_token_ids: Union[_TokenIds, None] = None,
+        seed: int = 0,
+        do_sample: bool = True,
+    ) -> TokenStream:
+        """Generates a continuation of one prompt as an iterator of
+        ``(token_id, logprob, text)``, produced in the background; leaving the loop early
+        stops generation.
+
+        >>> for token, logprob, text in model.stream(prompt, max_new_tokens=32):
+        ...     print(text, end="", flush=True)
+        """
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """Renders ``[{"role": ..., "content": ...}, ...]`` with the model's chat template
+        (encode the result with ``add_special_tokens=False``). Raises TemplateError when the
+        model has none."""
     def logprobs(
         self, sequences: Sequence[_TokenIds], temperature: float = 1.0
     ) -> list[npt.NDArray[np.float32]]:
@@ -79,6 +114,26 @@ class Model:
     def context_length(self) -> int: ...
     @property
     def eos_token_ids(self) -> list[int]: ...
+    def close(self) -> None:
+        """Releases the model; later calls raise ClosedError."""
+    @property
+    def closed(self) -> bool: ...
+    def __enter__(self) -> Model: ...
+    def __exit__(
+        self,
+        exc_type: Union[type[BaseException], None],
+        exc: Union[BaseException, None],
+        tb: Union[TracebackType, None],
+    ) -> bool: ...
+
+@final
+class TokenStream:
+    """The iterator ``Model.stream`` returns."""
+
+    def __iter__(self) -> Iterator[tuple[int, float, str]]: ...
+    def __next__(self) -> tuple[int, float, str]: ...
+    def close(self) -> None:
+        """Stops generation; the iterator then ends."""
 
 _Masks = Sequence[Sequence[bool]]
 _StepStats = dict[str, Union[float, int, bool]]
@@ -111,6 +166,17 @@ class RewardModel:
     def score(self, sequences: Sequence[_TokenIds]) -> npt.NDArray[np.float32]:
         """The reward of each sequence, read at its last token."""
     def encode(self, text: str) -> list[int]: ...
+    def close(self) -> None:
+        """Releases the model; later calls raise ClosedError."""
+    @property
+    def closed(self) -> bool: ...
+    def __enter__(self) -> RewardModel: ...
+    def __exit__(
+        self,
+        exc_type: Union[type[BaseException], None],
+        exc: Union[BaseException, None],
+        tb: Union[TracebackType, None],
+    ) -> bool: ...
 
 class Trainer:
     """Trains a model with AdamW. Each ``*_step`` returns ``{"loss", "grad_norm", "lr",
@@ -173,8 +239,54 @@ class Trainer:
         epsilon: float = 0.2,
         loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo",
     ) -> _StepStats: ...
+    def values(
+        self, sequences: Sequence[_TokenIds], masks: _Masks
+    ) -> list[npt.NDArray[np.float32]]:
+        """The value head's estimate for each response token (needs ``head="value"``)."""
+    def ppo_step(
+        self,
+        sequences: Sequence[_TokenIds],
+        masks: _Masks,
+        old_logprobs: Sequence[Sequence[float]],
+        old_values: Sequence[Sequence[float]],
+        advantages: Sequence[Sequence[float]],
+        returns: Sequence[Sequence[float]],
+        clip_range: float = 0.2,
+        clip_range_value: float = 0.2,
+        vf_coef: float = 0.1,
+        entropy_coef: float = 0.0,
+    ) -> _StepStats:
+        """One PPO minibatch step; adds ``policy_loss``, ``value_loss``, ``entropy``,
+        ``approx_kl``, ``clip_fraction`` and ``value_clip_fraction`` to the stats.
+
+        >>> adv, ret, kl = rlx.ppo_advantages(old_lp, ref_lp, values, scores)
+        >>> t.ppo_step(seqs, masks, old_lp, values, adv, ret)["approx_kl"]  # 0.0 at first
+        """
+    def close(self) -> None:
+        """Releases the model and optimizer state; later calls raise ClosedError."""
+    @property
+    def closed(self) -> bool: ...
+    def __enter__(self) -> Trainer: ...
+    def __exit__(
+        self,
+        exc_type: Union[type[BaseException], None],
+        exc: Union[BaseException, None],
+        tb: Union[TracebackType, None],
+    ) -> bool: ...
 
 def group_advantages(
     rewards: Sequence[float], group_size: int, scale_rewards: bool = True
 ) -> list[float]:
     """Group-normalised GRPO advantages (consecutive groups of ``group_size``)."""
+
+def ppo_advantages(
+    old_logprobs: Sequence[Sequence[float]],
+    ref_logprobs: Sequence[Sequence[float]],
+    old_values: Sequence[Sequence[float]],
+    scores: Sequence[float],
+    kl_coef: float = 0.05,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_advantages: bool = True,
+) -> tuple[list[list[float]], list[list[float]], float]:
+    """PPO's KL-penalised rewards → GAE ``(advantages, returns, kl)`` per response token."""

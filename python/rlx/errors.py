@@ -13,6 +13,7 @@ __all__ = [
     "ContextOverflowError",
     "TokenizerError",
     "TemplateError",
+    "ClosedError",
 ]
 
 
@@ -45,3 +46,8 @@ class TokenizerError(RlxError):
 
 class TemplateError(TokenizerError):
     """A chat template is missing or failed to render."""
+
+
+class ClosedError(RlxError, ValueError):
+    """The object was closed (``close()``, or the end of its ``with`` block) and cannot be
+    used any more."""

@@ -17,6 +17,7 @@ pub(crate) enum Class {
     ContextOverflow,
     Tokenizer,
     Template,
+    Closed,
 }
 
 impl Class {
@@ -28,12 +29,14 @@ impl Class {
             Class::ContextOverflow => "ContextOverflowError",
             Class::Tokenizer => "TokenizerError",
             Class::Template => "TemplateError",
+            Class::Closed => "ClosedError",
         }
     }
 
     fn cell(self) -> &'static PyOnceLock<Py<PyType>> {
         // One slot per variant (the index is the discriminant).
-        static CELLS: [PyOnceLock<Py<PyType>>; 6] = [const { PyOnceLock::new() }; 6];
+        const COUNT: usize = Class::Closed as usize + 1;
+        static CELLS: [PyOnceLock<Py<PyType>>; COUNT] = [const { PyOnceLock::new() }; COUNT];
         &CELLS[self as usize]
     }
 

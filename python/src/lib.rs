@@ -7,6 +7,7 @@
 
 mod convert;
 mod errors;
+mod handle;
 mod model;
 mod train;
 
@@ -19,9 +20,9 @@ mod _rlx {
     use super::*;
 
     #[pymodule_export]
-    use crate::model::{PyGeneration, PyModel};
+    use crate::model::{PyGeneration, PyModel, PyTokenStream};
     #[pymodule_export]
-    use crate::train::{group_advantages, PyLoraConfig, PyRewardModel, PyTrainer};
+    use crate::train::{group_advantages, ppo_advantages, PyLoraConfig, PyRewardModel, PyTrainer};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

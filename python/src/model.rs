@@ -5,18 +5,23 @@
 //! the same model, which is immutable after loading.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use numpy::PyArray1;
 use pyo3::prelude::*;
 use rlx::{FinishReason, LoadOptions, SamplingParams};
 
 use crate::convert::{count, token_id_lists, token_ids};
-use crate::errors::to_py_err;
+use crate::errors::{to_py_err, Class};
+use crate::handle::Closable;
 
 /// A decoder language model loaded from a Hugging Face folder or a GGUF file.
 #[pyclass(module = "rlx", name = "Model", frozen)]
 pub struct PyModel {
-    inner: rlx::Model,
+    inner: Closable<rlx::Model>,
 }
 
 /// One sequence's output of `Model.generate`.
@@ -75,7 +80,14 @@ impl PyGeneration {
 
 impl PyModel {
     pub(crate) fn from_model(inner: rlx::Model) -> Self {
-        PyModel { inner }
+        PyModel {
+            inner: Closable::new(inner),
+        }
+    }
+
+    /// The model (a cheap clone sharing the weights), or ClosedError after `close()`.
+    fn m(&self, py: Python<'_>) -> PyResult<rlx::Model> {
+        self.inner.get(py, "Model")
     }
 }
 
@@ -98,13 +110,15 @@ impl PyModel {
     #[staticmethod]
     #[pyo3(signature = (path, threads = 0))]
     fn load(py: Python<'_>, path: PathBuf, threads: i64) -> PyResult<Self> {
-        Ok(PyModel {
-            inner: load_model(py, &path, threads)?,
-        })
+        Ok(PyModel::from_model(load_model(py, &path, threads)?))
     }
 
     /// Generates a continuation of each prompt (a list of token-id lists or 1-D arrays).
-    /// temperature 0 is greedy; the same seed gives the same tokens.
+    /// temperature 0 is greedy (as is ``do_sample=False``); the same seed gives the same tokens.
+    /// Ctrl-C (KeyboardInterrupt) stops it within a token.
+    ///
+    /// >>> out = model.generate([prompt], max_new_tokens=16, temperature=0.0)[0]
+    /// >>> out.tokens, out.logprobs, out.finish_reason
     #[pyo3(signature = (
         prompts,
         max_new_tokens = 128,
@@ -115,6 +129,7 @@ impl PyModel {
         repetition_penalty = 1.0,
         stop_token_ids = None,
         seed = 0,
+        do_sample = true,
     ))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     fn generate(
@@ -129,23 +144,28 @@ impl PyModel {
         repetition_penalty: f64,
         stop_token_ids: Option<&Bound<'_, PyAny>>,
         seed: u64,
+        do_sample: bool,
     ) -> PyResult<Vec<PyGeneration>> {
+        let model = self.m(py)?;
         let prompts = token_id_lists(prompts, "prompts")?;
-        let params = SamplingParams {
-            max_new_tokens: count(py, max_new_tokens, "max_new_tokens")?,
-            temperature: knob(temperature),
-            top_k: count(py, top_k, "top_k")?,
-            top_p: knob(top_p),
-            min_p: knob(min_p),
-            repetition_penalty: knob(repetition_penalty),
-            stop_token_ids: stop_token_ids
-                .map(|s| token_ids(s, "stop_token_ids"))
-                .transpose()?,
+        let params = sampling_params(
+            py,
+            max_new_tokens,
+            if do_sample { temperature } else { 0.0 },
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            stop_token_ids,
             seed,
-        };
-        let outs = py
-            .detach(|| self.inner.generate(&prompts, &params, None))
-            .map_err(|e| to_py_err(py, e))?;
+        )?;
+        let interrupt = Interrupt::default();
+        let outs = py.detach(|| {
+            let mut on_token = |_seq: usize, _tok: u32, _lp: f32| interrupt.poll();
+            model.generate(&prompts, &params, Some(&mut on_token))
+        });
+        interrupt.raise(py)?;
+        let outs = outs.map_err(|e| to_py_err(py, e))?;
         Ok(outs
             .into_iter()
             .map(|g| PyGeneration {
@@ -154,6 +174,62 @@ impl PyModel {
                 finish_reason: finish_reason_name(g.finish_reason),
             })
             .collect())
+    }
+
+    /// Generates a continuation of one prompt as an iterator over its new tokens, each as
+    /// ``(token_id, logprob, text)``: ``text`` is the new text the token completes ("" while a
+    /// multi-byte character is still partial). Generation runs in the background, ahead of the
+    /// loop by at most a few tokens; leaving the loop early (``break``, an exception, Ctrl-C)
+    /// or calling ``close()`` on the iterator stops it. Same arguments as ``generate``.
+    ///
+    /// >>> for token, logprob, text in model.stream(prompt, max_new_tokens=32):
+    /// ...     print(text, end="", flush=True)
+    #[pyo3(signature = (
+        prompt,
+        max_new_tokens = 128,
+        temperature = 1.0,
+        top_k = 0,
+        top_p = 1.0,
+        min_p = 0.0,
+        repetition_penalty = 1.0,
+        stop_token_ids = None,
+        seed = 0,
+        do_sample = true,
+    ))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
+    fn stream(
+        &self,
+        py: Python<'_>,
+        prompt: &Bound<'_, PyAny>,
+        max_new_tokens: i64,
+        temperature: f64,
+        top_k: i64,
+        top_p: f64,
+        min_p: f64,
+        repetition_penalty: f64,
+        stop_token_ids: Option<&Bound<'_, PyAny>>,
+        seed: u64,
+        do_sample: bool,
+    ) -> PyResult<PyTokenStream> {
+        let model = self.m(py)?;
+        let prompt = token_ids(prompt, "prompt")?;
+        let params = sampling_params(
+            py,
+            max_new_tokens,
+            if do_sample { temperature } else { 0.0 },
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            stop_token_ids,
+            seed,
+        )?;
+        // Argument errors are raised here, not at the first `next()`.
+        params
+            .validate()
+            .and_then(|()| model.check_tokens(&prompt, params.max_new_tokens))
+            .map_err(|e| to_py_err(py, e))?;
+        Ok(PyTokenStream::start(model, prompt, params))
     }
 
     /// Per-token log-probs of each sequence: `len(seq) - 1` float32 values,
@@ -165,9 +241,10 @@ impl PyModel {
         sequences: &Bound<'py, PyAny>,
         temperature: f64,
     ) -> PyResult<Vec<Bound<'py, PyArray1<f32>>>> {
+        let model = self.m(py)?;
         let sequences = token_id_lists(sequences, "sequences")?;
         let lps = py
-            .detach(|| self.inner.logprobs(&sequences, knob(temperature)))
+            .detach(|| model.logprobs(&sequences, knob(temperature)))
             .map_err(|e| to_py_err(py, e))?;
         Ok(lps.into_iter().map(|v| PyArray1::from_vec(py, v)).collect())
     }
@@ -175,8 +252,9 @@ impl PyModel {
     /// Token ids of `text`; `add_special_tokens` adds e.g. a BOS token, as transformers does.
     #[pyo3(signature = (text, add_special_tokens = true))]
     fn encode(&self, py: Python<'_>, text: String, add_special_tokens: bool) -> PyResult<Vec<u32>> {
+        let model = self.m(py)?;
         py.detach(|| {
-            self.inner
+            model
                 .require_tokenizer()
                 .and_then(|t| t.encode(&text, add_special_tokens))
         })
@@ -191,44 +269,303 @@ impl PyModel {
         ids: &Bound<'_, PyAny>,
         skip_special_tokens: bool,
     ) -> PyResult<String> {
+        let model = self.m(py)?;
         let ids = token_ids(ids, "ids")?;
         // Ids the tokenizer does not know would silently vanish from the text; say so instead.
-        let vocab = self.inner.config().vocab_size;
+        let vocab = model.config().vocab_size;
         if let Some(&id) = ids.iter().find(|&&t| t as usize >= vocab) {
             return Err(to_py_err(py, rlx::Error::TokenOutOfRange { id, vocab }));
         }
         py.detach(|| {
-            self.inner
+            model
                 .require_tokenizer()
                 .and_then(|t| t.decode(&ids, skip_special_tokens))
         })
         .map_err(|e| to_py_err(py, e))
     }
 
+    /// Renders chat messages (dicts with "role" and "content") with the model's chat template,
+    /// as transformers' ``apply_chat_template(..., tokenize=False)`` does. Encode the result
+    /// with ``add_special_tokens=False``: the template wrote the special tokens it wants.
+    ///
+    /// >>> text = model.apply_chat_template([{"role": "user", "content": "Hi"}])
+    /// >>> prompt = model.encode(text, add_special_tokens=False)
+    #[pyo3(signature = (messages, add_generation_prompt = true))]
+    fn apply_chat_template(
+        &self,
+        py: Python<'_>,
+        messages: &Bound<'_, PyAny>,
+        add_generation_prompt: bool,
+    ) -> PyResult<String> {
+        let model = self.m(py)?;
+        let mut msgs = Vec::new();
+        for (i, m) in messages.try_iter()?.enumerate() {
+            let m = m?;
+            let field = |key: &str| -> PyResult<String> {
+                m.get_item(key)
+                    .and_then(|v| v.extract::<String>())
+                    .map_err(|_| {
+                        Class::InvalidArgument.err(
+                            py,
+                            format!("message {i} needs a string {key:?} (messages are dicts)"),
+                        )
+                    })
+            };
+            msgs.push(rlx::Message::new(field("role")?, field("content")?));
+        }
+        let template = model.chat_template().ok_or_else(|| {
+            to_py_err(
+                py,
+                rlx::Error::Template("this model has no chat template".into()),
+            )
+        })?;
+        template
+            .render(&msgs, add_generation_prompt)
+            .map_err(|e| to_py_err(py, e))
+    }
+
     /// Number of token ids the model knows; every id must be below it.
     #[getter]
-    fn vocab_size(&self) -> usize {
-        self.inner.config().vocab_size
+    fn vocab_size(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.m(py)?.config().vocab_size)
     }
 
     /// The most positions (prompt + new tokens) one sequence may use.
     #[getter]
-    fn context_length(&self) -> usize {
-        self.inner.config().max_position_embeddings
+    fn context_length(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.m(py)?.config().max_position_embeddings)
     }
 
     /// Tokens that end generation when `stop_token_ids` is None.
     #[getter]
-    fn eos_token_ids(&self) -> Vec<u32> {
-        self.inner.eos_token_ids().to_vec()
+    fn eos_token_ids(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        Ok(self.m(py)?.eos_token_ids().to_vec())
     }
 
-    fn __repr__(&self) -> String {
-        format!(
-            "Model(path={:?}, architecture={:?}, vocab_size={})",
-            self.inner.source().display().to_string(),
-            self.inner.config().architecture.hf_class(),
-            self.inner.config().vocab_size
-        )
+    /// Releases the model: later calls raise ClosedError. Calls already running finish first
+    /// (they hold their own reference); the memory goes when the last one is done.
+    fn close(&self) {
+        self.inner.close();
+    }
+
+    /// True after `close()`.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.inner.close();
+        false
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        match self.m(py) {
+            Ok(m) => format!(
+                "Model(path={:?}, architecture={:?}, vocab_size={})",
+                m.source().display().to_string(),
+                m.config().architecture.hf_class(),
+                m.config().vocab_size
+            ),
+            Err(_) => "Model(closed)".to_string(),
+        }
+    }
+}
+
+/// Sampling arguments → `SamplingParams` (range checks are the core's).
+#[allow(clippy::too_many_arguments)]
+fn sampling_params(
+    py: Python<'_>,
+    max_new_tokens: i64,
+    temperature: f64,
+    top_k: i64,
+    top_p: f64,
+    min_p: f64,
+    repetition_penalty: f64,
+    stop_token_ids: Option<&Bound<'_, PyAny>>,
+    seed: u64,
+) -> PyResult<SamplingParams> {
+    Ok(SamplingParams {
+        max_new_tokens: count(py, max_new_tokens, "max_new_tokens")?,
+        temperature: knob(temperature),
+        top_k: count(py, top_k, "top_k")?,
+        top_p: knob(top_p),
+        min_p: knob(min_p),
+        repetition_penalty: knob(repetition_penalty),
+        stop_token_ids: stop_token_ids
+            .map(|s| token_ids(s, "stop_token_ids"))
+            .transpose()?,
+        seed,
+    })
+}
+
+/// Ctrl-C while the GIL is released: Python only notices a signal when it runs bytecode, so
+/// long calls poll for it from their per-token callback (at most every 50 ms, since taking the
+/// GIL may wait for other Python threads) and stop; the caller then raises the
+/// KeyboardInterrupt.
+#[derive(Default)]
+pub(crate) struct Interrupt {
+    pending: std::sync::Mutex<Option<PyErr>>,
+    last_check: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Interrupt {
+    /// True to go on; false once a signal handler raised.
+    pub(crate) fn poll(&self) -> bool {
+        if self
+            .pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_some()
+        {
+            return false; // every remaining sequence stops too
+        }
+        let mut last = self
+            .last_check
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_millis(50)) {
+            return true;
+        }
+        *last = Some(Instant::now());
+        match Python::attach(|py| py.check_signals()) {
+            Ok(()) => true,
+            Err(e) => {
+                *self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(e);
+                false
+            }
+        }
+    }
+
+    /// Raises what a signal handler raised during the call, if anything.
+    pub(crate) fn raise(&self, _py: Python<'_>) -> PyResult<()> {
+        match self
+            .pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+enum StreamEvent {
+    Token(u32, f32),
+    Failed(rlx::Error),
+}
+
+/// The iterator `Model.stream` returns: ``(token_id, logprob, text)`` per new token.
+#[pyclass(module = "rlx", name = "TokenStream")]
+pub struct PyTokenStream {
+    /// In a mutex only because pyclasses must be `Sync`; `__next__` has `&mut self` anyway.
+    events: Option<std::sync::Mutex<Receiver<StreamEvent>>>,
+    cancel: Arc<AtomicBool>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    model: rlx::Model,
+    text: rlx::TextStream,
+}
+
+impl PyTokenStream {
+    fn start(model: rlx::Model, prompt: Vec<u32>, params: SamplingParams) -> Self {
+        let (tx, rx) = sync_channel(16);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let (model, cancel) = (model.clone(), cancel.clone());
+            std::thread::spawn(move || {
+                let mut on_token = |_seq: usize, tok: u32, lp: f32| {
+                    !cancel.load(Ordering::Relaxed) && tx.send(StreamEvent::Token(tok, lp)).is_ok()
+                };
+                if let Err(e) = model.generate(&[prompt], &params, Some(&mut on_token)) {
+                    let _ = tx.send(StreamEvent::Failed(e));
+                }
+            })
+        };
+        PyTokenStream {
+            events: Some(std::sync::Mutex::new(rx)),
+            cancel,
+            worker: Some(worker),
+            model,
+            text: rlx::TextStream::new(),
+        }
+    }
+
+    fn stop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        // Dropping the receiver also unblocks a worker waiting to send.
+        self.events = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for PyTokenStream {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        self.events = None;
+        // The worker notices within a token; it holds only its own clone of the model.
+    }
+}
+
+#[pymethods]
+impl PyTokenStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<(u32, f32, String)>> {
+        loop {
+            let Some(events) = self.events.as_ref() else {
+                return Ok(None);
+            };
+            let got = py.detach(|| {
+                events
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .recv_timeout(Duration::from_millis(50))
+            });
+            match got {
+                Ok(StreamEvent::Token(tok, lp)) => {
+                    let text = match self.model.tokenizer() {
+                        Some(t) => self
+                            .text
+                            .push(t, tok)
+                            .map_err(|e| to_py_err(py, e))?
+                            .unwrap_or_default(),
+                        None => String::new(),
+                    };
+                    return Ok(Some((tok, lp, text)));
+                }
+                Ok(StreamEvent::Failed(e)) => {
+                    self.stop();
+                    return Err(to_py_err(py, e));
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Err(e) = py.check_signals() {
+                        self.stop();
+                        return Err(e);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.stop();
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Stops generation; the iterator then ends.
+    fn close(&mut self) {
+        self.stop();
     }
 }

@@ -12,12 +12,13 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use rlx::model::Gradients;
 use rlx::{
-    DpoLoss, GrpoBatch, GrpoConfig, GrpoLossType, LoadOptions, LoraConfig, Schedule, StepStats,
-    TrainConfig, Trainer,
+    DpoLoss, GrpoBatch, GrpoConfig, GrpoLossType, LoadOptions, LoraConfig, PpoConfig, PpoMinibatch,
+    PpoStats, Schedule, StepStats, TrainConfig, Trainer,
 };
 
 use crate::convert::{count, token_id_lists};
 use crate::errors::{to_py_err, Class};
+use crate::handle::Closable;
 use crate::model::{load_model, PyModel};
 
 /// LoRA settings: rank `r`, scale `lora_alpha / r`, and the modules adapted (PEFT's names;
@@ -76,7 +77,7 @@ impl PyLoraConfig {
 /// A reward model: a decoder with a scalar score head (`*ForSequenceClassification`).
 #[pyclass(module = "rlx", name = "RewardModel", frozen)]
 pub struct PyRewardModel {
-    inner: rlx::Model,
+    inner: Closable<rlx::Model>,
 }
 
 #[pymethods]
@@ -91,7 +92,9 @@ impl PyRewardModel {
                 Class::InvalidArgument.err(py, format!("{} has no score head", path.display()))
             );
         }
-        Ok(PyRewardModel { inner })
+        Ok(PyRewardModel {
+            inner: Closable::new(inner),
+        })
     }
 
     /// The reward of each sequence (float32), read at its last token.
@@ -100,20 +103,43 @@ impl PyRewardModel {
         py: Python<'py>,
         sequences: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let model = self.inner.get(py, "RewardModel")?;
         let seqs = token_id_lists(sequences, "sequences")?;
         let r = py
-            .detach(|| self.inner.reward_scores(&seqs))
+            .detach(|| model.reward_scores(&seqs))
             .map_err(|e| to_py_err(py, e))?;
         Ok(PyArray1::from_vec(py, r))
     }
 
     fn encode(&self, py: Python<'_>, text: String) -> PyResult<Vec<u32>> {
+        let model = self.inner.get(py, "RewardModel")?;
         py.detach(|| {
-            self.inner
+            model
                 .require_tokenizer()
                 .and_then(|t| t.encode(&text, true))
         })
         .map_err(|e| to_py_err(py, e))
+    }
+
+    /// Releases the model: later calls raise ClosedError.
+    fn close(&self) {
+        self.inner.close();
+    }
+
+    /// True after `close()`.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.inner.close();
+        false
     }
 }
 
@@ -161,16 +187,23 @@ fn stats_dict<'py>(
 /// nothing and reports `skipped=True`.
 #[pyclass(module = "rlx", name = "Trainer")]
 pub struct PyTrainer {
-    inner: Trainer,
+    /// `None` after `close()`.
+    inner: Option<Trainer>,
 }
 
 impl PyTrainer {
+    fn trainer(&mut self, py: Python<'_>) -> PyResult<&mut Trainer> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| Class::Closed.err(py, "this Trainer was closed"))
+    }
+
     fn apply(
         &mut self,
         py: Python<'_>,
         compute: impl FnOnce(&rlx::Model) -> rlx::Result<(f64, Gradients)> + Send,
     ) -> PyResult<StepStats> {
-        let t = &mut self.inner;
+        let t = self.trainer(py)?;
         py.detach(|| {
             let (loss, grads) = compute(t.model())?;
             t.apply(loss, grads)
@@ -246,7 +279,7 @@ impl PyTrainer {
                 Trainer::new(model, config)
             })
             .map_err(|e| to_py_err(py, e))?;
-        Ok(PyTrainer { inner })
+        Ok(PyTrainer { inner: Some(inner) })
     }
 
     /// Continues from a checkpoint written by `save`; returns `(trainer, extra)`.
@@ -259,13 +292,13 @@ impl PyTrainer {
             .map_err(|e| to_py_err(py, e))?;
         let json = py.import("json")?;
         let extra = json.call_method1("loads", (extra.to_string(),))?.unbind();
-        Ok((PyTrainer { inner }, extra))
+        Ok((PyTrainer { inner: Some(inner) }, extra))
     }
 
     /// Writes a checkpoint folder (model, optimizer moments, step, `extra` as JSON).
     #[pyo3(signature = (path, extra = None))]
     fn save(
-        &self,
+        &mut self,
         py: Python<'_>,
         path: PathBuf,
         extra: Option<&Bound<'_, PyAny>>,
@@ -278,7 +311,7 @@ impl PyTrainer {
                     .map_err(|e| Class::InvalidArgument.err(py, e.to_string()))?
             }
         };
-        let t = &self.inner;
+        let t = self.trainer(py)?;
         py.detach(|| t.save_checkpoint(&path, &extra))
             .map_err(|e| to_py_err(py, e))
     }
@@ -286,14 +319,14 @@ impl PyTrainer {
     /// The current model for generation and log-probs (shares the weights; later steps do
     /// not change it).
     #[getter]
-    fn model(&self) -> PyModel {
-        PyModel::from_model(self.inner.model().clone())
+    fn model(&mut self, py: Python<'_>) -> PyResult<PyModel> {
+        Ok(PyModel::from_model(self.trainer(py)?.model().clone()))
     }
 
     /// Optimizer steps taken.
     #[getter]
-    fn step(&self) -> u64 {
-        self.inner.step_count()
+    fn step(&mut self, py: Python<'_>) -> PyResult<u64> {
+        Ok(self.trainer(py)?.step_count())
     }
 
     /// Supervised fine-tuning: mean cross-entropy over the tokens whose mask is true.
@@ -438,8 +471,125 @@ impl PyTrainer {
         stats_dict(py, &s, &[("kl", extra.0), ("clip_fraction", extra.1)])
     }
 
+    /// The value head's estimate for each response token (the value of the state before the
+    /// token): one float32 array per sequence, shaped like the masks' selected tokens. The
+    /// trainer needs a value head (``head="value"``).
+    fn values<'py>(
+        &mut self,
+        py: Python<'py>,
+        sequences: &Bound<'py, PyAny>,
+        masks: &Bound<'py, PyAny>,
+    ) -> PyResult<Vec<Bound<'py, PyArray1<f32>>>> {
+        let seqs = token_id_lists(sequences, "sequences")?;
+        let m = self::masks(masks, "masks")?;
+        if m.len() != seqs.len() || m.iter().zip(&seqs).any(|(a, b)| a.len() != b.len()) {
+            return Err(Class::InvalidArgument.err(py, "one mask per sequence, one flag per token"));
+        }
+        let model = self.trainer(py)?.model().clone();
+        let all = py
+            .detach(|| model.values(&seqs))
+            .map_err(|e| to_py_err(py, e))?;
+        Ok(all
+            .iter()
+            .zip(&m)
+            .map(|(v, m)| {
+                let picked: Vec<f32> = (1..m.len()).filter(|&t| m[t]).map(|t| v[t - 1]).collect();
+                PyArray1::from_vec(py, picked)
+            })
+            .collect())
+    }
+
+    /// One PPO minibatch step (clipped surrogate, clipped value loss, optional entropy bonus)
+    /// from a rollout's per-response-token ``old_logprobs`` and ``old_values`` and the
+    /// ``advantages`` and ``returns`` of ``rlx.ppo_advantages``. The first step on a fresh
+    /// rollout sees ratios of exactly 1 (``approx_kl`` 0). Needs ``head="value"``.
+    #[pyo3(signature = (
+        sequences, masks, old_logprobs, old_values, advantages, returns,
+        clip_range = 0.2, clip_range_value = 0.2, vf_coef = 0.1, entropy_coef = 0.0,
+    ))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
+    fn ppo_step<'py>(
+        &mut self,
+        py: Python<'py>,
+        sequences: &Bound<'py, PyAny>,
+        masks: &Bound<'py, PyAny>,
+        old_logprobs: &Bound<'py, PyAny>,
+        old_values: &Bound<'py, PyAny>,
+        advantages: &Bound<'py, PyAny>,
+        returns: &Bound<'py, PyAny>,
+        clip_range: f64,
+        clip_range_value: f64,
+        vf_coef: f64,
+        entropy_coef: f64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let seqs = token_id_lists(sequences, "sequences")?;
+        let m = self::masks(masks, "masks")?;
+        let old = float_rows(old_logprobs)?;
+        let values = float_rows(old_values)?;
+        let adv = float_rows(advantages)?;
+        let ret = float_rows(returns)?;
+        let config = PpoConfig {
+            clip_range,
+            clip_range_value,
+            vf_coef,
+            entropy_coef,
+            ..Default::default()
+        };
+        let mut extra = PpoStats::default();
+        let s = self.apply(py, |model| {
+            let batch = PpoMinibatch {
+                sequences: &seqs,
+                masks: &m,
+                old_logprobs: &old,
+                old_values: &values,
+                advantages: &adv,
+                returns: &ret,
+            };
+            let (st, g) = model.ppo_gradients(&batch, &config)?;
+            extra = st.clone();
+            Ok((st.loss, g))
+        })?;
+        stats_dict(
+            py,
+            &s,
+            &[
+                ("policy_loss", extra.policy_loss),
+                ("value_loss", extra.value_loss),
+                ("entropy", extra.entropy),
+                ("approx_kl", extra.approx_kl),
+                ("clip_fraction", extra.clip_fraction),
+                ("value_clip_fraction", extra.value_clip_fraction),
+            ],
+        )
+    }
+
+    /// Releases the model and optimizer state; later calls raise ClosedError. A checkpoint
+    /// already saved is untouched.
+    fn close(&mut self) {
+        self.inner = None;
+    }
+
+    /// True after `close()`.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.inner = None;
+        false
+    }
+
     fn __repr__(&self) -> String {
-        format!("Trainer(step={})", self.inner.step_count())
+        match &self.inner {
+            Some(t) => format!("Trainer(step={})", t.step_count()),
+            None => "Trainer(closed)".to_string(),
+        }
     }
 }
 
@@ -456,4 +606,46 @@ pub fn group_advantages(
     let r = floats(rewards)?;
     let k = count(py, group_size, "group_size")?;
     rlx::group_advantages(&r, k, scale_rewards).map_err(|e| to_py_err(py, e))
+}
+
+/// One row of values per sequence, one value per response token.
+type PerToken = Vec<Vec<f64>>;
+
+/// PPO's first stage for a rollout (per response token, one row per sequence): rewards
+/// ``-kl_coef * (old_logprobs - ref_logprobs)`` plus each sequence's ``scores`` entry at its
+/// last token, GAE advantages (whitened when ``whiten_advantages``) and returns. Returns
+/// ``(advantages, returns, kl)``, ``kl`` being the mean summed KL to the reference.
+#[pyfunction]
+#[pyo3(signature = (
+    old_logprobs, ref_logprobs, old_values, scores,
+    kl_coef = 0.05, gamma = 1.0, lam = 0.95, whiten_advantages = true,
+))]
+#[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
+pub fn ppo_advantages(
+    py: Python<'_>,
+    old_logprobs: &Bound<'_, PyAny>,
+    ref_logprobs: &Bound<'_, PyAny>,
+    old_values: &Bound<'_, PyAny>,
+    scores: &Bound<'_, PyAny>,
+    kl_coef: f64,
+    gamma: f64,
+    lam: f64,
+    whiten_advantages: bool,
+) -> PyResult<(PerToken, PerToken, f64)> {
+    let config = PpoConfig {
+        kl_coef,
+        gamma,
+        lam,
+        whiten_advantages,
+        ..Default::default()
+    };
+    let a = rlx::ppo_advantages(
+        &float_rows(old_logprobs)?,
+        &float_rows(ref_logprobs)?,
+        &float_rows(old_values)?,
+        &floats(scores)?,
+        &config,
+    )
+    .map_err(|e| to_py_err(py, e))?;
+    Ok((a.advantages, a.returns, a.kl))
 }

@@ -271,8 +271,9 @@ impl Model {
         Ok(())
     }
 
-    /// Checks that a sequence is non-empty, in the vocabulary, and fits the context.
-    pub(crate) fn check_tokens(&self, tokens: &[u32], extra: usize) -> Result<()> {
+    /// Checks that a sequence is non-empty, in the vocabulary, and fits the context with `extra`
+    /// more positions (what `generate` checks of each prompt before any work).
+    pub fn check_tokens(&self, tokens: &[u32], extra: usize) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::invalid("a sequence needs at least one token"));
         }

@@ -1,0 +1,190 @@
+"""Streaming, chat templates, close(), Ctrl-C and PPO from Python, on the tiny fixtures."""
+
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rlx
+
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
+LLAMA = FIXTURES / "llama-f32"
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return rlx.Model.load(LLAMA, threads=2)
+
+
+def test_stream_yields_what_generate_returns(llama):
+    prompt = [1, 5, 9]
+    want = llama.generate([prompt], max_new_tokens=12, seed=3, stop_token_ids=[])[0]
+    got = list(llama.stream(prompt, max_new_tokens=12, seed=3, stop_token_ids=[]))
+    assert [t for t, _, _ in got] == want.tokens
+    assert np.array_equal(np.array([lp for _, lp, _ in got], dtype=np.float32), want.logprobs)
+    # The text pieces add up to the decoded answer.
+    assert "".join(text for _, _, text in got) == llama.decode(want.tokens)
+
+
+def test_stream_stops_when_left_early(llama):
+    stream = llama.stream([1, 5], max_new_tokens=100, stop_token_ids=[])
+    first = [next(stream) for _ in range(3)]
+    assert len(first) == 3
+    stream.close()
+    assert list(stream) == []
+
+
+def test_stream_checks_arguments_up_front(llama):
+    with pytest.raises(rlx.InvalidArgumentError):
+        llama.stream([1, 5], temperature=-1.0)
+    with pytest.raises(rlx.InvalidArgumentError):
+        llama.stream([10**6])
+    with pytest.raises(rlx.ContextOverflowError):
+        llama.stream([1, 5], max_new_tokens=10_000)
+
+
+def test_do_sample_false_is_greedy(llama):
+    a = llama.generate([[1, 5]], max_new_tokens=8, do_sample=False, seed=1)[0]
+    b = llama.generate([[1, 5]], max_new_tokens=8, temperature=0.0, seed=2)[0]
+    assert a.tokens == b.tokens
+
+
+def test_chat_template(tmp_path, llama):
+    with pytest.raises(rlx.TemplateError, match="chat template"):
+        llama.apply_chat_template([{"role": "user", "content": "Hi"}])
+    for name in ["config.json", "model.safetensors", "tokenizer.json"]:
+        shutil.copy(LLAMA / name, tmp_path / name)
+    (tmp_path / "tokenizer_config.json").write_text(
+        '{"chat_template": "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\\n'
+        '{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"}'
+    )
+    chat = rlx.Model.load(tmp_path)
+    text = chat.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    )
+    assert text == "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>"
+    assert chat.apply_chat_template([{"role": "user", "content": "x"}], False) == "<|user|>x\n"
+    with pytest.raises(rlx.InvalidArgumentError, match="content"):
+        chat.apply_chat_template([{"role": "user"}])
+
+
+def test_closed_objects_raise():
+    m = rlx.Model.load(LLAMA)
+    snapshot = m  # the same object
+    m.close()
+    assert m.closed and "closed" in repr(m)
+    for call in (
+        lambda: m.generate([[1, 2]]),
+        lambda: m.logprobs([[1, 2]]),
+        lambda: m.encode("hi"),
+        lambda: m.vocab_size,
+        lambda: m.stream([1, 2]),
+    ):
+        with pytest.raises(rlx.ClosedError):
+            call()
+    assert isinstance(rlx.ClosedError("x"), ValueError)
+    snapshot.close()  # closing twice is harmless
+
+    with rlx.Model.load(LLAMA) as m2:
+        assert m2.vocab_size > 0
+    assert m2.closed
+
+    with rlx.Trainer(LLAMA) as t:
+        model = t.model
+        t.sft_step([[1, 5, 9]], [[False, True, True]])
+    assert t.closed
+    with pytest.raises(rlx.ClosedError):
+        t.sft_step([[1, 5, 9]], [[False, True, True]])
+    with pytest.raises(rlx.ClosedError):
+        t.model
+    # A snapshot taken before close() lives on.
+    assert len(model.logprobs([[1, 5, 9]])[0]) == 2
+
+
+def test_close_while_another_thread_generates(llama):
+    m = rlx.Model.load(LLAMA, threads=1)
+    result = {}
+
+    def work():
+        result["out"] = m.generate([[1, 5]], max_new_tokens=64, stop_token_ids=[])
+
+    th = threading.Thread(target=work)
+    th.start()
+    time.sleep(0.01)
+    m.close()
+    th.join()
+    # Either the call had started (and finished normally) or it saw the closed model.
+    assert "out" in result or m.closed
+
+
+def _interrupt_script(body):
+    return "\n".join(
+        [
+            "import os, signal, threading, time",
+            "import rlx",
+            f"m = rlx.Model.load({str(LLAMA)!r}, threads=1)",
+            "threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()",
+            "t0 = time.monotonic()",
+            "try:",
+            textwrap.indent(body, "    "),
+            "    print('finished without interrupt')",
+            "except KeyboardInterrupt:",
+            "    print(f'interrupted after {time.monotonic() - t0:.2f} s')",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # One call far longer than the limit below: Ctrl-C must end it from inside.
+        "m.generate([[1, 5]] * 4000, max_new_tokens=120, stop_token_ids=[])\n",
+        "for _ in range(50):\n"
+        "    for tok in m.stream([1, 5], max_new_tokens=120, stop_token_ids=[]):\n"
+        "        pass\n",
+    ],
+    ids=["generate", "stream"],
+)
+def test_ctrl_c_interrupts_promptly(body):
+    out = subprocess.run(
+        [sys.executable, "-c", _interrupt_script(body)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "interrupted after" in out.stdout, out.stdout + out.stderr
+    seconds = float(out.stdout.split("interrupted after")[1].split()[0])
+    assert seconds < 5.0, out.stdout
+
+
+def test_ppo_iteration():
+    t = rlx.Trainer(LLAMA, lr=1e-3, head="value", threads=2)
+    reference = rlx.Model.load(LLAMA)
+    policy = t.model
+    prompt = [1, 5, 9]
+    gens = policy.generate([prompt] * 3, max_new_tokens=5, seed=4, stop_token_ids=[])
+    seqs = [prompt + g.tokens for g in gens]
+    masks = [[False] * len(prompt) + [True] * len(g.tokens) for g in gens]
+    old = [g.logprobs.tolist() for g in gens]
+    ref = [lp[len(prompt) - 1 :].tolist() for lp in reference.logprobs(seqs)]
+    values = [v.tolist() for v in t.values(seqs, masks)]
+    assert [len(v) for v in values] == [len(o) for o in old]
+    adv, ret, kl = rlx.ppo_advantages(old, ref, values, [1.0, -1.0, 0.5])
+    assert kl == 0.0  # the policy is still the reference
+    first = t.ppo_step(seqs, masks, old, values, adv, ret)
+    assert first["approx_kl"] == 0.0 and first["clip_fraction"] == 0.0
+    assert first["value_loss"] > 0 and first["step"] == 1
+    second = t.ppo_step(seqs, masks, old, values, adv, ret)
+    assert second["approx_kl"] > 0.0
+    with pytest.raises(rlx.InvalidArgumentError):
+        t.ppo_step(seqs, masks, [o[1:] for o in old], values, adv, ret)
+    no_head = rlx.Trainer(LLAMA)
+    with pytest.raises(rlx.InvalidArgumentError, match="value head"):
+        no_head.values(seqs, masks)
