@@ -36,9 +36,13 @@ pub struct DemoArgs {
     /// Output folder for data, runs and RESULTS.md (must not hold an earlier demo).
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
-    /// PPO and GRPO iterations.
-    #[arg(long, default_value_t = 8)]
-    iterations: usize,
+    /// The short version: the InstructGPT stages only (SFT → RM → PPO, 4 PPO iterations), a few
+    /// minutes on 2 cores. Without it DPO and GRPO run too, for comparison.
+    #[arg(long)]
+    short: bool,
+    /// PPO and GRPO iterations (default: 4 with --short, else 6).
+    #[arg(long)]
+    iterations: Option<usize>,
     #[arg(long, default_value_t = 0)]
     threads: usize,
     #[arg(long, default_value_t = 0)]
@@ -310,7 +314,9 @@ pub fn demo(a: DemoArgs) -> CliResult {
     let t0 = std::time::Instant::now();
     let data = write_data(&a.out.join("data"))?;
     let base = Model::load(&model_path, LoadOptions { threads: a.threads })?;
-    let f = Formatter::new(&base, base.chat_template().is_some(), 256)?;
+    // Room for the longest demo line even with a byte-level tokenizer (the tests run the demo on
+    // a tiny model); SmolLM2 needs under 100 positions per line.
+    let f = Formatter::new(&base, base.chat_template().is_some(), 512)?;
     let (sft_data, _) = load(&data.sft, false, |v| f.sft(v))?;
     let (pref_groups, _) = load(&data.prefs, false, |v| f.pairs(v))?;
     let pairs: Vec<PreferencePair> = pref_groups.into_iter().flatten().collect();
@@ -370,9 +376,10 @@ pub fn demo(a: DemoArgs) -> CliResult {
 
     let sft = Model::load(&sft_dir, LoadOptions { threads: a.threads })?;
     let labeller_fn = |p: &str, r: &str| labeller(p, r);
+    let iterations = a.iterations.unwrap_or(if a.short { 4 } else { 6 });
     let on_policy = |name: &str, k: usize| RolloutOptions {
         out: a.out.join(name),
-        iterations: a.iterations,
+        iterations,
         prompts_per_iteration: 4,
         samples_per_prompt: k,
         max_new_tokens: 32,
@@ -407,73 +414,89 @@ pub fn demo(a: DemoArgs) -> CliResult {
     drop(ppo_trainer);
     stage_done(&a.out, "ppo", t);
 
-    // DPO on the preference pairs, from the SFT model.
-    let t = std::time::Instant::now();
-    let mut dpo_trainer = trainer(&sft_dir, a.threads, 1e-4, |_| {})?;
-    let r = supervised::dpo(
-        &mut dpo_trainer,
-        &sft,
-        &pairs,
-        DpoOptions {
-            beta: 0.1,
-            loss: DpoLoss::Sigmoid,
-        },
-        &RunOptions {
-            batch_size: 6,
-            ..run("dpo")
-        },
-        None,
-        &mut obs,
-    )?;
-    let dpo_dir = r.model_dir.ok_or("DPO did not finish")?;
-    drop(dpo_trainer);
-    stage_done(&a.out, "dpo", t);
+    // For comparison (the full version): DPO on the preference pairs and GRPO against the
+    // reward model, both from the SFT model.
+    let mut compared = Vec::new();
+    if !a.short {
+        // DPO on the preference pairs, from the SFT model.
+        let t = std::time::Instant::now();
+        let mut dpo_trainer = trainer(&sft_dir, a.threads, 1e-4, |_| {})?;
+        let r = supervised::dpo(
+            &mut dpo_trainer,
+            &sft,
+            &pairs,
+            DpoOptions {
+                beta: 0.1,
+                loss: DpoLoss::Sigmoid,
+            },
+            &RunOptions {
+                batch_size: 6,
+                ..run("dpo")
+            },
+            None,
+            &mut obs,
+        )?;
+        let dpo_dir = r.model_dir.ok_or("DPO did not finish")?;
+        drop(dpo_trainer);
+        stage_done(&a.out, "dpo", t);
 
-    // GRPO against the reward model, 4 answers per prompt.
-    let t = std::time::Instant::now();
-    let mut grpo_trainer = trainer(&sft_dir, a.threads, 1e-4, |_| {})?;
-    let job = OnPolicy {
-        prompts: &prompts,
-        reward: Reward::Model(&rm),
-        monitor: Some(&labeller_fn),
-        options: RolloutOptions {
-            prompts_per_iteration: 2,
-            ..on_policy("grpo", 4)
-        },
-    };
-    let r = rollout::grpo(
-        &mut grpo_trainer,
-        Some(&sft),
-        &job,
-        &GrpoConfig::default(),
-        None,
-        &mut obs,
-    )?;
-    let grpo_dir = r.model_dir.ok_or("GRPO did not finish")?;
-    drop(grpo_trainer);
-    stage_done(&a.out, "grpo", t);
+        // GRPO against the reward model, 4 answers per prompt.
+        let t = std::time::Instant::now();
+        let mut grpo_trainer = trainer(&sft_dir, a.threads, 1e-4, |_| {})?;
+        let job = OnPolicy {
+            prompts: &prompts,
+            reward: Reward::Model(&rm),
+            monitor: Some(&labeller_fn),
+            options: RolloutOptions {
+                prompts_per_iteration: 2,
+                ..on_policy("grpo", 4)
+            },
+        };
+        let r = rollout::grpo(
+            &mut grpo_trainer,
+            Some(&sft),
+            &job,
+            &GrpoConfig::default(),
+            None,
+            &mut obs,
+        )?;
+        let grpo_dir = r.model_dir.ok_or("GRPO did not finish")?;
+        drop(grpo_trainer);
+        stage_done(&a.out, "grpo", t);
+        compared = vec![("DPO", dpo_dir), ("GRPO", grpo_dir)];
+    }
 
     // The table: every model on the held-out prompts.
     let t = std::time::Instant::now();
     let mut rows = vec![evaluate("base", &base, &sft, &rm, &held, a.seed)?];
     drop(base);
-    for (name, dir) in [
-        ("SFT", &sft_dir),
-        ("PPO", &ppo_dir),
-        ("DPO", &dpo_dir),
-        ("GRPO", &grpo_dir),
-    ] {
-        let m = Model::load(dir, LoadOptions { threads: a.threads })?;
+    let stages = [("SFT", sft_dir), ("PPO", ppo_dir)]
+        .into_iter()
+        .chain(compared);
+    for (name, dir) in stages {
+        let m = Model::load(&dir, LoadOptions { threads: a.threads })?;
         rows.push(evaluate(name, &m, &sft, &rm, &held, a.seed)?);
     }
     eprintln!("== evaluation done in {:.0} s", t.elapsed().as_secs_f64());
-    let report = results(&rows, rm_accuracy, &a, t0.elapsed().as_secs_f64());
+    let report = results(
+        &rows,
+        rm_accuracy,
+        &a,
+        iterations,
+        t0.elapsed().as_secs_f64(),
+    );
     std::fs::write(a.out.join("RESULTS.md"), &report)?;
     println!("{report}");
     Ok(())
 }
 
-fn results(rows: &[Row], rm_accuracy: f64, a: &DemoArgs, seconds: f64) -> String {
+fn results(
+    rows: &[Row],
+    rm_accuracy: f64,
+    a: &DemoArgs,
+    iterations: usize,
+    seconds: f64,
+) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -494,9 +517,10 @@ fn results(rows: &[Row], rm_accuracy: f64, a: &DemoArgs, seconds: f64) -> String
     }
     let _ = writeln!(
         s,
-        "\nReward model held-out pairwise accuracy: {rm_accuracy:.3}. {} PPO/GRPO iterations, \
+        "\nReward model held-out pairwise accuracy: {rm_accuracy:.3}. {} {} iterations, \
          seed {}, {:.0} s in total. Held-out prompts: {} (greedy answers, 40 tokens at most).",
-        a.iterations,
+        if a.short { "PPO" } else { "PPO/GRPO" },
+        iterations,
         a.seed,
         seconds,
         HELD_PRODUCTS.len() * HELD_PROBLEMS.len()

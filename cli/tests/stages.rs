@@ -264,3 +264,63 @@ fn resume_continues_a_stopped_run_and_bad_lines_are_named() {
 fn out_dir(t: &Path, name: &str) -> String {
     t.join(name).to_str().unwrap().to_string()
 }
+
+/// The demo's whole chain (data, SFT, RM, PPO, DPO, GRPO, evaluation, RESULTS.md) on the tiny
+/// fixture: the numbers mean nothing on a random model, but every stage must run and report.
+#[test]
+fn demo_runs_every_stage_on_a_tiny_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The fixture's 128 positions are too few for the demo's byte-level-long answers; Llama
+    // has no learned positions, so the same weights take a longer context.
+    let base = tmp.path().join("model");
+    std::fs::create_dir(&base).unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(fixture("llama-f32").join(f), base.join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(fixture("llama-f32").join("config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    config["max_position_embeddings"] = 1024.into();
+    std::fs::write(base.join("config.json"), config.to_string()).unwrap();
+    for (short, name) in [(true, "short"), (false, "full")] {
+        let out_dir = tmp.path().join(name);
+        let mut args = vec![
+            "demo",
+            "--model",
+            base.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--iterations",
+            "1",
+            "--threads",
+            "2",
+        ];
+        if short {
+            args.push("--short");
+        }
+        let out = rlx(&args);
+        ok(&out);
+        let results = std::fs::read_to_string(out_dir.join("RESULTS.md")).unwrap();
+        let rows: Vec<&str> = results.lines().filter(|l| l.starts_with("| ")).collect();
+        let names: Vec<&str> = rows
+            .iter()
+            .skip(1)
+            .map(|r| r.split('|').nth(1).unwrap().trim())
+            .collect();
+        let want: &[&str] = if short {
+            &["base", "SFT", "PPO"]
+        } else {
+            &["base", "SFT", "PPO", "DPO", "GRPO"]
+        };
+        assert_eq!(names, want, "{results}");
+        assert!(out_dir.join("ppo/model/config.json").is_file());
+        assert_eq!(out_dir.join("grpo").exists(), !short);
+        // A finished demo is never overwritten.
+        let again = rlx(&args);
+        assert!(!again.status.success());
+        assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a finished demo"));
+    }
+}

@@ -43,6 +43,27 @@ pub fn gemm(
     n: usize,
     depth: usize,
 ) {
+    gemm_on(isa(), c, ldc, accumulate, a, b, ldb, m, n, depth)
+}
+
+/// [`gemm`] on a given instruction set (which must be available: at most [`isa()`]).
+#[allow(clippy::too_many_arguments)]
+fn gemm_on(
+    isa: Isa,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    a: Strided<'_>,
+    b: &[f32],
+    ldb: usize,
+    m: usize,
+    n: usize,
+    depth: usize,
+) {
+    assert!(
+        isa <= super::simd::isa(),
+        "gemm: {isa:?} is not available here"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -64,7 +85,6 @@ pub fn gemm(
     );
     assert!((depth - 1) * ldb + n <= b.len(), "gemm: B too short");
 
-    let isa = isa();
     let (mr, nr) = match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => (x86::MR512, 32),
@@ -448,6 +468,38 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// An FMA rounds the same in 256- and 512-bit registers, so the AVX2 and AVX-512 kernels
+    /// (different tiles, same chain per output) agree bit for bit.
+    #[test]
+    fn avx2_and_avx512_paths_agree_bitwise() {
+        if isa() < Isa::Avx512 {
+            println!("skipped: no AVX-512 here (or RLX_ISA caps it)");
+            return;
+        }
+        let (m, n, depth) = (50, 70, 300);
+        let a = values(m * depth, 6);
+        let b = values(depth * n, 7);
+        for a_op in [
+            Strided {
+                data: &a,
+                row_stride: depth,
+                col_stride: 1,
+            },
+            Strided {
+                data: &a,
+                row_stride: 1,
+                col_stride: m,
+            },
+        ] {
+            let run = |isa| {
+                let mut c = values(m * n, 8);
+                gemm_on(isa, &mut c, n, true, a_op, &b, n, m, n, depth);
+                c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(run(Isa::Avx2Fma), run(Isa::Avx512));
         }
     }
 
