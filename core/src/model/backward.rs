@@ -2,9 +2,13 @@
 //! `_backward` twin (llm.c style — no autograd graph). Parameter gradients accumulate (`+=`);
 //! activation gradients are written.
 //!
-//! Today's objective is supervised fine-tuning: mean cross-entropy over the selected (response)
-//! tokens. The LM head, log-softmax and loss run fused over chunks of rows, so the `(T × V)`
-//! logits matrix is never materialised.
+//! Every objective is a function of the selected (response) tokens' log-probs, entropies and
+//! values ([`Model::token_objective_gradients`]). The LM head and log-softmax run over chunks of
+//! selected rows in two passes (statistics, then gradients); the selected rows' logits are kept
+//! between the passes when they fit a fixed budget and recomputed otherwise, and the full
+//! `(T × V)` matrix over every position is never materialised.
+
+use rayon::prelude::*;
 
 use crate::backend::cpu::activation::{gelu_tanh_backward, silu_mul_backward};
 use crate::backend::cpu::attention::{attention_backward, Heads, KvGrad, KvView, Slot};
@@ -22,6 +26,10 @@ use super::weights::{Linear, Mlp, Norm};
 use super::Model;
 
 const LOSS_ROWS: usize = 32;
+
+/// The most memory the training pass spends on keeping every selected row's logits between its
+/// two passes (4 × 256 tokens of a 49k vocabulary need 176 MiB).
+const KEPT_LOGITS_BYTES: usize = 512 << 20;
 
 /// An objective of per-token log-probs: given each sequence's selected log-probs, returns the
 /// loss and `∂loss/∂logp` of each.
@@ -512,24 +520,44 @@ impl Model {
                 c,
             );
         };
-        for chunk in rows.chunks(LOSS_ROWS) {
-            chunk_logits(chunk, &mut hidden, &mut logits);
-            for (i, sel) in chunk.iter().enumerate() {
-                let row = &logits[i * v..(i + 1) * v];
-                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-                let (mut z, mut zl) = (0f64, 0f64);
-                for &l in row {
-                    let e = (l as f64 - max).exp();
-                    z += e;
-                    zl += e * (l as f64 - max);
-                }
-                let log_z = z.ln();
-                // H = −Σ p log p = log Z − E_p[l − max].
-                let entropy = log_z - zl / z;
+        // The logits of every selected row stay from this pass to the gradient pass when they
+        // fit in KEPT_LOGITS_BYTES (PyTorch holds them all); otherwise they are recomputed.
+        let keep = rows.len().saturating_mul(v) <= KEPT_LOGITS_BYTES / 4;
+        let mut kept = if keep {
+            vec![0f32; rows.len() * v]
+        } else {
+            Vec::new()
+        };
+        for (ci, chunk) in rows.chunks(LOSS_ROWS).enumerate() {
+            let m = chunk.len();
+            let buf = if keep {
+                &mut kept[ci * LOSS_ROWS * v..][..m * v]
+            } else {
+                &mut logits[..m * v]
+            };
+            chunk_logits(chunk, &mut hidden, buf);
+            let stats: Vec<(f64, f64, f64, f32)> = buf
+                .par_chunks(v)
+                .zip(chunk)
+                .map(|(row, sel)| {
+                    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+                    let (mut z, mut zl) = (0f64, 0f64);
+                    for &l in row {
+                        let e = (l as f64 - max).exp();
+                        z += e;
+                        zl += e * (l as f64 - max);
+                    }
+                    let log_z = z.ln();
+                    // H = −Σ p log p = log Z − E_p[l − max].
+                    let entropy = log_z - zl / z;
+                    // Rounded to f32 exactly as `logprobs` and `generate` report it, so a ratio
+                    // against log-probs recorded at rollout time is exactly 1.
+                    let logp = (row[sel.target as usize] as f64 - max - log_z) as f32;
+                    (max, log_z, entropy, logp)
+                })
+                .collect();
+            for (sel, (max, log_z, entropy, logp)) in chunk.iter().zip(stats) {
                 norms.push((max, log_z, entropy));
-                // Rounded to f32 exactly as `logprobs` and `generate` report it, so a ratio
-                // against log-probs recorded at rollout time is exactly 1.
-                let logp = (row[sel.target as usize] as f64 - max - log_z) as f32;
                 out.logp[sel.seq].push(logp as f64);
                 out.entropy[sel.seq].push(entropy);
             }
@@ -564,21 +592,37 @@ impl Model {
         let mut taken = vec![0usize; n_seq];
         for (ci, chunk) in rows.chunks(LOSS_ROWS).enumerate() {
             let m = chunk.len();
-            chunk_logits(chunk, &mut hidden, &mut logits);
-            for (i, sel) in chunk.iter().enumerate() {
-                let (max, log_z, entropy) = norms[ci * LOSS_ROWS + i];
-                let k = taken[sel.seq];
-                taken[sel.seq] += 1;
-                let dlogp = d.logp[sel.seq][k];
-                let dent = d.entropy.as_ref().map_or(0.0, |e| e[sel.seq][k]);
-                // ∂logp/∂l_j = 1[j = target] − p_j;  ∂H/∂l_j = −p_j (log p_j + H).
-                for (j, l) in logits[i * v..(i + 1) * v].iter_mut().enumerate() {
-                    let logp_j = *l as f64 - max - log_z;
-                    let p = logp_j.exp();
-                    let onehot = if j == sel.target as usize { 1.0 } else { 0.0 };
-                    *l = (dlogp * (onehot - p) - dent * p * (logp_j + entropy)) as f32;
+            let buf = if keep {
+                for (i, sel) in chunk.iter().enumerate() {
+                    hidden[i * c..(i + 1) * c]
+                        .copy_from_slice(&s.h[sel.row * c..(sel.row + 1) * c]);
                 }
-            }
+                &mut kept[ci * LOSS_ROWS * v..][..m * v]
+            } else {
+                chunk_logits(chunk, &mut hidden, &mut logits);
+                &mut logits[..m * v]
+            };
+            let coefs: Vec<(f64, f64, usize)> = chunk
+                .iter()
+                .map(|sel| {
+                    let k = taken[sel.seq];
+                    taken[sel.seq] += 1;
+                    let dent = d.entropy.as_ref().map_or(0.0, |e| e[sel.seq][k]);
+                    (d.logp[sel.seq][k], dent, sel.target as usize)
+                })
+                .collect();
+            buf.par_chunks_mut(v).zip(&coefs).enumerate().for_each(
+                |(i, (row, &(dlogp, dent, target)))| {
+                    let (max, log_z, entropy) = norms[ci * LOSS_ROWS + i];
+                    // ∂logp/∂l_j = 1[j = target] − p_j;  ∂H/∂l_j = −p_j (log p_j + H).
+                    for (j, l) in row.iter_mut().enumerate() {
+                        let logp_j = *l as f64 - max - log_z;
+                        let p = logp_j.exp();
+                        let onehot = if j == target { 1.0 } else { 0.0 };
+                        *l = (dlogp * (onehot - p) - dent * p * (logp_j + entropy)) as f32;
+                    }
+                },
+            );
             // The head's gradient accumulates straight into its buffer (the embedding's when tied).
             let dhead = match grads.lm_head.as_mut() {
                 Some(h) => h.as_mut_slice(),
@@ -588,7 +632,7 @@ impl Model {
                 Some(&mut dh_chunk[..m * c]),
                 head_trainable.then_some(dhead),
                 None,
-                &logits[..m * v],
+                buf,
                 &hidden[..m * c],
                 head.as_slice(),
                 m,

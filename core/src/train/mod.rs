@@ -363,7 +363,7 @@ impl Trainer {
         let t = (self.step + 1) as i32;
         let c = &self.config;
         let bias1 = 1.0 - (c.beta1 as f64).powi(t);
-        let bias2_sqrt = (1.0 - (c.beta2 as f64).powi(t)).sqrt();
+        let bias2_sqrt = (1.0 - (c.beta2 as f64).powi(t)).sqrt() as f32;
         let step_size = (lr as f64 / bias1) as f32;
         let grads_flat: Vec<&mut [f32]> = grads.flat_mut();
         let params = self.model.weights_mut().params_mut();
@@ -384,12 +384,14 @@ impl Trainer {
                 .zip(v.par_chunks_mut(PARALLEL_CHUNK))
                 .zip(g.par_chunks(PARALLEL_CHUNK))
                 .for_each(|(((p, m), v), g)| {
-                    for i in 0..p.len() {
-                        let gi = g[i] * clip;
-                        m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * gi;
-                        v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * gi * gi;
-                        let denom = (v[i].sqrt() as f64 / bias2_sqrt) as f32 + c.eps;
-                        p[i] = p[i] * wd - step_size * m[i] / denom;
+                    // In f32, as torch.optim.AdamW computes it (the bias corrections are
+                    // Python floats applied to f32 tensors).
+                    for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                        let gi = g * clip;
+                        *m = c.beta1 * *m + (1.0 - c.beta1) * gi;
+                        *v = c.beta2 * *v + (1.0 - c.beta2) * gi * gi;
+                        let denom = v.sqrt() / bias2_sqrt + c.eps;
+                        *p = *p * wd - step_size * *m / denom;
                     }
                 });
         }

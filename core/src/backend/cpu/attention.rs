@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::simd::{axpy, dot};
+use super::SendPtr;
 
 /// Keys and values of one sequence for one layer: `(capacity, NKV·HS)` each.
 #[derive(Clone, Copy)]
@@ -104,8 +105,8 @@ fn for_each_weight(
 
 /// Backward of [`attention`]. `out` is the forward's output. Writes `dq (T, NH·HS)`; accumulates
 /// into `dkv[seq]` (same layout as the caches). `dq` is computed in parallel per (token, head);
-/// key/value gradients are accumulated in one pass in token order, so they do not depend on the
-/// thread count.
+/// key/value gradients in parallel per (sequence, KV head), each accumulated in token order, so
+/// nothing depends on the thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dq: &mut [f32],
@@ -145,18 +146,49 @@ pub fn attention_backward(
             axpy(dqh, ds * scale, &cache.k[p * kv_dim + off..][..hs])
         });
     });
-    // Key/value gradients: one pass in token order (several tokens write the same rows).
-    for i in 0..slots.len() * nh {
-        let (t, h) = (i / nh, i % nh);
-        let at = t * nh * hs + h * hs;
-        let (qh, doh) = (&q[at..at + hs], &dout[at..at + hs]);
-        let off = (h / group) * hs;
-        let grad = &mut dkv[slots[t].seq];
-        terms(i, &mut |p, w, ds| {
-            axpy(&mut grad.dk[p * kv_dim + off..][..hs], ds * scale, qh);
-            axpy(&mut grad.dv[p * kv_dim + off..][..hs], w, doh);
-        });
+    // Key/value gradients: several tokens write the same cache rows, so each (sequence, KV
+    // head) — whose rows' columns no other pair touches — is one task that visits its tokens,
+    // and the query heads sharing the KV head, in order. Same sums on any thread count.
+    let mut tokens_of: Vec<Vec<usize>> = vec![Vec::new(); dkv.len()];
+    for (t, slot) in slots.iter().enumerate() {
+        tokens_of[slot.seq].push(t);
     }
+    let grads: Vec<(SendPtr, SendPtr, usize)> = dkv
+        .iter_mut()
+        .map(|g| {
+            let len = g.dk.len().min(g.dv.len());
+            (SendPtr(g.dk.as_mut_ptr()), SendPtr(g.dv.as_mut_ptr()), len)
+        })
+        .collect();
+    (0..dkv.len() * nkv).into_par_iter().for_each(|task| {
+        let (seq, kh) = (task / nkv, task % nkv);
+        let (dk, dv, len) = grads[seq];
+        let off = kh * hs;
+        for &t in &tokens_of[seq] {
+            for h in kh * group..(kh + 1) * group {
+                let i = t * nh + h;
+                let at = t * nh * hs + h * hs;
+                let (qh, doh) = (&q[at..at + hs], &dout[at..at + hs]);
+                terms(i, &mut |p, w, ds| {
+                    let row = p * kv_dim + off;
+                    assert!(
+                        row + hs <= len,
+                        "attention_backward: gradient rows too short"
+                    );
+                    // SAFETY: in bounds (asserted); only task (seq, kh) writes columns
+                    // off..off + hs of sequence seq's rows, and nothing reads them meanwhile.
+                    let (dk_row, dv_row) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(dk.get().add(row), hs),
+                            std::slice::from_raw_parts_mut(dv.get().add(row), hs),
+                        )
+                    };
+                    axpy(dk_row, ds * scale, qh);
+                    axpy(dv_row, w, doh);
+                });
+            }
+        }
+    });
 }
 
 #[cfg(test)]

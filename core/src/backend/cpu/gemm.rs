@@ -171,10 +171,19 @@ fn pack_a(
     dst.resize(rows.len().next_multiple_of(mr) * kc, 0.0);
     for (ti, tile) in dst.chunks_exact_mut(mr * kc).enumerate() {
         let first = rows.start + ti * mr;
-        for i in 0..mr.min(rows.end - first) {
-            let row = &a.data[(first + i) * a.row_stride..];
-            for (p, v) in steps.clone().zip(tile[i..].iter_mut().step_by(mr)) {
-                *v = row[p * a.col_stride];
+        let height = mr.min(rows.end - first);
+        if a.row_stride == 1 {
+            // Aᵀ stored row-major (dW's case): each step's `height` values are contiguous.
+            for (p, out) in steps.clone().zip(tile.chunks_exact_mut(mr)) {
+                let at = first + p * a.col_stride;
+                out[..height].copy_from_slice(&a.data[at..at + height]);
+            }
+        } else {
+            for i in 0..height {
+                let row = &a.data[(first + i) * a.row_stride..];
+                for (p, v) in steps.clone().zip(tile[i..].iter_mut().step_by(mr)) {
+                    *v = row[p * a.col_stride];
+                }
             }
         }
     }
