@@ -40,7 +40,8 @@ pub fn matmul(
     let row_block = if rows <= 4 {
         rows
     } else {
-        64.min(rows.next_multiple_of(4))
+        // A multiple of both tile heights (4 and 6).
+        48.min(rows.next_multiple_of(4))
     };
     let row_blocks = rows.div_ceil(row_block);
     let col_blocks_wanted = (4 * threads).div_ceil(row_blocks).max(1);
@@ -135,8 +136,11 @@ unsafe fn compute_rect(
 ) {
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2+FMA detected (AVX-512 machines have both); the caller's contract covers `out`.
-        Isa::Avx2Fma | Isa::Avx512 => unsafe { avx2::rect(out, x, w, bias, n, k, rect) },
+        // SAFETY: AVX2+FMA detected; the caller's contract covers `out`.
+        Isa::Avx2Fma => unsafe { avx2::rect(out, x, w, bias, n, k, rect) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512 F and VL detected, with AVX2 and FMA; the caller's contract covers `out`.
+        Isa::Avx512 => unsafe { avx512::rect(out, x, w, bias, n, k, rect) },
         _ => {
             for r in rect.r0..rect.r1 {
                 for c in rect.c0..rect.c1 {
@@ -154,114 +158,131 @@ unsafe fn compute_rect(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
+/// The forward kernels for one instruction-set level: tiles of `MR` rows × `NR` columns, each
+/// output an 8-lane (256-bit) FMA chain over `K` — the same operations on every level, so the
+/// levels agree bit for bit. AVX-512VL only adds registers (32 instead of 16), which fit a
+/// larger tile and so fewer loads per FMA.
+macro_rules! forward_kernels {
+    ($name:ident, $features:literal, $mr:literal, $nr:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $name {
+            /// Tile height and width for many rows.
+            const MR: usize = $mr;
+            const NR: usize = $nr;
 
-    use super::super::simd::x86::hsum;
-    use super::Rect;
+            use std::arch::x86_64::*;
 
-    /// # Safety
-    /// AVX2+FMA present; `out` valid for `rect.r1 * n` writes, region exclusive to the caller.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn rect(
-        out: *mut f32,
-        x: &[f32],
-        w: &[f32],
-        bias: Option<&[f32]>,
-        n: usize,
-        k: usize,
-        r: Rect,
-    ) {
-        let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
-        let rows = r.r1 - r.r0;
-        // SAFETY (all tile calls below): every tile reads rows r.r0..r.r1 of x and c0..c1 of w,
-        // inside the lengths asserted by `matmul`, and writes only inside `r`.
-        if rows >= 4 {
-            let mut c = r.c0;
-            while c < r.c1 {
-                let cols = (r.c1 - c).min(3);
-                let mut row = r.r0;
-                while row < r.r1 {
-                    let take = if r.r1 - row >= 4 { 4 } else { 1 };
-                    unsafe {
-                        match (take, cols) {
-                            (4, 3) => tile::<4, 3>(out, x, w, bias, n, k, row, c),
-                            (4, 2) => tile::<4, 2>(out, x, w, bias, n, k, row, c),
-                            (4, _) => tile::<4, 1>(out, x, w, bias, n, k, row, c),
-                            (_, 3) => tile::<1, 3>(out, x, w, bias, n, k, row, c),
-                            (_, 2) => tile::<1, 2>(out, x, w, bias, n, k, row, c),
-                            _ => tile::<1, 1>(out, x, w, bias, n, k, row, c),
+            use super::super::simd::x86::hsum;
+            use super::Rect;
+
+            /// # Safety
+            /// AVX2+FMA present; `out` valid for `rect.r1 * n` writes, region exclusive to the caller.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rect(
+                out: *mut f32,
+                x: &[f32],
+                w: &[f32],
+                bias: Option<&[f32]>,
+                n: usize,
+                k: usize,
+                r: Rect,
+            ) {
+                let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+                let rows = r.r1 - r.r0;
+                // SAFETY (all tile calls below): every tile reads rows r.r0..r.r1 of x and c0..c1 of w,
+                // inside the lengths asserted by `matmul`, and writes only inside `r`.
+                if rows >= MR {
+                    let mut c = r.c0;
+                    while c < r.c1 {
+                        let cols = (r.c1 - c).min(NR);
+                        let mut row = r.r0;
+                        while row < r.r1 {
+                            let take = if r.r1 - row >= MR { MR } else { 1 };
+                            unsafe {
+                                match (take == MR, cols) {
+                                    (true, 4) => tile::<MR, 4>(out, x, w, bias, n, k, row, c),
+                                    (true, 3) => tile::<MR, 3>(out, x, w, bias, n, k, row, c),
+                                    (true, 2) => tile::<MR, 2>(out, x, w, bias, n, k, row, c),
+                                    (true, _) => tile::<MR, 1>(out, x, w, bias, n, k, row, c),
+                                    (false, 4) => tile::<1, 4>(out, x, w, bias, n, k, row, c),
+                                    (false, 3) => tile::<1, 3>(out, x, w, bias, n, k, row, c),
+                                    (false, 2) => tile::<1, 2>(out, x, w, bias, n, k, row, c),
+                                    (false, _) => tile::<1, 1>(out, x, w, bias, n, k, row, c),
+                                }
+                            }
+                            row += take;
+                        }
+                        c += cols;
+                    }
+                } else {
+                    for row in r.r0..r.r1 {
+                        let mut c = r.c0;
+                        while c + 8 <= r.c1 {
+                            unsafe { tile::<1, 8>(out, x, w, bias, n, k, row, c) };
+                            c += 8;
+                        }
+                        while c < r.c1 {
+                            unsafe { tile::<1, 1>(out, x, w, bias, n, k, row, c) };
+                            c += 1;
                         }
                     }
-                    row += take;
-                }
-                c += cols;
-            }
-        } else {
-            for row in r.r0..r.r1 {
-                let mut c = r.c0;
-                while c + 8 <= r.c1 {
-                    unsafe { tile::<1, 8>(out, x, w, bias, n, k, row, c) };
-                    c += 8;
-                }
-                while c < r.c1 {
-                    unsafe { tile::<1, 1>(out, x, w, bias, n, k, row, c) };
-                    c += 1;
                 }
             }
-        }
-    }
 
-    /// MR rows × NR columns of outputs starting at (row, col).
-    ///
-    /// # Safety
-    /// `row + MR` rows of `x` and `col + NR` rows of `w` exist (length `k` each); `out` is valid
-    /// at `(row + i) * n + col + j` for the tile, and exclusive to the caller.
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const MR: usize, const NR: usize>(
-        out: *mut f32,
-        x: &[f32],
-        w: &[f32],
-        bias: *const f32,
-        n: usize,
-        k: usize,
-        row: usize,
-        col: usize,
-    ) {
-        let xp = unsafe { x.as_ptr().add(row * k) };
-        let wp = unsafe { w.as_ptr().add(col * k) };
-        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-        let chunks = k / 8;
-        for ch in 0..chunks {
-            let off = ch * 8;
-            let mut wv = [_mm256_setzero_ps(); NR];
-            for (j, v) in wv.iter_mut().enumerate() {
-                *v = unsafe { _mm256_loadu_ps(wp.add(j * k + off)) };
-            }
-            for (i, acc_row) in acc.iter_mut().enumerate() {
-                let xv = unsafe { _mm256_loadu_ps(xp.add(i * k + off)) };
-                for (a, wj) in acc_row.iter_mut().zip(wv.iter()) {
-                    *a = _mm256_fmadd_ps(xv, *wj, *a);
+            /// MR rows × NR columns of outputs starting at (row, col).
+            ///
+            /// # Safety
+            /// `row + MR` rows of `x` and `col + NR` rows of `w` exist (length `k` each); `out` is valid
+            /// at `(row + i) * n + col + j` for the tile, and exclusive to the caller.
+            #[allow(clippy::too_many_arguments)]
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn tile<const MR: usize, const NR: usize>(
+                out: *mut f32,
+                x: &[f32],
+                w: &[f32],
+                bias: *const f32,
+                n: usize,
+                k: usize,
+                row: usize,
+                col: usize,
+            ) {
+                let xp = unsafe { x.as_ptr().add(row * k) };
+                let wp = unsafe { w.as_ptr().add(col * k) };
+                let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+                let chunks = k / 8;
+                for ch in 0..chunks {
+                    let off = ch * 8;
+                    let mut wv = [_mm256_setzero_ps(); NR];
+                    for (j, v) in wv.iter_mut().enumerate() {
+                        *v = unsafe { _mm256_loadu_ps(wp.add(j * k + off)) };
+                    }
+                    for (i, acc_row) in acc.iter_mut().enumerate() {
+                        let xv = unsafe { _mm256_loadu_ps(xp.add(i * k + off)) };
+                        for (a, wj) in acc_row.iter_mut().zip(wv.iter()) {
+                            *a = _mm256_fmadd_ps(xv, *wj, *a);
+                        }
+                    }
+                }
+                for (i, acc_row) in acc.iter().enumerate() {
+                    for (j, a) in acc_row.iter().enumerate() {
+                        let mut s = hsum(*a);
+                        for kk in chunks * 8..k {
+                            s += unsafe { *xp.add(i * k + kk) * *wp.add(j * k + kk) };
+                        }
+                        if !bias.is_null() {
+                            s += unsafe { *bias.add(col + j) };
+                        }
+                        unsafe { *out.add((row + i) * n + col + j) = s };
+                    }
                 }
             }
         }
-        for (i, acc_row) in acc.iter().enumerate() {
-            for (j, a) in acc_row.iter().enumerate() {
-                let mut s = hsum(*a);
-                for kk in chunks * 8..k {
-                    s += unsafe { *xp.add(i * k + kk) * *wp.add(j * k + kk) };
-                }
-                if !bias.is_null() {
-                    s += unsafe { *bias.add(col + j) };
-                }
-                unsafe { *out.add((row + i) * n + col + j) = s };
-            }
-        }
-    }
+    };
 }
+
+forward_kernels!(avx2, "avx2,fma", 4, 3);
+forward_kernels!(avx512, "avx2,fma,avx512f,avx512vl", 6, 4);
 
 #[cfg(test)]
 mod tests {
@@ -367,6 +388,41 @@ mod tests {
             });
             assert!((g - db[i] as f64).abs() < 1e-3, "db[{i}]");
         }
+    }
+
+    /// The AVX-512VL kernels only use more registers (bigger tiles) for the same 8-lane chains,
+    /// so both levels give the same bits.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_and_avx512_kernels_agree_bitwise() {
+        if isa() < Isa::Avx512 {
+            println!("skipped: no AVX-512 here (or RLX_ISA caps it)");
+            return;
+        }
+        let (rows, n, k) = (29, 37, 131);
+        let x = values(rows * k, 11);
+        let w = values(n * k, 12);
+        let b = values(n, 13);
+        let rect = Rect {
+            r0: 0,
+            r1: rows,
+            c0: 0,
+            c1: n,
+        };
+        let run = |wide: bool| {
+            let mut out = vec![0f32; rows * n];
+            // SAFETY: AVX-512 F/VL, AVX2 and FMA were detected; `out` holds rows*n values and
+            // this thread alone writes it.
+            unsafe {
+                if wide {
+                    avx512::rect(out.as_mut_ptr(), &x, &w, Some(&b), n, k, rect)
+                } else {
+                    avx2::rect(out.as_mut_ptr(), &x, &w, Some(&b), n, k, rect)
+                }
+            }
+            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(run(false), run(true));
     }
 
     #[test]

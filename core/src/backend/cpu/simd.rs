@@ -11,7 +11,8 @@ pub enum Isa {
     Scalar,
     /// x86-64 with AVX2 and FMA: 8 f32 lanes.
     Avx2Fma,
-    /// x86-64 with AVX-512 F (plus AVX2 and FMA): 16 f32 lanes and mask registers.
+    /// x86-64 with AVX-512 F and VL (plus AVX2 and FMA): 16 f32 lanes, mask registers and 32
+    /// vector registers.
     Avx512,
 }
 
@@ -48,7 +49,7 @@ fn detect_hardware() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            if is_x86_feature_detected!("avx512f") {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
                 return Isa::Avx512;
             }
             return Isa::Avx2Fma;
