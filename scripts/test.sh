@@ -7,6 +7,13 @@ cd "$(dirname "$0")/.."
 echo "== tools (numpy, pytest, maturin; cmake for the C/C++ examples)"
 python3 -m pip install --quiet --root-user-action=ignore numpy pytest maturin cmake
 
+# The live parity tests against transformers need torch (a ~4 GB install from PyPI, the CUDA
+# build); they are skipped with a message without it, and the committed transformers outputs are
+# checked either way. RLX_TEST_TORCH=1 installs them for a full run.
+if [ "${RLX_TEST_TORCH:-0}" = 1 ]; then
+    python3 -m pip install --quiet --root-user-action=ignore torch transformers
+fi
+
 echo "== default model (for the real-model parity tests)"
 ./scripts/fetch_model.sh || echo "default model unavailable: its tests will be skipped"
 

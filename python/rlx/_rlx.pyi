@@ -12,6 +12,7 @@ __all__ = [
     "LoraConfig",
     "Model",
     "RewardModel",
+    "SamplingParams",
     "TokenStream",
     "Trainer",
     "__version__",
@@ -38,6 +39,43 @@ class Generation:
     def __len__(self) -> int: ...
 
 @final
+class SamplingParams:
+    """Sampling settings as one object; ``generate(..., sampling_params=sp)`` uses it instead
+    of the keyword arguments. Raises InvalidArgumentError for values out of range.
+
+    >>> sp = rlx.SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=1)
+    """
+
+    def __init__(
+        self,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        stop_token_ids: Union[_TokenIds, None] = None,
+        seed: int = 0,
+        do_sample: bool = True,
+    ) -> None: ...
+    @property
+    def max_new_tokens(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def min_p(self) -> float: ...
+    @property
+    def repetition_penalty(self) -> float: ...
+    @property
+    def stop_token_ids(self) -> Union[list[int], None]: ...
+    @property
+    def seed(self) -> int: ...
+
+@final
 class Model:
     """A decoder language model loaded from a Hugging Face folder or a GGUF file."""
 
@@ -62,6 +100,7 @@ class Model:
         stop_token_ids: Union[_TokenIds, None] = None,
         seed: int = 0,
         do_sample: bool = True,
+        sampling_params: Union[SamplingParams, None] = None,
     ) -> list[Generation]:
         """Generates a continuation of each prompt. ``temperature=0`` (or
         ``do_sample=False``) is greedy; the same ``seed`` gives the same tokens.
@@ -85,6 +124,7 @@ class Model:
         stop_token_ids: Union[_TokenIds, None] = None,
         seed: int = 0,
         do_sample: bool = True,
+        sampling_params: Union[SamplingParams, None] = None,
     ) -> TokenStream:
         """Generates a continuation of one prompt as an iterator of
         ``(token_id, logprob, text)``, produced in the background; leaving the loop early

@@ -20,7 +20,7 @@ mod _rlx {
     use super::*;
 
     #[pymodule_export]
-    use crate::model::{PyGeneration, PyModel, PyTokenStream};
+    use crate::model::{PyGeneration, PyModel, PySamplingParams, PyTokenStream};
     #[pymodule_export]
     use crate::train::{group_advantages, ppo_advantages, PyLoraConfig, PyRewardModel, PyTrainer};
 

@@ -130,6 +130,7 @@ impl PyModel {
         stop_token_ids = None,
         seed = 0,
         do_sample = true,
+        sampling_params = None,
     ))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     fn generate(
@@ -145,10 +146,11 @@ impl PyModel {
         stop_token_ids: Option<&Bound<'_, PyAny>>,
         seed: u64,
         do_sample: bool,
+        sampling_params: Option<PyRef<'_, PySamplingParams>>,
     ) -> PyResult<Vec<PyGeneration>> {
         let model = self.m(py)?;
         let prompts = token_id_lists(prompts, "prompts")?;
-        let params = sampling_params(
+        let params = build_sampling_params(
             py,
             max_new_tokens,
             if do_sample { temperature } else { 0.0 },
@@ -159,6 +161,10 @@ impl PyModel {
             stop_token_ids,
             seed,
         )?;
+        let params = match sampling_params {
+            Some(sp) => sp.inner.clone(),
+            None => params,
+        };
         let interrupt = Interrupt::default();
         let outs = py.detach(|| {
             let mut on_token = |_seq: usize, _tok: u32, _lp: f32| interrupt.poll();
@@ -195,6 +201,7 @@ impl PyModel {
         stop_token_ids = None,
         seed = 0,
         do_sample = true,
+        sampling_params = None,
     ))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     fn stream(
@@ -210,10 +217,11 @@ impl PyModel {
         stop_token_ids: Option<&Bound<'_, PyAny>>,
         seed: u64,
         do_sample: bool,
+        sampling_params: Option<PyRef<'_, PySamplingParams>>,
     ) -> PyResult<PyTokenStream> {
         let model = self.m(py)?;
         let prompt = token_ids(prompt, "prompt")?;
-        let params = sampling_params(
+        let params = build_sampling_params(
             py,
             max_new_tokens,
             if do_sample { temperature } else { 0.0 },
@@ -224,6 +232,10 @@ impl PyModel {
             stop_token_ids,
             seed,
         )?;
+        let params = match sampling_params {
+            Some(sp) => sp.inner.clone(),
+            None => params,
+        };
         // Argument errors are raised here, not at the first `next()`.
         params
             .validate()
@@ -377,9 +389,112 @@ impl PyModel {
     }
 }
 
+/// Sampling settings kept as one object (as vLLM's `SamplingParams`), for
+/// `Model.generate(..., sampling_params=sp)` and `Model.stream`; when given, it replaces the
+/// individual keyword arguments.
+///
+/// >>> sp = rlx.SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=1)
+/// >>> model.generate([prompt], sampling_params=sp)
+#[pyclass(module = "rlx", name = "SamplingParams", frozen)]
+pub struct PySamplingParams {
+    inner: SamplingParams,
+}
+
+#[pymethods]
+impl PySamplingParams {
+    #[new]
+    #[pyo3(signature = (
+        max_new_tokens = 128,
+        temperature = 1.0,
+        top_k = 0,
+        top_p = 1.0,
+        min_p = 0.0,
+        repetition_penalty = 1.0,
+        stop_token_ids = None,
+        seed = 0,
+        do_sample = true,
+    ))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
+    fn new(
+        py: Python<'_>,
+        max_new_tokens: i64,
+        temperature: f64,
+        top_k: i64,
+        top_p: f64,
+        min_p: f64,
+        repetition_penalty: f64,
+        stop_token_ids: Option<&Bound<'_, PyAny>>,
+        seed: u64,
+        do_sample: bool,
+    ) -> PyResult<Self> {
+        let inner = build_sampling_params(
+            py,
+            max_new_tokens,
+            if do_sample { temperature } else { 0.0 },
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            stop_token_ids,
+            seed,
+        )?;
+        inner.validate().map_err(|e| to_py_err(py, e))?;
+        Ok(PySamplingParams { inner })
+    }
+
+    #[getter]
+    fn max_new_tokens(&self) -> usize {
+        self.inner.max_new_tokens
+    }
+    #[getter]
+    fn temperature(&self) -> f32 {
+        self.inner.temperature
+    }
+    #[getter]
+    fn top_k(&self) -> usize {
+        self.inner.top_k
+    }
+    #[getter]
+    fn top_p(&self) -> f32 {
+        self.inner.top_p
+    }
+    #[getter]
+    fn min_p(&self) -> f32 {
+        self.inner.min_p
+    }
+    #[getter]
+    fn repetition_penalty(&self) -> f32 {
+        self.inner.repetition_penalty
+    }
+    #[getter]
+    fn stop_token_ids(&self) -> Option<Vec<u32>> {
+        self.inner.stop_token_ids.clone()
+    }
+    #[getter]
+    fn seed(&self) -> u64 {
+        self.inner.seed
+    }
+
+    fn __repr__(&self) -> String {
+        let p = &self.inner;
+        format!(
+            "SamplingParams(max_new_tokens={}, temperature={}, top_k={}, top_p={}, min_p={}, \
+             repetition_penalty={}, stop_token_ids={:?}, seed={})",
+            p.max_new_tokens,
+            p.temperature,
+            p.top_k,
+            p.top_p,
+            p.min_p,
+            p.repetition_penalty,
+            p.stop_token_ids,
+            p.seed
+        )
+    }
+}
+
 /// Sampling arguments → `SamplingParams` (range checks are the core's).
 #[allow(clippy::too_many_arguments)]
-fn sampling_params(
+fn build_sampling_params(
     py: Python<'_>,
     max_new_tokens: i64,
     temperature: f64,

@@ -188,3 +188,18 @@ def test_ppo_iteration():
     no_head = rlx.Trainer(LLAMA)
     with pytest.raises(rlx.InvalidArgumentError, match="value head"):
         no_head.values(seqs, masks)
+
+
+def test_sampling_params_object(llama):
+    sp = rlx.SamplingParams(max_new_tokens=7, temperature=0.8, top_p=0.9, seed=5, stop_token_ids=[])
+    assert sp.max_new_tokens == 7 and sp.seed == 5 and sp.stop_token_ids == []
+    assert "SamplingParams(" in repr(sp)
+    a = llama.generate([[1, 5]], sampling_params=sp)[0]
+    b = llama.generate([[1, 5]], max_new_tokens=7, temperature=0.8, top_p=0.9, seed=5,
+                       stop_token_ids=[])[0]
+    assert a.tokens == b.tokens and len(a.tokens) == 7
+    assert [t for t, _, _ in llama.stream([1, 5], sampling_params=sp)] == a.tokens
+    greedy = rlx.SamplingParams(do_sample=False)
+    assert greedy.temperature == 0.0
+    with pytest.raises(rlx.InvalidArgumentError):
+        rlx.SamplingParams(top_p=0.0)
