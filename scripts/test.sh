@@ -7,11 +7,13 @@ cd "$(dirname "$0")/.."
 echo "== tools (numpy, pytest, maturin; cmake for the C/C++ examples)"
 python3 -m pip install --quiet --root-user-action=ignore numpy pytest maturin cmake
 
-# The live parity tests against transformers need torch (a ~4 GB install from PyPI, the CUDA
-# build); they are skipped with a message without it, and the committed transformers outputs are
-# checked either way. RLX_TEST_TORCH=1 installs them for a full run.
-if [ "${RLX_TEST_TORCH:-0}" = 1 ]; then
-    python3 -m pip install --quiet --root-user-action=ignore torch transformers
+# torch + transformers for the live parity tests against transformers (python/tests/
+# test_parity.py): PyPI's torch is the CUDA build, about 3 GB to fetch and 4 GB installed, a few
+# minutes. RLX_TEST_TORCH=0 skips it; if the install fails, those tests are skipped with a message
+# (the committed transformers outputs are checked either way).
+if [ "${RLX_TEST_TORCH:-1}" = 1 ]; then
+    python3 -m pip install --quiet --root-user-action=ignore torch transformers ||
+        echo "torch/transformers could not be installed: the live parity tests will be skipped"
 fi
 
 echo "== default model (for the real-model parity tests)"
