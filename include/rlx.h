@@ -777,6 +777,9 @@ struct rlx_ppo_params rlx_ppo_default_params(void);
  * rollout from the policy being trained. The snapshot shares memory with the trainer until
  * the next step changes the weights, and never changes afterwards. Free it with rlx_model_free.
  *
+ * Thread-safety: calls on one trainer must not overlap (an overlapping call fails with
+ * RLX_INVALID_ARGUMENT instead of racing); different trainers are independent.
+ *
  * # Safety
  * `trainer` is NULL or live; `out_model` is NULL or valid for one pointer write.
  */
@@ -787,6 +790,9 @@ enum rlx_status rlx_trainer_model(const struct rlx_trainer *trainer, struct rlx_
  * before the token), packed like the other per-token arrays, into `out` (capacity `cap`, else
  * RLX_BUFFER_TOO_SMALL with `*n_written` = the number of response tokens). The trainer needs a
  * value head (RLX_HEAD_VALUE).
+ *
+ * Thread-safety: calls on one trainer must not overlap (an overlapping call fails with
+ * RLX_INVALID_ARGUMENT instead of racing); different trainers are independent.
  *
  * # Safety
  * `trainer` is NULL or live; `tokens`/`mask` hold `n_tokens`; `lengths` holds `n_seqs`; `out`
@@ -808,6 +814,9 @@ enum rlx_status rlx_trainer_values(const struct rlx_trainer *trainer,
  * reference model's summed log-prob of the response (`n_pairs` each; compute them once with
  * rlx_logprobs on the frozen reference). `out_stats->accuracy` is the fraction of pairs whose
  * implicit reward prefers the chosen answer.
+ *
+ * Thread-safety: calls on one trainer must not overlap (an overlapping call fails with
+ * RLX_INVALID_ARGUMENT instead of racing); different trainers are independent.
  *
  * # Safety
  * As rlx_trainer_sft_step for both packed batches; `ref_chosen` and `ref_rejected` are NULL or
@@ -833,6 +842,8 @@ enum rlx_status rlx_trainer_dpo_step(const struct rlx_trainer *trainer,
  * deviation + 1e-4 when `scale_rewards`), for `n` rewards in consecutive groups of
  * `group_size` (≥ 2, dividing `n`), into `out` (capacity `cap` ≥ n).
  *
+ * Thread-safety: touches no shared state; any thread, any time.
+ *
  * # Safety
  * `rewards` is NULL or holds `n` floats; `out` is NULL or valid for `cap` writes.
  */
@@ -850,6 +861,9 @@ enum rlx_status rlx_group_advantages(const float *rewards,
  * NULL, meaning "this very policy" (every ratio exactly 1); `ref_logprobs` (the frozen
  * reference's, from rlx_logprobs) is needed when β > 0. Both are per response token, `n_resp`
  * values. `out_stats` also receives the KL to the reference, the clip fraction and the entropy.
+ *
+ * Thread-safety: calls on one trainer must not overlap (an overlapping call fails with
+ * RLX_INVALID_ARGUMENT instead of racing); different trainers are independent.
  *
  * # Safety
  * As rlx_trainer_sft_step; `advantages` holds `n_seqs` floats; `old_logprobs` and
@@ -874,6 +888,8 @@ enum rlx_status rlx_trainer_grpo_step(const struct rlx_trainer *trainer,
  * `params->whiten_advantages`) and returns, written per response token into `out_advantages`
  * and `out_returns` (capacity `cap` each; RLX_BUFFER_TOO_SMALL reports the count in
  * `*n_written`). `scores` holds one reward-model score per sequence.
+ *
+ * Thread-safety: touches no shared state; any thread, any time.
  *
  * # Safety
  * `mask` holds `n_tokens` bytes and `lengths` `n_seqs` values (the batch's layout);
@@ -901,6 +917,9 @@ enum rlx_status rlx_ppo_advantages(const uint8_t *mask,
  * `advantages` and `returns` of rlx_ppo_advantages (`n_resp` floats each). The trainer needs a
  * value head (RLX_HEAD_VALUE). `out_stats` also receives the approximate KL to the rollout
  * policy, the clip fraction, the entropy and the value loss.
+ *
+ * Thread-safety: calls on one trainer must not overlap (an overlapping call fails with
+ * RLX_INVALID_ARGUMENT instead of racing); different trainers are independent.
  *
  * # Safety
  * As rlx_trainer_sft_step; the four per-token arrays are NULL or hold `n_resp` floats;

@@ -5,7 +5,7 @@ use std::ffi::c_char;
 use rlx_core::Message;
 
 use crate::model::{model_ref, rlx_model};
-use crate::ptr::{c_str, input_slice, OutBuf, OutPtr};
+use crate::ptr::{c_str, input_slice, write_c_string, OutBuf, OutPtr};
 use crate::status::{boundary, rlx_status, FfiError};
 
 /// One chat message: NUL-terminated UTF-8 role ("system", "user", "assistant", …) and content.
@@ -79,18 +79,7 @@ pub unsafe extern "C" fn rlx_apply_chat_template(
                 "this model has no chat template".into(),
             ))
         })?;
-        let mut bytes = template.render(&msgs, add_generation_prompt)?.into_bytes();
-        let len = bytes.len();
-        bytes.push(0);
-        if bytes.len() > out.capacity() {
-            if cap > 0 {
-                out.write(&[0])?;
-            }
-            n_written.set(bytes.len());
-            return Err(FfiError::too_small("rendered chat", bytes.len(), cap));
-        }
-        out.write(&bytes)?;
-        n_written.set(len);
-        Ok(())
+        let text = template.render(&msgs, add_generation_prompt)?;
+        write_c_string(&out, &n_written, text, "rendered chat")
     })
 }

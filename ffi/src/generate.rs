@@ -5,7 +5,7 @@ use std::ffi::c_void;
 use rlx_core::SamplingParams;
 
 use crate::model::{model_ref, rlx_model};
-use crate::ptr::{input_slice, OutBuf, OutPtr};
+use crate::ptr::{input_slice, params_or, OutBuf, OutPtr};
 use crate::status::{boundary, rlx_status, FfiError, FfiResult};
 
 /// How to generate. Start from rlx_sampling_default_params() and change the fields you need:
@@ -208,13 +208,8 @@ unsafe fn generate(
         // SAFETY: forwarded caller contracts for `model` and `prompt`.
         let (model, prompt) =
             unsafe { (model_ref(model)?, input_slice(prompt, n_prompt, "prompt")?) };
-        let params = if params.is_null() {
-            rlx_sampling_default_params()
-        } else {
-            // SAFETY: non-NULL, and the caller guarantees it points to an rlx_sampling_params
-            // (plain data: a bitwise copy is a valid value, `bool` aside, which C keeps 0/1).
-            unsafe { params.read_unaligned() }
-        };
+        // SAFETY: the caller guarantees `params` is NULL or points to its struct.
+        let params = unsafe { params_or(params, rlx_sampling_default_params()) };
         // SAFETY: the caller guarantees the stop list is valid.
         let params = unsafe { core_params(&params) }?;
         if cap < params.max_new_tokens {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use rlx_core::{LoadOptions, Model};
 
-use crate::ptr::{c_str, OutBuf, OutPtr};
+use crate::ptr::{c_str, params_or, OutBuf, OutPtr};
 use crate::status::{boundary, boundary_value, rlx_status, FfiError, FfiResult};
 
 const LIVE: u64 = u64::from_le_bytes(*b"rlxmodel");
@@ -118,13 +118,8 @@ pub unsafe extern "C" fn rlx_model_load(
         out.set(std::ptr::null_mut());
         // SAFETY: the caller guarantees `path` is NULL or NUL-terminated.
         let path = path_from(unsafe { c_str(path, "path") }?)?;
-        let params = if params.is_null() {
-            rlx_model_default_params()
-        } else {
-            // SAFETY: non-NULL, and the caller guarantees it points to an rlx_model_params;
-            // the struct is plain data, so a copy is a valid value.
-            unsafe { params.read_unaligned() }
-        };
+        // SAFETY: the caller guarantees `params` is NULL or points to its struct.
+        let params = unsafe { params_or(params, rlx_model_default_params()) };
         let threads = usize::try_from(params.threads)
             .map_err(|_| FfiError::invalid("`threads` does not fit this platform"))?;
         let model = Model::load(&path, LoadOptions { threads })?;

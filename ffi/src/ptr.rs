@@ -117,3 +117,41 @@ impl<T> OutPtr<T> {
         unsafe { self.0.as_ptr().write(value) }
     }
 }
+
+/// A `*_params` argument: the struct the caller points to, or `default` when NULL.
+///
+/// # Safety
+/// `ptr` is NULL or points to a `T` (plain data: a bitwise copy is a valid value).
+pub(crate) unsafe fn params_or<T: Copy>(ptr: *const T, default: T) -> T {
+    if ptr.is_null() {
+        default
+    } else {
+        // SAFETY: non-NULL, and the caller guarantees it points to a `T`.
+        unsafe { ptr.read_unaligned() }
+    }
+}
+
+/// Writes `text` and a NUL into a caller's string buffer, with the conventions of every rlx call
+/// that returns text: `*n_written` = the length without the NUL; when the buffer is too small,
+/// RLX_BUFFER_TOO_SMALL with `*n_written` = the capacity needed (length + 1) and, if it has room
+/// for one byte, an empty string in it.
+pub(crate) fn write_c_string(
+    out: &OutBuf<u8>,
+    n_written: &OutPtr<usize>,
+    text: String,
+    what: &str,
+) -> FfiResult {
+    let mut bytes = text.into_bytes();
+    let len = bytes.len();
+    bytes.push(0);
+    if bytes.len() > out.capacity() {
+        if out.capacity() > 0 {
+            out.write(&[0])?;
+        }
+        n_written.set(bytes.len());
+        return Err(FfiError::too_small(what, bytes.len(), out.capacity()));
+    }
+    out.write(&bytes)?;
+    n_written.set(len);
+    Ok(())
+}

@@ -12,7 +12,7 @@
 use rlx_core::train::{dpo::DpoLoss, grpo, ppo};
 
 use crate::model::{boxed_model, rlx_model};
-use crate::ptr::{input_slice, OutBuf, OutPtr};
+use crate::ptr::{input_slice, params_or, OutBuf, OutPtr};
 use crate::status::{boundary, rlx_status, FfiError, FfiResult};
 use crate::train::{rlx_step_stats, rlx_trainer, step_stats, unpack, unpack_flags, with_trainer};
 
@@ -198,6 +198,9 @@ fn flatten_f32(rows: &[Vec<f64>]) -> Vec<f32> {
 /// rollout from the policy being trained. The snapshot shares memory with the trainer until
 /// the next step changes the weights, and never changes afterwards. Free it with rlx_model_free.
 ///
+/// Thread-safety: calls on one trainer must not overlap (an overlapping call fails with
+/// RLX_INVALID_ARGUMENT instead of racing); different trainers are independent.
+///
 /// # Safety
 /// `trainer` is NULL or live; `out_model` is NULL or valid for one pointer write.
 #[no_mangle]
@@ -220,6 +223,9 @@ pub unsafe extern "C" fn rlx_trainer_model(
 /// before the token), packed like the other per-token arrays, into `out` (capacity `cap`, else
 /// RLX_BUFFER_TOO_SMALL with `*n_written` = the number of response tokens). The trainer needs a
 /// value head (RLX_HEAD_VALUE).
+///
+/// Thread-safety: calls on one trainer must not overlap (an overlapping call fails with
+/// RLX_INVALID_ARGUMENT instead of racing); different trainers are independent.
 ///
 /// # Safety
 /// `trainer` is NULL or live; `tokens`/`mask` hold `n_tokens`; `lengths` holds `n_seqs`; `out`
@@ -269,6 +275,9 @@ pub unsafe extern "C" fn rlx_trainer_values(
 /// rlx_logprobs on the frozen reference). `out_stats->accuracy` is the fraction of pairs whose
 /// implicit reward prefers the chosen answer.
 ///
+/// Thread-safety: calls on one trainer must not overlap (an overlapping call fails with
+/// RLX_INVALID_ARGUMENT instead of racing); different trainers are independent.
+///
 /// # Safety
 /// As rlx_trainer_sft_step for both packed batches; `ref_chosen` and `ref_rejected` are NULL or
 /// hold `n_pairs` doubles; `params` is NULL or points to an rlx_dpo_params.
@@ -313,12 +322,8 @@ pub unsafe extern "C" fn rlx_trainer_dpo_step(
                 input_slice(ref_rejected, n_pairs, "ref_rejected")?,
             )
         };
-        let p = if params.is_null() {
-            rlx_dpo_default_params()
-        } else {
-            // SAFETY: non-NULL and, per the caller, an rlx_dpo_params (plain data).
-            unsafe { params.read_unaligned() }
-        };
+        // SAFETY: the caller guarantees `params` is NULL or points to its struct.
+        let p = unsafe { params_or(params, rlx_dpo_default_params()) };
         let kind = match p.loss_type {
             RLX_DPO_SIGMOID => DpoLoss::Sigmoid,
             RLX_DPO_IPO => DpoLoss::Ipo,
@@ -344,6 +349,8 @@ pub unsafe extern "C" fn rlx_trainer_dpo_step(
 /// GRPO's advantages: each reward minus its group's mean (divided by the group's standard
 /// deviation + 1e-4 when `scale_rewards`), for `n` rewards in consecutive groups of
 /// `group_size` (≥ 2, dividing `n`), into `out` (capacity `cap` ≥ n).
+///
+/// Thread-safety: touches no shared state; any thread, any time.
 ///
 /// # Safety
 /// `rewards` is NULL or holds `n` floats; `out` is NULL or valid for `cap` writes.
@@ -379,6 +386,9 @@ pub unsafe extern "C" fn rlx_group_advantages(
 /// NULL, meaning "this very policy" (every ratio exactly 1); `ref_logprobs` (the frozen
 /// reference's, from rlx_logprobs) is needed when β > 0. Both are per response token, `n_resp`
 /// values. `out_stats` also receives the KL to the reference, the clip fraction and the entropy.
+///
+/// Thread-safety: calls on one trainer must not overlap (an overlapping call fails with
+/// RLX_INVALID_ARGUMENT instead of racing); different trainers are independent.
 ///
 /// # Safety
 /// As rlx_trainer_sft_step; `advantages` holds `n_seqs` floats; `old_logprobs` and
@@ -417,12 +427,8 @@ pub unsafe extern "C" fn rlx_trainer_grpo_step(
         };
         let old = optional(old_logprobs, "old_logprobs")?;
         let reference = optional(ref_logprobs, "ref_logprobs")?;
-        let p = if params.is_null() {
-            rlx_grpo_default_params()
-        } else {
-            // SAFETY: non-NULL and, per the caller, an rlx_grpo_params (plain data).
-            unsafe { params.read_unaligned() }
-        };
+        // SAFETY: the caller guarantees `params` is NULL or points to its struct.
+        let p = unsafe { params_or(params, rlx_grpo_default_params()) };
         let config = grpo::GrpoConfig {
             beta: p.beta,
             epsilon_low: p.epsilon_low,
@@ -468,6 +474,8 @@ pub unsafe extern "C" fn rlx_trainer_grpo_step(
 /// `params->whiten_advantages`) and returns, written per response token into `out_advantages`
 /// and `out_returns` (capacity `cap` each; RLX_BUFFER_TOO_SMALL reports the count in
 /// `*n_written`). `scores` holds one reward-model score per sequence.
+///
+/// Thread-safety: touches no shared state; any thread, any time.
 ///
 /// # Safety
 /// `mask` holds `n_tokens` bytes and `lengths` `n_seqs` values (the batch's layout);
@@ -541,12 +549,8 @@ pub unsafe extern "C" fn rlx_ppo_advantages(
 /// # Safety
 /// `params` is NULL or points to an rlx_ppo_params.
 unsafe fn ppo_config(params: *const rlx_ppo_params) -> ppo::PpoConfig {
-    let p = if params.is_null() {
-        rlx_ppo_default_params()
-    } else {
-        // SAFETY: non-NULL and, per the caller, an rlx_ppo_params (plain data).
-        unsafe { params.read_unaligned() }
-    };
+    // SAFETY: the caller guarantees `params` is NULL or points to its struct.
+    let p = unsafe { params_or(params, rlx_ppo_default_params()) };
     ppo::PpoConfig {
         clip_range: p.clip_range,
         clip_range_value: p.clip_range_value,
@@ -564,6 +568,9 @@ unsafe fn ppo_config(params: *const rlx_ppo_params) -> ppo::PpoConfig {
 /// `advantages` and `returns` of rlx_ppo_advantages (`n_resp` floats each). The trainer needs a
 /// value head (RLX_HEAD_VALUE). `out_stats` also receives the approximate KL to the rollout
 /// policy, the clip fraction, the entropy and the value loss.
+///
+/// Thread-safety: calls on one trainer must not overlap (an overlapping call fails with
+/// RLX_INVALID_ARGUMENT instead of racing); different trainers are independent.
 ///
 /// # Safety
 /// As rlx_trainer_sft_step; the four per-token arrays are NULL or hold `n_resp` floats;

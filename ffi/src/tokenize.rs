@@ -4,7 +4,7 @@
 use std::ffi::c_char;
 
 use crate::model::{model_ref, rlx_model};
-use crate::ptr::{c_str, input_slice, OutBuf, OutPtr};
+use crate::ptr::{c_str, input_slice, write_c_string, OutBuf, OutPtr};
 use crate::status::{boundary, rlx_status, FfiError};
 
 /// Token ids of `text` (NUL-terminated UTF-8). `add_special`: apply the tokenizer's
@@ -96,18 +96,6 @@ pub unsafe extern "C" fn rlx_detokenize(
             return Err(rlx_core::Error::TokenOutOfRange { id, vocab }.into());
         }
         let text = model.require_tokenizer()?.decode(tokens, skip_special)?;
-        let mut bytes = text.into_bytes();
-        let len = bytes.len();
-        bytes.push(0);
-        if bytes.len() > out.capacity() {
-            if cap > 0 {
-                out.write(&[0])?;
-            }
-            n_written.set(bytes.len());
-            return Err(FfiError::too_small("decoded text", bytes.len(), cap));
-        }
-        out.write(&bytes)?;
-        n_written.set(len);
-        Ok(())
+        write_c_string(&out, &n_written, text, "decoded text")
     })
 }

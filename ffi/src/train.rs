@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use rlx_core::{LoadOptions, LoraConfig, Model, Schedule, TrainConfig, Trainer};
 
 use crate::model::{model_ref, path_from, rlx_model};
-use crate::ptr::{c_str, input_slice, OutBuf, OutPtr};
+use crate::ptr::{c_str, input_slice, params_or, OutBuf, OutPtr};
 use crate::status::{boundary, rlx_status, FfiError, FfiResult};
 
 const LIVE: u64 = u64::from_le_bytes(*b"rlxtrain");
@@ -177,12 +177,8 @@ pub unsafe extern "C" fn rlx_trainer_create(
         out.set(std::ptr::null_mut());
         // SAFETY: the caller guarantees `path` is NULL or NUL-terminated.
         let path = path_from(unsafe { c_str(path, "path") }?)?;
-        let p = if params.is_null() {
-            rlx_trainer_default_params()
-        } else {
-            // SAFETY: non-NULL and points to an rlx_trainer_params (plain data).
-            unsafe { params.read_unaligned() }
-        };
+        // SAFETY: the caller guarantees `params` is NULL or points to its struct.
+        let p = unsafe { params_or(params, rlx_trainer_default_params()) };
         if p.head > RLX_HEAD_VALUE {
             return Err(FfiError::invalid(format!("unknown head {}", p.head)));
         }

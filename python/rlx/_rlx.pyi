@@ -31,6 +31,9 @@ class Generation:
     def tokens(self) -> list[int]:
         """New token ids (not the prompt)."""
     @property
+    def token_ids(self) -> npt.NDArray[np.int32]:
+        """The same ids as an int32 array."""
+    @property
     def logprobs(self) -> npt.NDArray[np.float32]:
         """Each new token's log-prob, as ``Model.logprobs`` computes it."""
     @property

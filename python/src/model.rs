@@ -53,6 +53,18 @@ impl PyGeneration {
         self.tokens.clone()
     }
 
+    /// The new token ids as an int32 NumPy array (``tokens`` is the same as a list).
+    #[getter]
+    fn token_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        let ids = self
+            .tokens
+            .iter()
+            .map(|&t| i32::try_from(t))
+            .collect::<Result<Vec<i32>, _>>()
+            .map_err(|_| Class::InvalidArgument.err(py, "a token id does not fit in int32"))?;
+        Ok(PyArray1::from_vec(py, ids))
+    }
+
     /// Each new token's log-prob (float32), as `Model.logprobs` computes it.
     #[getter]
     fn logprobs<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f32>> {
@@ -150,20 +162,19 @@ impl PyModel {
     ) -> PyResult<Vec<PyGeneration>> {
         let model = self.m(py)?;
         let prompts = token_id_lists(prompts, "prompts")?;
-        let params = build_sampling_params(
-            py,
-            max_new_tokens,
-            if do_sample { temperature } else { 0.0 },
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            stop_token_ids,
-            seed,
-        )?;
         let params = match sampling_params {
             Some(sp) => sp.inner.clone(),
-            None => params,
+            None => build_sampling_params(
+                py,
+                max_new_tokens,
+                if do_sample { temperature } else { 0.0 },
+                top_k,
+                top_p,
+                min_p,
+                repetition_penalty,
+                stop_token_ids,
+                seed,
+            )?,
         };
         let interrupt = Interrupt::default();
         let outs = py.detach(|| {
@@ -221,20 +232,19 @@ impl PyModel {
     ) -> PyResult<PyTokenStream> {
         let model = self.m(py)?;
         let prompt = token_ids(prompt, "prompt")?;
-        let params = build_sampling_params(
-            py,
-            max_new_tokens,
-            if do_sample { temperature } else { 0.0 },
-            top_k,
-            top_p,
-            min_p,
-            repetition_penalty,
-            stop_token_ids,
-            seed,
-        )?;
         let params = match sampling_params {
             Some(sp) => sp.inner.clone(),
-            None => params,
+            None => build_sampling_params(
+                py,
+                max_new_tokens,
+                if do_sample { temperature } else { 0.0 },
+                top_k,
+                top_p,
+                min_p,
+                repetition_penalty,
+                stop_token_ids,
+                seed,
+            )?,
         };
         // Argument errors are raised here, not at the first `next()`.
         params

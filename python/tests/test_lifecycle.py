@@ -195,6 +195,7 @@ def test_sampling_params_object(llama):
     assert sp.max_new_tokens == 7 and sp.seed == 5 and sp.stop_token_ids == []
     assert "SamplingParams(" in repr(sp)
     a = llama.generate([[1, 5]], sampling_params=sp)[0]
+    assert a.token_ids.dtype == np.int32 and a.token_ids.tolist() == a.tokens
     b = llama.generate([[1, 5]], max_new_tokens=7, temperature=0.8, top_p=0.9, seed=5,
                        stop_token_ids=[])[0]
     assert a.tokens == b.tokens and len(a.tokens) == 7
