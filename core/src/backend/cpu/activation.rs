@@ -2,39 +2,9 @@
 
 use rayon::prelude::*;
 
-use super::simd::{isa, Isa};
+use super::simd::{exp, isa, Isa};
 
 const CHUNK: usize = 4096;
-
-/// `e^x` from plain arithmetic (range reduction by ln 2, a degree-6 polynomial, the exponent
-/// written into the bits): within 3e-7 relative of the true value (inputs below −87.3 give
-/// e^−87.3 ≈ 1.2e-38), and — unlike
-/// libm's `expf`, a call per element — it vectorises, so the loops below run 8 lanes at a time.
-/// Every ISA path evaluates these same operations (no fused multiply-adds), so results do not
-/// depend on the path.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Below -87.3 the result would be subnormal; above 88.72 it would overflow.
-    let x = x.clamp(-87.3, 88.72);
-    let k = (x * LOG2E + 0.5).floor();
-    let r = x - k * LN2_HI - k * LN2_LO;
-    let p = 1.388_079e-3;
-    let p = p * r + 8.333_524e-3;
-    let p = p * r + 4.166_664_6e-2;
-    let p = p * r + 1.666_666_7e-1;
-    let p = p * r + 0.5;
-    let p = p * r + 1.0;
-    let p = p * r + 1.0;
-    // 2^k with k in [-126, 128): bits of the exponent field; k = 128 only at the clamp edge,
-    // where p·2^127·2 is computed as two steps to stay finite where it should.
-    let k = k as i32;
-    let half = f32::from_bits(((k / 2 + 127) as u32) << 23);
-    let rest = f32::from_bits(((k - k / 2 + 127) as u32) << 23);
-    p * half * rest
-}
 
 /// tanh through `exp`: 1 − 2 / (e^{2y} + 1), exact at both saturations.
 #[inline(always)]

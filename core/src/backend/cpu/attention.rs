@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::simd::{axpy, dot};
+use super::simd::{axpy, dot, exp, isa, Isa};
 use super::SendPtr;
 
 /// Keys and values of one sequence for one layer: `(capacity, NKV·HS)` each.
@@ -42,32 +42,95 @@ pub fn attention(out: &mut [f32], q: &[f32], slots: &[Slot], kv: &[KvView<'_>], 
     out.par_chunks_mut(hs).enumerate().for_each(|(i, o)| {
         let (t, h) = (i / nh, i % nh);
         let slot = slots[t];
-        let cache = kv[slot.seq];
-        let qh = &q[t * nh * hs + h * hs..][..hs];
-        let off = (h / group) * hs;
+        let head = Head {
+            q: &q[t * nh * hs + h * hs..][..hs],
+            cache: kv[slot.seq],
+            off: (h / group) * hs,
+            kv_dim,
+            pos: slot.pos,
+            scale,
+        };
+        match isa() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 and FMA were detected.
+            Isa::Avx2Fma | Isa::Avx512 => unsafe { head_avx2(o, &head) },
+            _ => head.run(o, dot, axpy),
+        }
+    });
+}
+
+/// One (token, head) of [`attention`]: its query, its sequence's cache, where its KV head's
+/// columns start, and the positions it sees.
+struct Head<'a> {
+    q: &'a [f32],
+    cache: KvView<'a>,
+    off: usize,
+    kv_dim: usize,
+    pos: usize,
+    scale: f32,
+}
+
+impl Head<'_> {
+    /// Online softmax over positions `0..=pos`, accumulating `Σ e_p v_p` into `o`. Positions go
+    /// in fixed blocks of [`BLOCK`] (`[0, 8)`, `[8, 16)`, … — by absolute position, so a token's
+    /// result does not depend on how it was batched): the block's scores are independent dot
+    /// products the CPU overlaps, then one max/rescale per block, then the block's weights in
+    /// position order.
+    #[inline(always)]
+    fn run(
+        &self,
+        o: &mut [f32],
+        dot: impl Fn(&[f32], &[f32]) -> f32,
+        axpy: impl Fn(&mut [f32], f32, &[f32]),
+    ) {
+        let (hs, kv_dim, off) = (self.q.len(), self.kv_dim, self.off);
         o.fill(0.0);
         let mut max = f32::NEG_INFINITY;
         let mut denom = 0f32;
-        for p in 0..=slot.pos {
-            let k = &cache.k[p * kv_dim + off..][..hs];
-            let s = dot(qh, k) * scale;
-            if s > max {
-                let rescale = (max - s).exp();
+        let mut p0 = 0;
+        while p0 <= self.pos {
+            let n = BLOCK.min(self.pos + 1 - p0);
+            let mut scores = [f32::NEG_INFINITY; BLOCK];
+            for (j, s) in scores.iter_mut().enumerate().take(n) {
+                let k = &self.cache.k[(p0 + j) * kv_dim + off..][..hs];
+                *s = dot(self.q, k) * self.scale;
+            }
+            let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if block_max > max {
+                let rescale = exp(max - block_max);
                 denom *= rescale;
                 for v in o.iter_mut() {
                     *v *= rescale;
                 }
-                max = s;
+                max = block_max;
             }
-            let e = (s - max).exp();
-            denom += e;
-            axpy(o, e, &cache.v[p * kv_dim + off..][..hs]);
+            for (j, &s) in scores.iter().enumerate().take(n) {
+                let e = exp(s - max);
+                denom += e;
+                axpy(o, e, &self.cache.v[(p0 + j) * kv_dim + off..][..hs]);
+            }
+            p0 += BLOCK;
         }
         let inv = 1.0 / denom;
         for v in o.iter_mut() {
             *v *= inv;
         }
-    });
+    }
+}
+
+/// Positions per block of the online softmax.
+const BLOCK: usize = 8;
+
+/// [`Head::run`] compiled with AVX2 and FMA, so the dot products, the exponentials and the
+/// AXPYs inline as vector code instead of a call (and an ISA check) per position.
+///
+/// # Safety
+/// AVX2 and FMA are present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn head_avx2(o: &mut [f32], head: &Head<'_>) {
+    use super::simd::x86;
+    head.run(o, |a, b| x86::dot(a, b), |y, a, x| x86::axpy(y, a, x));
 }
 
 /// Gradient buffers of one sequence's keys and values for one layer, laid out like [`KvView`].
