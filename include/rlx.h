@@ -166,6 +166,13 @@ typedef enum rlx_status {
 typedef struct rlx_model rlx_model;
 
 /**
+ * A loaded reward model. Create with rlx_reward_model_load; free with rlx_reward_model_free.
+ * Immutable once loaded: any number of threads may score with it at once; rlx_reward_model_free
+ * must not run concurrently with another call on it.
+ */
+typedef struct rlx_reward_model rlx_reward_model;
+
+/**
  * A model under training with its optimizer state.
  *
  * Create with rlx_trainer_create or rlx_trainer_resume; free with rlx_trainer_free. Calls on
@@ -938,6 +945,50 @@ enum rlx_status rlx_trainer_ppo_step(const struct rlx_trainer *trainer,
                                      size_t n_resp,
                                      const struct rlx_ppo_params *params,
                                      struct rlx_step_stats *out_stats);
+
+/**
+ * Loads a reward model: an HF `*ForSequenceClassification` folder with `num_labels` = 1 (what
+ * rlx's reward-model training and transformers write). A checkpoint without a score head is
+ * RLX_INVALID_ARGUMENT. `params`: NULL for rlx_model_default_params(). `*out` is set to the
+ * new handle, or NULL on failure; the caller owns it and frees it with rlx_reward_model_free.
+ *
+ * # Safety
+ * `path` is NULL or NUL-terminated; `params` is NULL or points to an rlx_model_params; `out`
+ * is NULL or valid for one pointer write.
+ */
+enum rlx_status rlx_reward_model_load(const char *path,
+                                      const struct rlx_model_params *params,
+                                      struct rlx_reward_model **out);
+
+/**
+ * The reward of each of `n_seqs` packed sequences (`lengths[i]` tokens each, back to back in
+ * `tokens`), read at its last token, into `out` (capacity `cap` ≥ n_seqs, else
+ * RLX_BUFFER_TOO_SMALL with `*n_written` = n_seqs).
+ *
+ * Thread-safety: any number of threads may score with one reward model at once.
+ *
+ * # Safety
+ * `reward_model` is NULL or live; `tokens` holds `n_tokens`; `lengths` holds `n_seqs`; `out`
+ * is NULL or valid for `cap` writes; `n_written` is NULL or valid for one write.
+ */
+enum rlx_status rlx_reward_model_score(const struct rlx_reward_model *reward_model,
+                                       const uint32_t *tokens,
+                                       size_t n_tokens,
+                                       const size_t *lengths,
+                                       size_t n_seqs,
+                                       float *out,
+                                       size_t cap,
+                                       size_t *n_written);
+
+/**
+ * Frees a reward model from rlx_reward_model_load. NULL is a no-op; a handle that is not live
+ * (for example one already freed) is usually detected and left alone, with rlx_last_error()
+ * saying so — do not rely on that.
+ *
+ * # Safety
+ * `reward_model` is NULL or a pointer from rlx_reward_model_load that no other thread is using.
+ */
+void rlx_reward_model_free(struct rlx_reward_model *reward_model);
 
 /**
  * Renders `n_messages` messages with the model's own chat template (from tokenizer_config.json

@@ -240,6 +240,57 @@ class Model {
   rlx_model* handle_ = nullptr;
 };
 
+/// A reward model (rlx_reward_model: a *ForSequenceClassification checkpoint). Move-only; freed
+/// on destruction; any number of threads may score with it at once.
+class RewardModel {
+ public:
+  RewardModel() = default;
+  explicit RewardModel(rlx_reward_model* handle) : handle_(handle) {}
+  RewardModel(RewardModel&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+  RewardModel& operator=(RewardModel&& other) noexcept {
+    if (this != &other) {
+      reset();
+      handle_ = std::exchange(other.handle_, nullptr);
+    }
+    return *this;
+  }
+  RewardModel(const RewardModel&) = delete;
+  RewardModel& operator=(const RewardModel&) = delete;
+  ~RewardModel() { reset(); }
+
+  static RewardModel load(const std::string& path, uint32_t threads = 0) {
+    rlx_model_params params = rlx_model_default_params();
+    params.threads = threads;
+    rlx_reward_model* handle = nullptr;
+    detail::check(rlx_reward_model_load(path.c_str(), &params, &handle));
+    return RewardModel(handle);
+  }
+
+  explicit operator bool() const noexcept { return handle_ != nullptr; }
+  rlx_reward_model* get() const noexcept { return handle_; }
+
+  /// The reward of each sequence, read at its last token.
+  std::vector<float> scores(const std::vector<std::vector<uint32_t>>& seqs) const {
+    detail::Packed p = detail::pack(seqs);
+    std::vector<float> out(seqs.size());
+    size_t n = 0;
+    if (!detail::check(rlx_reward_model_score(handle_, p.tokens.data(), p.tokens.size(),
+                                              p.lengths.data(), p.lengths.size(), out.data(),
+                                              out.size(), &n))) {
+      return {};
+    }
+    out.resize(n);
+    return out;
+  }
+
+ private:
+  void reset() {
+    if (handle_ != nullptr) rlx_reward_model_free(handle_);
+    handle_ = nullptr;
+  }
+  rlx_reward_model* handle_ = nullptr;
+};
+
 /// A model under training with AdamW (rlx_trainer). Move-only; freed on destruction.
 class Trainer {
  public:

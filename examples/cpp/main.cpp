@@ -3,6 +3,8 @@
 //
 //   rlx_example_cpp MODEL [PROMPT]
 #include <cstdio>
+#include <filesystem>
+#include <random>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -95,6 +97,23 @@ int main(int argc, char** argv) {
     std::vector<float> scores = reward_model.reward_scores(group);
     std::printf("rewards of %zu answers computed\n", scores.size());
     if (scores.size() != group.size()) return 1;
+
+    // A saved reward model loads as its own handle and scores the same.
+    rlx_trainer_params rp2 = rlx_trainer_default_params();
+    rp2.head = RLX_HEAD_SCORE;
+    rlx::Trainer rm_trainer = rlx::Trainer::create(path, rp2);
+    const std::filesystem::path saved =
+        std::filesystem::temp_directory_path() /
+        ("rlx_example_rm_" + std::to_string(std::random_device{}()));
+    rm_trainer.save(saved.string());
+    {
+      rlx::RewardModel rm = rlx::RewardModel::load(saved.string());  // a checkpoint is a model folder
+      std::vector<float> a = rm.scores(group);
+      std::vector<float> b = rm_trainer.model().reward_scores(group);
+      std::filesystem::remove_all(saved);
+      if (a != b) return 1;
+      std::printf("reward model handle: %zu scores, equal to the trainer's\n", a.size());
+    }
 
     // Errors are exceptions carrying rlx's message.
     try {

@@ -35,6 +35,8 @@ mod train;
 
 mod rl;
 
+mod reward;
+
 mod chat;
 
 mod ptr;
@@ -47,6 +49,9 @@ pub use generate::{
 pub use model::{
     rlx_model, rlx_model_context_length, rlx_model_default_params, rlx_model_eos_token_ids,
     rlx_model_free, rlx_model_load, rlx_model_params, rlx_model_vocab_size,
+};
+pub use reward::{
+    rlx_reward_model, rlx_reward_model_free, rlx_reward_model_load, rlx_reward_model_score,
 };
 pub use rl::{
     rlx_dpo_default_params, rlx_dpo_params, rlx_group_advantages, rlx_grpo_default_params,

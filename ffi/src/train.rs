@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use rlx_core::{LoadOptions, LoraConfig, Model, Schedule, TrainConfig, Trainer};
 
 use crate::model::{model_ref, path_from, rlx_model};
-use crate::ptr::{c_str, input_slice, params_or, OutBuf, OutPtr};
+use crate::ptr::{c_str, input_slice, params_or, OutPtr};
 use crate::status::{boundary, rlx_status, FfiError, FfiResult};
 
 const LIVE: u64 = u64::from_le_bytes(*b"rlxtrain");
@@ -465,25 +465,12 @@ pub unsafe extern "C" fn rlx_reward_score(
 ) -> rlx_status {
     boundary(|| {
         // SAFETY: forwarded caller contracts.
-        let n_written = unsafe { OutPtr::new(n_written, "n_written") }?;
-        n_written.set(0);
+        let model = unsafe { model_ref(model) }?;
         // SAFETY: forwarded caller contracts.
-        let (model, tokens, lengths, out) = unsafe {
-            (
-                model_ref(model)?,
-                input_slice(tokens, n_tokens, "tokens")?,
-                input_slice(lengths, n_seqs, "lengths")?,
-                OutBuf::new(out, cap, "out")?,
+        unsafe {
+            crate::reward::score_into(
+                model, tokens, n_tokens, lengths, n_seqs, out, cap, n_written,
             )
-        };
-        if n_seqs > out.capacity() {
-            n_written.set(n_seqs);
-            return Err(FfiError::too_small("rewards", n_seqs, cap));
         }
-        let seqs = unpack(tokens, lengths)?;
-        let rewards = model.reward_scores(&seqs)?;
-        out.write(&rewards)?;
-        n_written.set(rewards.len());
-        Ok(())
     })
 }

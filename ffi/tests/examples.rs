@@ -60,7 +60,12 @@ fn fixture() -> PathBuf {
 }
 
 fn run_example(binary: &Path) -> String {
-    let text = run(Command::new(binary).arg(fixture()).arg("Hello there"));
+    // As a user runs it: the library comes from the binary's rpath (the install prefix), not
+    // from the LD_LIBRARY_PATH cargo sets for tests (which holds cargo's own build outputs).
+    let text = run(Command::new(binary)
+        .env_remove("LD_LIBRARY_PATH")
+        .arg(fixture())
+        .arg("Hello there"));
     assert!(text.contains("all checks passed"), "{text}");
     text
 }
@@ -158,6 +163,7 @@ fn c_example_under_valgrind_has_no_leaks_or_errors() {
         .arg("Hello there")
         // valgrind does not model AVX-512; it hides it from cpuid, and this makes sure.
         .env("RLX_ISA", "avx2")
+        .env_remove("LD_LIBRARY_PATH")
         .output()
         .expect("run valgrind");
     let text = format!(

@@ -263,3 +263,110 @@ fn trainer_misuse_is_reported() {
         rlx_status::RLX_IO,
     );
 }
+
+#[test]
+fn reward_model_handle_scores_and_refuses_plain_models() {
+    // A reward model written by a trainer with a score head.
+    let mut p = rlx_trainer_default_params();
+    p.head = RLX_HEAD_SCORE;
+    let t = create(&p);
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("rm");
+    let ck_c = CString::new(ck.to_str().unwrap()).unwrap();
+    check(
+        unsafe { rlx_trainer_save(t, ck_c.as_ptr()) },
+        rlx_status::RLX_OK,
+    );
+    // A checkpoint folder is itself a loadable model folder.
+    let model_dir = CString::new(ck.to_str().unwrap()).unwrap();
+    let mut rm = null_mut();
+    check(
+        unsafe { rlx_reward_model_load(model_dir.as_ptr(), null(), &mut rm) },
+        rlx_status::RLX_OK,
+    );
+    let (mut out, mut n) = ([0f32; 2], 0usize);
+    check(
+        unsafe {
+            rlx_reward_model_score(
+                rm,
+                TOKENS.as_ptr(),
+                TOKENS.len(),
+                LENGTHS.as_ptr(),
+                2,
+                out.as_mut_ptr(),
+                2,
+                &mut n,
+            )
+        },
+        rlx_status::RLX_OK,
+    );
+    assert_eq!(n, 2);
+    assert!(out.iter().all(|r| r.is_finite()));
+    // The same numbers as rlx_reward_score on the trainer's snapshot.
+    let mut snap = null_mut();
+    check(
+        unsafe { rlx_trainer_model(t, &mut snap) },
+        rlx_status::RLX_OK,
+    );
+    let mut again = [0f32; 2];
+    check(
+        unsafe {
+            rlx_reward_score(
+                snap,
+                TOKENS.as_ptr(),
+                TOKENS.len(),
+                LENGTHS.as_ptr(),
+                2,
+                again.as_mut_ptr(),
+                2,
+                &mut n,
+            )
+        },
+        rlx_status::RLX_OK,
+    );
+    assert_eq!(out, again);
+    check(
+        unsafe {
+            rlx_reward_model_score(
+                rm,
+                TOKENS.as_ptr(),
+                TOKENS.len(),
+                LENGTHS.as_ptr(),
+                2,
+                out.as_mut_ptr(),
+                1,
+                &mut n,
+            )
+        },
+        rlx_status::RLX_BUFFER_TOO_SMALL,
+    );
+    assert_eq!(n, 2);
+    // A plain language model is not a reward model.
+    let plain = fixture("llama-f32");
+    let mut none = null_mut();
+    check(
+        unsafe { rlx_reward_model_load(plain.as_ptr(), null(), &mut none) },
+        rlx_status::RLX_INVALID_ARGUMENT,
+    );
+    assert!(none.is_null() && last_error().contains("score head"));
+    check(
+        unsafe {
+            rlx_reward_model_score(
+                null(),
+                TOKENS.as_ptr(),
+                9,
+                LENGTHS.as_ptr(),
+                2,
+                out.as_mut_ptr(),
+                2,
+                &mut n,
+            )
+        },
+        rlx_status::RLX_NULL_POINTER,
+    );
+    unsafe {
+        rlx_reward_model_free(rm);
+        rlx_model_free(snap);
+        rlx_trainer_free(t);
+    }
+}
