@@ -41,6 +41,8 @@ mod chat;
 
 mod ptr;
 
+mod handle;
+
 pub use chat::{rlx_apply_chat_template, rlx_chat_message};
 pub use generate::{
     rlx_generate, rlx_generate_stream, rlx_logprobs, rlx_sampling_default_params,

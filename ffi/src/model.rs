@@ -10,11 +10,9 @@ use std::path::PathBuf;
 
 use rlx_core::{LoadOptions, Model};
 
+use crate::handle::{self, Handle};
 use crate::ptr::{c_str, params_or, OutBuf, OutPtr};
 use crate::status::{boundary, boundary_value, rlx_status, FfiError, FfiResult};
-
-const LIVE: u64 = u64::from_le_bytes(*b"rlxmodel");
-const FREED: u64 = u64::from_le_bytes(*b"rlxfreed");
 
 /// A loaded model: weights, config and, when the checkpoint has one, tokenizer.
 ///
@@ -44,30 +42,32 @@ pub struct rlx_model_params {
     pub threads: u32,
 }
 
+impl Handle for rlx_model {
+    const LIVE: u64 = u64::from_le_bytes(*b"rlxmodel");
+    const NAME: &'static str = "rlx_model";
+    const MADE_BY: &'static str = "rlx_model_load";
+
+    unsafe fn magic(this: *mut Self) -> *mut u64 {
+        // SAFETY: `this` points to a (possibly freed) rlx_model, per the trait's contract.
+        unsafe { std::ptr::addr_of_mut!((*this).magic) }
+    }
+}
+
 /// A new handle owning `model` (released by rlx_model_free).
 pub(crate) fn boxed_model(model: Model) -> *mut rlx_model {
-    Box::into_raw(Box::new(rlx_model { magic: LIVE, model }))
+    handle::boxed(rlx_model {
+        magic: rlx_model::LIVE,
+        model,
+    })
 }
 
 /// Borrows the model behind a handle.
 ///
 /// # Safety
-/// `model` is NULL or a pointer from rlx_model_load.
+/// `model` is NULL or a pointer from rlx_model_load, not freed while the borrow is used.
 pub(crate) unsafe fn model_ref<'a>(model: *const rlx_model) -> FfiResult<&'a Model> {
-    if model.is_null() {
-        return Err(FfiError::null("model"));
-    }
-    // SAFETY: non-NULL, and the caller promises it came from rlx_model_load. Only the magic
-    // word is read before it is checked (no reference to the whole struct yet); reading it from
-    // a freed handle is the undefined case the header documents.
-    if unsafe { std::ptr::addr_of!((*model).magic).read() } != LIVE {
-        return Err(FfiError::invalid(
-            "`model` is not a live rlx_model (already freed, or not from rlx_model_load)",
-        ));
-    }
-    // SAFETY: the magic says this is a live model from rlx_model_load; it stays valid until
-    // rlx_model_free, which the caller must not run concurrently.
-    Ok(unsafe { &(*model).model })
+    // SAFETY: forwarded caller contract.
+    Ok(&unsafe { handle::live(model, "model") }?.model)
 }
 
 /// The default load parameters (threads = 0).
@@ -136,26 +136,8 @@ pub unsafe extern "C" fn rlx_model_load(
 /// `model` is NULL or a pointer from rlx_model_load that no other thread is using.
 #[no_mangle]
 pub unsafe extern "C" fn rlx_model_free(model: *mut rlx_model) {
-    boundary(|| {
-        if model.is_null() {
-            return Ok(());
-        }
-        // SAFETY: the caller guarantees the pointer came from rlx_model_load and that no other
-        // call uses it now; as in `model_ref`, only the magic word is read before the check.
-        if unsafe { std::ptr::addr_of!((*model).magic).read() } != LIVE {
-            return Err(FfiError::invalid(
-                "rlx_model_free: not a live rlx_model (double free?)",
-            ));
-        }
-        // SAFETY: live (checked above), so produced by Box::into_raw in rlx_model_load and not
-        // yet freed; poisoning the magic first lets a later double free be noticed.
-        let boxed = unsafe {
-            std::ptr::addr_of_mut!((*model).magic).write(FREED);
-            Box::from_raw(model)
-        };
-        drop(boxed);
-        Ok(())
-    });
+    // SAFETY: forwarded caller contract.
+    boundary(|| unsafe { handle::free(model) });
 }
 
 /// The model's vocabulary size V: every token id must be < V. 0 if `model` is NULL or not live

@@ -5,13 +5,11 @@ use std::ffi::c_char;
 
 use rlx_core::{LoadOptions, Model};
 
+use crate::handle::{self, Handle};
 use crate::model::{path_from, rlx_model_default_params, rlx_model_params};
 use crate::ptr::{c_str, input_slice, params_or, OutBuf, OutPtr};
 use crate::status::{boundary, rlx_status, FfiError, FfiResult};
 use crate::train::unpack;
-
-const LIVE: u64 = u64::from_le_bytes(*b"rlxrewrd");
-const FREED: u64 = u64::from_le_bytes(*b"rlxfreed");
 
 /// A loaded reward model. Create with rlx_reward_model_load; free with rlx_reward_model_free.
 /// Immutable once loaded: any number of threads may score with it at once; rlx_reward_model_free
@@ -22,21 +20,15 @@ pub struct rlx_reward_model {
     model: Model,
 }
 
-/// # Safety
-/// `rm` is NULL or a pointer from rlx_reward_model_load.
-unsafe fn reward_ref<'a>(rm: *const rlx_reward_model) -> FfiResult<&'a Model> {
-    if rm.is_null() {
-        return Err(FfiError::null("reward_model"));
+impl Handle for rlx_reward_model {
+    const LIVE: u64 = u64::from_le_bytes(*b"rlxrewrd");
+    const NAME: &'static str = "rlx_reward_model";
+    const MADE_BY: &'static str = "rlx_reward_model_load";
+
+    unsafe fn magic(this: *mut Self) -> *mut u64 {
+        // SAFETY: `this` points to a (possibly freed) rlx_reward_model, per the trait's contract.
+        unsafe { std::ptr::addr_of_mut!((*this).magic) }
     }
-    // SAFETY: non-NULL and, per the caller, from rlx_reward_model_load; only the magic word is
-    // read before it is checked (reading it from a freed handle is the documented undefined case).
-    if unsafe { std::ptr::addr_of!((*rm).magic).read() } != LIVE {
-        return Err(FfiError::invalid(
-            "`reward_model` is not a live rlx_reward_model (freed, or not from rlx_reward_model_load)",
-        ));
-    }
-    // SAFETY: live, so a valid rlx_reward_model that outlives the call.
-    Ok(unsafe { &(*rm).model })
 }
 
 /// Loads a reward model: an HF `*ForSequenceClassification` folder with `num_labels` = 1 (what
@@ -70,10 +62,10 @@ pub unsafe extern "C" fn rlx_reward_model_load(
                 path.display()
             )));
         }
-        out.set(Box::into_raw(Box::new(rlx_reward_model {
-            magic: LIVE,
+        out.set(handle::boxed(rlx_reward_model {
+            magic: rlx_reward_model::LIVE,
             model,
-        })));
+        }));
         Ok(())
     })
 }
@@ -101,7 +93,7 @@ pub unsafe extern "C" fn rlx_reward_model_score(
 ) -> rlx_status {
     boundary(|| {
         // SAFETY: forwarded caller contracts.
-        let model = unsafe { reward_ref(reward_model) }?;
+        let model = &unsafe { handle::live(reward_model, "reward_model") }?.model;
         // SAFETY: forwarded caller contracts.
         unsafe {
             score_into(
@@ -156,24 +148,6 @@ pub(crate) unsafe fn score_into(
 /// `reward_model` is NULL or a pointer from rlx_reward_model_load that no other thread is using.
 #[no_mangle]
 pub unsafe extern "C" fn rlx_reward_model_free(reward_model: *mut rlx_reward_model) {
-    boundary(|| {
-        if reward_model.is_null() {
-            return Ok(());
-        }
-        // SAFETY: per the caller, from rlx_reward_model_load and unused by others; only the
-        // magic word is read before the check.
-        if unsafe { std::ptr::addr_of!((*reward_model).magic).read() } != LIVE {
-            return Err(FfiError::invalid(
-                "rlx_reward_model_free: not a live rlx_reward_model (double free?)",
-            ));
-        }
-        // SAFETY: live, so produced by Box::into_raw in rlx_reward_model_load and not yet freed;
-        // poisoning the magic first lets a later double free be noticed.
-        let boxed = unsafe {
-            std::ptr::addr_of_mut!((*reward_model).magic).write(FREED);
-            Box::from_raw(reward_model)
-        };
-        drop(boxed);
-        Ok(())
-    });
+    // SAFETY: forwarded caller contract.
+    boundary(|| unsafe { handle::free(reward_model) });
 }

@@ -10,12 +10,10 @@ use std::sync::Mutex;
 
 use rlx_core::{LoadOptions, LoraConfig, Model, Schedule, TrainConfig, Trainer};
 
+use crate::handle::{self, Handle};
 use crate::model::{model_ref, path_from, rlx_model};
 use crate::ptr::{c_str, input_slice, params_or, OutPtr};
 use crate::status::{boundary, rlx_status, FfiError, FfiResult};
-
-const LIVE: u64 = u64::from_le_bytes(*b"rlxtrain");
-const FREED: u64 = u64::from_le_bytes(*b"rlxfreed");
 
 /// A model under training with its optimizer state.
 ///
@@ -129,30 +127,31 @@ pub(crate) unsafe fn with_trainer<T>(
     trainer: *const rlx_trainer,
     f: impl FnOnce(&mut Trainer) -> FfiResult<T>,
 ) -> FfiResult<T> {
-    if trainer.is_null() {
-        return Err(FfiError::null("trainer"));
-    }
-    // SAFETY: non-NULL and, by the caller's promise, from rlx_trainer_create; only the magic
-    // word is read before it is checked.
-    if unsafe { std::ptr::addr_of!((*trainer).magic).read() } != LIVE {
-        return Err(FfiError::invalid(
-            "`trainer` is not a live rlx_trainer (already freed, or not from rlx_trainer_create)",
-        ));
-    }
-    // SAFETY: live (checked above) and valid until rlx_trainer_free, which the caller must not
-    // run concurrently.
-    let cell = unsafe { &(*trainer).trainer };
+    // SAFETY: forwarded caller contract; a live trainer stays valid until rlx_trainer_free,
+    // which the caller must not run concurrently.
+    let cell = &unsafe { handle::live(trainer, "trainer") }?.trainer;
     let mut guard = cell.try_lock().map_err(|_| {
         FfiError::invalid("`trainer` is in use by another thread (calls must not overlap)")
     })?;
     f(&mut guard)
 }
 
+impl Handle for rlx_trainer {
+    const LIVE: u64 = u64::from_le_bytes(*b"rlxtrain");
+    const NAME: &'static str = "rlx_trainer";
+    const MADE_BY: &'static str = "rlx_trainer_create";
+
+    unsafe fn magic(this: *mut Self) -> *mut u64 {
+        // SAFETY: `this` points to a (possibly freed) rlx_trainer, per the trait's contract.
+        unsafe { std::ptr::addr_of_mut!((*this).magic) }
+    }
+}
+
 fn boxed(trainer: Trainer) -> *mut rlx_trainer {
-    Box::into_raw(Box::new(rlx_trainer {
-        magic: LIVE,
+    handle::boxed(rlx_trainer {
+        magic: rlx_trainer::LIVE,
         trainer: Mutex::new(trainer),
-    }))
+    })
 }
 
 /// Creates a trainer on the model at `path` (HF folder or GGUF). `params`: NULL for the
@@ -286,24 +285,8 @@ pub unsafe extern "C" fn rlx_trainer_save(
 /// thread is using.
 #[no_mangle]
 pub unsafe extern "C" fn rlx_trainer_free(trainer: *mut rlx_trainer) {
-    boundary(|| {
-        if trainer.is_null() {
-            return Ok(());
-        }
-        // SAFETY: as in `with_trainer`, only the magic word is read before the check.
-        if unsafe { std::ptr::addr_of!((*trainer).magic).read() } != LIVE {
-            return Err(FfiError::invalid(
-                "rlx_trainer_free: not a live rlx_trainer (double free?)",
-            ));
-        }
-        // SAFETY: live, so from Box::into_raw in `boxed`; the magic is poisoned first.
-        let b = unsafe {
-            std::ptr::addr_of_mut!((*trainer).magic).write(FREED);
-            Box::from_raw(trainer)
-        };
-        drop(b);
-        Ok(())
-    });
+    // SAFETY: forwarded caller contract.
+    boundary(|| unsafe { handle::free(trainer) });
 }
 
 /// Splits packed tokens into sequences of `lengths[i]` tokens.
