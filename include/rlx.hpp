@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -81,6 +82,13 @@ inline Packed pack(const std::vector<std::vector<uint32_t>>& seqs,
   }
   return p;
 }
+/// Owns a handle and frees it with the C API's `*_free` (move-only, like the classes below).
+template <typename T, void (*Free)(T*)>
+struct Deleter {
+  void operator()(T* p) const noexcept { Free(p); }
+};
+template <typename T, void (*Free)(T*)>
+using Owned = std::unique_ptr<T, Deleter<T, Free>>;
 }  // namespace detail
 
 /// The status of this thread's last rlx.hpp call (RLX_OK after a success).
@@ -100,23 +108,12 @@ struct ChatMessage {
   std::string content;
 };
 
-/// A loaded model (rlx_model). Move-only; freed on destruction.
+/// A loaded model (rlx_model). Move-only (a std::unique_ptr inside); freed on destruction.
 class Model {
  public:
   Model() = default;
   /// Takes ownership of a handle from the C API.
   explicit Model(rlx_model* handle) : handle_(handle) {}
-  Model(Model&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
-  Model& operator=(Model&& other) noexcept {
-    if (this != &other) {
-      reset();
-      handle_ = std::exchange(other.handle_, nullptr);
-    }
-    return *this;
-  }
-  Model(const Model&) = delete;
-  Model& operator=(const Model&) = delete;
-  ~Model() { reset(); }
 
   /// Loads an HF folder, a .safetensors file or a .gguf file.
   static Model load(const std::string& path, uint32_t threads = 0) {
@@ -128,17 +125,17 @@ class Model {
   }
 
   explicit operator bool() const noexcept { return handle_ != nullptr; }
-  rlx_model* get() const noexcept { return handle_; }
-  size_t vocab_size() const { return rlx_model_vocab_size(handle_); }
-  size_t context_length() const { return rlx_model_context_length(handle_); }
+  rlx_model* get() const noexcept { return handle_.get(); }
+  size_t vocab_size() const { return rlx_model_vocab_size(handle_.get()); }
+  size_t context_length() const { return rlx_model_context_length(handle_.get()); }
 
   std::vector<uint32_t> tokenize(const std::string& text, bool add_special = true) const {
     std::vector<uint32_t> ids(text.size() + 8);
     size_t n = 0;
-    rlx_status s = rlx_tokenize(handle_, text.c_str(), add_special, ids.data(), ids.size(), &n);
+    rlx_status s = rlx_tokenize(handle_.get(), text.c_str(), add_special, ids.data(), ids.size(), &n);
     if (s == RLX_BUFFER_TOO_SMALL) {
       ids.resize(n);
-      s = rlx_tokenize(handle_, text.c_str(), add_special, ids.data(), ids.size(), &n);
+      s = rlx_tokenize(handle_.get(), text.c_str(), add_special, ids.data(), ids.size(), &n);
     }
     if (!detail::check(s)) return {};
     ids.resize(n);
@@ -149,10 +146,10 @@ class Model {
     std::string text(ids.size() * 8 + 16, '\0');
     size_t n = 0;
     rlx_status s =
-        rlx_detokenize(handle_, ids.data(), ids.size(), skip_special, &text[0], text.size(), &n);
+        rlx_detokenize(handle_.get(), ids.data(), ids.size(), skip_special, &text[0], text.size(), &n);
     if (s == RLX_BUFFER_TOO_SMALL) {
       text.resize(n);
-      s = rlx_detokenize(handle_, ids.data(), ids.size(), skip_special, &text[0], text.size(), &n);
+      s = rlx_detokenize(handle_.get(), ids.data(), ids.size(), skip_special, &text[0], text.size(), &n);
     }
     if (!detail::check(s)) return {};
     text.resize(n);
@@ -168,11 +165,11 @@ class Model {
     for (const ChatMessage& m : messages) msgs.push_back({m.role.c_str(), m.content.c_str()});
     std::string text(256, '\0');
     size_t n = 0;
-    rlx_status s = rlx_apply_chat_template(handle_, msgs.data(), msgs.size(),
+    rlx_status s = rlx_apply_chat_template(handle_.get(), msgs.data(), msgs.size(),
                                            add_generation_prompt, &text[0], text.size(), &n);
     if (s == RLX_BUFFER_TOO_SMALL) {
       text.resize(n);
-      s = rlx_apply_chat_template(handle_, msgs.data(), msgs.size(), add_generation_prompt,
+      s = rlx_apply_chat_template(handle_.get(), msgs.data(), msgs.size(), add_generation_prompt,
                                   &text[0], text.size(), &n);
     }
     if (!detail::check(s)) return {};
@@ -197,7 +194,7 @@ class Model {
       };
       user_data = &on_token;
     }
-    rlx_status s = rlx_generate_stream(handle_, prompt.data(), prompt.size(), &params, callback,
+    rlx_status s = rlx_generate_stream(handle_.get(), prompt.data(), prompt.size(), &params, callback,
                                        user_data, g.tokens.data(), g.logprobs.data(),
                                        g.tokens.size(), &n);
     if (!detail::check(s)) return {};
@@ -210,7 +207,7 @@ class Model {
   std::vector<float> logprobs(const std::vector<uint32_t>& tokens, float temperature = 1.0f) const {
     std::vector<float> out(tokens.empty() ? 0 : tokens.size() - 1);
     size_t n = 0;
-    if (!detail::check(rlx_logprobs(handle_, tokens.data(), tokens.size(), temperature,
+    if (!detail::check(rlx_logprobs(handle_.get(), tokens.data(), tokens.size(), temperature,
                                     out.data(), out.size(), &n))) {
       return {};
     }
@@ -223,7 +220,7 @@ class Model {
     detail::Packed p = detail::pack(seqs);
     std::vector<float> out(seqs.size());
     size_t n = 0;
-    if (!detail::check(rlx_reward_score(handle_, p.tokens.data(), p.tokens.size(),
+    if (!detail::check(rlx_reward_score(handle_.get(), p.tokens.data(), p.tokens.size(),
                                         p.lengths.data(), p.lengths.size(), out.data(),
                                         out.size(), &n))) {
       return {};
@@ -233,11 +230,7 @@ class Model {
   }
 
  private:
-  void reset() {
-    if (handle_ != nullptr) rlx_model_free(handle_);
-    handle_ = nullptr;
-  }
-  rlx_model* handle_ = nullptr;
+  detail::Owned<rlx_model, rlx_model_free> handle_;
 };
 
 /// A reward model (rlx_reward_model: a *ForSequenceClassification checkpoint). Move-only; freed
@@ -246,17 +239,6 @@ class RewardModel {
  public:
   RewardModel() = default;
   explicit RewardModel(rlx_reward_model* handle) : handle_(handle) {}
-  RewardModel(RewardModel&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
-  RewardModel& operator=(RewardModel&& other) noexcept {
-    if (this != &other) {
-      reset();
-      handle_ = std::exchange(other.handle_, nullptr);
-    }
-    return *this;
-  }
-  RewardModel(const RewardModel&) = delete;
-  RewardModel& operator=(const RewardModel&) = delete;
-  ~RewardModel() { reset(); }
 
   static RewardModel load(const std::string& path, uint32_t threads = 0) {
     rlx_model_params params = rlx_model_default_params();
@@ -267,14 +249,14 @@ class RewardModel {
   }
 
   explicit operator bool() const noexcept { return handle_ != nullptr; }
-  rlx_reward_model* get() const noexcept { return handle_; }
+  rlx_reward_model* get() const noexcept { return handle_.get(); }
 
   /// The reward of each sequence, read at its last token.
   std::vector<float> scores(const std::vector<std::vector<uint32_t>>& seqs) const {
     detail::Packed p = detail::pack(seqs);
     std::vector<float> out(seqs.size());
     size_t n = 0;
-    if (!detail::check(rlx_reward_model_score(handle_, p.tokens.data(), p.tokens.size(),
+    if (!detail::check(rlx_reward_model_score(handle_.get(), p.tokens.data(), p.tokens.size(),
                                               p.lengths.data(), p.lengths.size(), out.data(),
                                               out.size(), &n))) {
       return {};
@@ -284,11 +266,7 @@ class RewardModel {
   }
 
  private:
-  void reset() {
-    if (handle_ != nullptr) rlx_reward_model_free(handle_);
-    handle_ = nullptr;
-  }
-  rlx_reward_model* handle_ = nullptr;
+  detail::Owned<rlx_reward_model, rlx_reward_model_free> handle_;
 };
 
 /// A model under training with AdamW (rlx_trainer). Move-only; freed on destruction.
@@ -296,17 +274,6 @@ class Trainer {
  public:
   Trainer() = default;
   explicit Trainer(rlx_trainer* handle) : handle_(handle) {}
-  Trainer(Trainer&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
-  Trainer& operator=(Trainer&& other) noexcept {
-    if (this != &other) {
-      reset();
-      handle_ = std::exchange(other.handle_, nullptr);
-    }
-    return *this;
-  }
-  Trainer(const Trainer&) = delete;
-  Trainer& operator=(const Trainer&) = delete;
-  ~Trainer() { reset(); }
 
   static Trainer create(const std::string& path,
                         const rlx_trainer_params& params = rlx_trainer_default_params()) {
@@ -323,17 +290,17 @@ class Trainer {
   }
 
   explicit operator bool() const noexcept { return handle_ != nullptr; }
-  rlx_trainer* get() const noexcept { return handle_; }
+  rlx_trainer* get() const noexcept { return handle_.get(); }
 
   /// Writes a checkpoint folder (never over an existing one).
   bool save(const std::string& path) const {
-    return detail::check(rlx_trainer_save(handle_, path.c_str()));
+    return detail::check(rlx_trainer_save(handle_.get(), path.c_str()));
   }
 
   /// A model holding the current weights (for generate / logprobs / reward_scores).
   Model model() const {
     rlx_model* handle = nullptr;
-    detail::check(rlx_trainer_model(handle_, &handle));
+    detail::check(rlx_trainer_model(handle_.get(), &handle));
     return Model(handle);
   }
 
@@ -342,7 +309,7 @@ class Trainer {
                           const std::vector<std::vector<uint8_t>>& masks) const {
     detail::Packed p = detail::pack(seqs, &masks);
     rlx_step_stats stats{};
-    detail::check(rlx_trainer_sft_step(handle_, p.tokens.data(), p.mask.data(), p.tokens.size(),
+    detail::check(rlx_trainer_sft_step(handle_.get(), p.tokens.data(), p.mask.data(), p.tokens.size(),
                                        p.lengths.data(), p.lengths.size(), &stats));
     return stats;
   }
@@ -354,7 +321,7 @@ class Trainer {
     detail::Packed c = detail::pack(chosen);
     detail::Packed r = detail::pack(rejected);
     rlx_step_stats stats{};
-    detail::check(rlx_trainer_rm_step(handle_, c.tokens.data(), c.tokens.size(),
+    detail::check(rlx_trainer_rm_step(handle_.get(), c.tokens.data(), c.tokens.size(),
                                       c.lengths.data(), r.tokens.data(), r.tokens.size(),
                                       r.lengths.data(), chosen.size(), margin, &stats));
     return stats;
@@ -372,7 +339,7 @@ class Trainer {
     detail::Packed r = detail::pack(rejected, &rejected_masks);
     rlx_step_stats stats{};
     detail::check(rlx_trainer_dpo_step(
-        handle_, c.tokens.data(), c.mask.data(), c.tokens.size(), c.lengths.data(),
+        handle_.get(), c.tokens.data(), c.mask.data(), c.tokens.size(), c.lengths.data(),
         r.tokens.data(), r.mask.data(), r.tokens.size(), r.lengths.data(), chosen.size(),
         ref_chosen.data(), ref_rejected.data(), &params, &stats));
     return stats;
@@ -390,18 +357,14 @@ class Trainer {
     size_t n_resp = old_logprobs.empty() ? ref_logprobs.size() : old_logprobs.size();
     rlx_step_stats stats{};
     detail::check(rlx_trainer_grpo_step(
-        handle_, p.tokens.data(), p.mask.data(), p.tokens.size(), p.lengths.data(),
+        handle_.get(), p.tokens.data(), p.mask.data(), p.tokens.size(), p.lengths.data(),
         p.lengths.size(), advantages.data(), old_logprobs.empty() ? nullptr : old_logprobs.data(),
         ref_logprobs.empty() ? nullptr : ref_logprobs.data(), n_resp, &params, &stats));
     return stats;
   }
 
  private:
-  void reset() {
-    if (handle_ != nullptr) rlx_trainer_free(handle_);
-    handle_ = nullptr;
-  }
-  rlx_trainer* handle_ = nullptr;
+  detail::Owned<rlx_trainer, rlx_trainer_free> handle_;
 };
 
 }  // namespace rlx

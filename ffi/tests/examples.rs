@@ -179,3 +179,35 @@ fn c_example_under_valgrind_has_no_leaks_or_errors() {
         "{text}"
     );
 }
+
+/// rlx.hpp without exceptions: failures are reported through rlx::last_status().
+#[test]
+fn cpp_header_without_exceptions() {
+    if !ready(&["c++"]) {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let src = dir.join("rlx_noexcept.cpp");
+    std::fs::write(
+        &src,
+        "#include \"rlx.hpp\"\n\
+         int main() {\n\
+           rlx::Model m = rlx::Model::load(\"/no/such/model\");\n\
+           return (!m && rlx::last_status() != RLX_OK && !rlx::last_message().empty()) ? 0 : 1;\n\
+         }\n",
+    )
+    .unwrap();
+    run(Command::new("c++")
+        .args([
+            "-std=c++17",
+            "-fno-exceptions",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pedantic",
+        ])
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg("-fsyntax-only")
+        .arg(&src));
+}
