@@ -180,7 +180,7 @@ fn c_example_under_valgrind_has_no_leaks_or_errors() {
     );
 }
 
-/// rlx.hpp without exceptions: failures are reported through rlx::last_status().
+/// rlx.hpp without exceptions builds, and a failure is reported through rlx::last_status().
 #[test]
 fn cpp_header_without_exceptions() {
     if !ready(&["c++"]) {
@@ -197,6 +197,8 @@ fn cpp_header_without_exceptions() {
          }\n",
     )
     .unwrap();
+    let exe = dir.join("rlx_noexcept");
+    let lib = prefix().join("lib");
     run(Command::new("c++")
         .args([
             "-std=c++17",
@@ -207,7 +209,12 @@ fn cpp_header_without_exceptions() {
             "-pedantic",
         ])
         .arg("-I")
-        .arg(root().join("include"))
-        .arg("-fsyntax-only")
-        .arg(&src));
+        .arg(prefix().join("include"))
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .arg(format!("-L{}", lib.display()))
+        .arg("-lrlx")
+        .arg(format!("-Wl,-rpath,{}", lib.display())));
+    run(Command::new(&exe).env_remove("LD_LIBRARY_PATH"));
 }
