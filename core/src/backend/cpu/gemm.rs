@@ -220,18 +220,12 @@ fn pack_b_slivers<const NR: usize>(
         let first = cols.start + si * NR;
         let width = NR.min(cols.end - first);
         for (p, out) in steps.clone().zip(sliver.chunks_exact_mut(NR)) {
-            let src = &b[p * ldb + first..];
+            let src = &b[p * ldb + first..p * ldb + first + width];
             if width == NR {
-                let (out, src): (&mut [f32; NR], &[f32; NR]) =
-                    match (out.try_into(), src[..NR].try_into()) {
-                        (Ok(o), Ok(s)) => (o, s),
-                        _ => unreachable!("sliver rows are NR wide"),
-                    };
-                *out = *src;
+                // A constant length, so a fixed-size move rather than a memcpy call.
+                out[..NR].copy_from_slice(&src[..NR]);
             } else {
-                for (o, v) in out.iter_mut().zip(&src[..width]) {
-                    *o = *v;
-                }
+                out[..width].copy_from_slice(src);
             }
         }
     }
@@ -408,14 +402,7 @@ mod x86 {
 mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0)
-                    - 0.5
-            })
-            .collect()
-    }
+    use super::super::test_values as values;
 
     #[test]
     fn matches_f64_on_ragged_shapes_both_orientations() {

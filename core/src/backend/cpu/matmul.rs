@@ -288,14 +288,7 @@ forward_kernels!(avx512, "avx2,fma,avx512f,avx512vl", 6, 4);
 mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u32) -> Vec<f32> {
-        (0..len)
-            .map(|i| {
-                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0)
-                    - 0.5
-            })
-            .collect()
-    }
+    use super::super::test_values as values;
 
     fn naive(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, n: usize, k: usize) -> Vec<f64> {
         let mut out = vec![0f64; rows * n];

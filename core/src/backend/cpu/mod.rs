@@ -42,3 +42,14 @@ impl SendPtr {
 pub(crate) fn zeroed(len: usize) -> Vec<f32> {
     (0..len).into_par_iter().map(|_| 0.0).collect()
 }
+
+/// Deterministic test inputs in [-0.5, 0.5), shared by the kernels' tests.
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: u32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16777216.0)
+                - 0.5
+        })
+        .collect()
+}
