@@ -282,7 +282,13 @@ fn trainer(
     lr: f32,
     prepare: impl FnOnce(&mut Model),
 ) -> CliResult<Trainer> {
-    let mut m = Model::load(path, LoadOptions { threads })?;
+    let mut m = Model::load(
+        path,
+        LoadOptions {
+            threads,
+            ..Default::default()
+        },
+    )?;
     prepare(&mut m);
     m.attach_lora(&lora())?;
     Ok(Trainer::new(
@@ -313,7 +319,13 @@ pub fn demo(a: DemoArgs) -> CliResult {
     }
     let t0 = std::time::Instant::now();
     let data = write_data(&a.out.join("data"))?;
-    let base = Model::load(&model_path, LoadOptions { threads: a.threads })?;
+    let base = Model::load(
+        &model_path,
+        LoadOptions {
+            threads: a.threads,
+            ..Default::default()
+        },
+    )?;
     // Room for the longest demo line even with a byte-level tokenizer (the tests run the demo on
     // a tiny model); SmolLM2 needs under 100 positions per line.
     let f = Formatter::new(&base, base.chat_template().is_some(), 512)?;
@@ -368,13 +380,25 @@ pub fn demo(a: DemoArgs) -> CliResult {
         &mut obs,
     )?;
     let rm_dir = r.model_dir.ok_or("RM training did not finish")?;
-    let rm = Model::load(&rm_dir, LoadOptions { threads: a.threads })?;
+    let rm = Model::load(
+        &rm_dir,
+        LoadOptions {
+            threads: a.threads,
+            ..Default::default()
+        },
+    )?;
     let rm_accuracy = supervised::pairwise_accuracy(&rm, &held_pairs)?;
     eprintln!("reward model: held-out pairwise accuracy {rm_accuracy:.3}");
     drop(rm_trainer);
     stage_done(&a.out, "rm", t);
 
-    let sft = Model::load(&sft_dir, LoadOptions { threads: a.threads })?;
+    let sft = Model::load(
+        &sft_dir,
+        LoadOptions {
+            threads: a.threads,
+            ..Default::default()
+        },
+    )?;
     let labeller_fn = |p: &str, r: &str| labeller(p, r);
     let iterations = a.iterations.unwrap_or(if a.short { 4 } else { 6 });
     let on_policy = |name: &str, k: usize| RolloutOptions {
@@ -474,7 +498,13 @@ pub fn demo(a: DemoArgs) -> CliResult {
         .into_iter()
         .chain(compared);
     for (name, dir) in stages {
-        let m = Model::load(&dir, LoadOptions { threads: a.threads })?;
+        let m = Model::load(
+            &dir,
+            LoadOptions {
+                threads: a.threads,
+                ..Default::default()
+            },
+        )?;
         rows.push(evaluate(name, &m, &sft, &rm, &held, a.seed)?);
     }
     eprintln!("== evaluation done in {:.0} s", t.elapsed().as_secs_f64());

@@ -106,6 +106,11 @@ struct ModelArgs {
     /// Worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Dequantize a quantized GGUF to f32 at load (exact f32 arithmetic, as training sees the
+    /// weights) instead of running its Q4_0/Q4_1/Q8_0/Q4_K blocks directly (faster, 8-bit
+    /// activations as in llama.cpp).
+    #[arg(long)]
+    dequantize: bool,
 }
 
 #[derive(Args)]
@@ -211,6 +216,7 @@ fn load(args: &ModelArgs) -> Result<Model, Box<dyn std::error::Error>> {
     };
     let options = LoadOptions {
         threads: args.threads,
+        keep_quantized: !args.dequantize,
     };
     Ok(Model::load(&path, options)?)
 }

@@ -389,6 +389,7 @@ impl Setup {
             path,
             LoadOptions {
                 threads: self.threads,
+                ..Default::default()
             },
         )?)
     }
@@ -406,6 +407,7 @@ impl Setup {
                     &ck,
                     LoadOptions {
                         threads: self.threads,
+                        ..Default::default()
                     },
                 )?;
                 t.model_mut().set_gradient_checkpointing(self.checkpointing);

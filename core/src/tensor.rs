@@ -1,10 +1,15 @@
 //! `Tensor`: a read-only, row-major f32 weight. It either points into a memory-mapped checkpoint
-//! (zero-copy, when the file stores aligned f32) or owns its values (widened from f16/bf16, or
-//! re-laid-out at load, like GPT-2's transposed Conv1D weights).
+//! (zero-copy, when the file stores aligned f32), owns its values (widened from f16/bf16, or
+//! re-laid-out at load, like GPT-2's transposed Conv1D weights), or keeps a GGUF matrix in its
+//! quantized blocks for the inference kernels (`quant_matmul`), dequantizing only when
+//! something asks for f32 values.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use memmap2::Mmap;
+
+use crate::backend::cpu::quant_matmul::QuantMatrix;
+use crate::weights::quant::GgmlType;
 
 /// Cloning is cheap and shares the values (a frozen reference model shares its policy's
 /// weights); writing through [`Tensor::as_mut_slice`] copies shared values first.
@@ -24,6 +29,35 @@ enum TensorData {
         len: usize,
     },
     Owned(Arc<Vec<f32>>),
+    /// A `[rows, cols]` matrix in ggml blocks.
+    Quantized(Arc<QuantData>),
+}
+
+struct QuantData {
+    ty: GgmlType,
+    bytes: QuantBytes,
+    /// f32 values, made on first request (an embedding-free caller, a conversion, training).
+    dense: OnceLock<Vec<f32>>,
+}
+
+enum QuantBytes {
+    /// Straight from the file; bounds checked by [`Tensor::quantized_mapped`].
+    Mapped {
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    },
+    /// Re-ordered rows (llama.cpp's q/k permutation undone) or a split of a fused matrix.
+    Owned(Vec<u8>),
+}
+
+impl QuantData {
+    fn bytes(&self) -> &[u8] {
+        match &self.bytes {
+            QuantBytes::Mapped { map, offset, len } => &map[*offset..*offset + *len],
+            QuantBytes::Owned(v) => v,
+        }
+    }
 }
 
 impl Tensor {
@@ -50,9 +84,91 @@ impl Tensor {
         })
     }
 
+    /// A `[rows, cols]` matrix of `ty` blocks read in place from `map` at `offset`, or `None`
+    /// when the kernels cannot read `ty` with rows of `cols` or the bytes are out of bounds.
+    pub(crate) fn quantized_mapped(
+        ty: GgmlType,
+        map: Arc<Mmap>,
+        offset: usize,
+        shape: [usize; 2],
+    ) -> Option<Self> {
+        let len = Self::quantized_len(ty, shape)?;
+        (offset.checked_add(len)? <= map.len()).then(|| Tensor {
+            data: TensorData::Quantized(Arc::new(QuantData {
+                ty,
+                bytes: QuantBytes::Mapped { map, offset, len },
+                dense: OnceLock::new(),
+            })),
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// As [`Tensor::quantized_mapped`], owning `bytes`.
+    pub(crate) fn quantized_owned(ty: GgmlType, bytes: Vec<u8>, shape: [usize; 2]) -> Option<Self> {
+        (Self::quantized_len(ty, shape)? == bytes.len()).then(|| Tensor {
+            data: TensorData::Quantized(Arc::new(QuantData {
+                ty,
+                bytes: QuantBytes::Owned(bytes),
+                dense: OnceLock::new(),
+            })),
+            shape: shape.to_vec(),
+        })
+    }
+
+    fn quantized_len(ty: GgmlType, [rows, cols]: [usize; 2]) -> Option<usize> {
+        if !QuantMatrix::supports(ty, cols) {
+            return None;
+        }
+        ty.row_bytes(cols)?.checked_mul(rows)
+    }
+
+    /// The blocks, when this tensor is kept quantized.
+    pub fn quant(&self) -> Option<QuantMatrix<'_>> {
+        match &self.data {
+            TensorData::Quantized(q) => Some(QuantMatrix {
+                ty: q.ty,
+                data: q.bytes(),
+                n: self.shape[0],
+                k: self.shape[1],
+            }),
+            _ => None,
+        }
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.data, TensorData::Quantized(_))
+    }
+
+    /// Row `i` of a 2-D tensor as f32 into `out` (dequantizing only that row when quantized).
+    pub fn copy_row(&self, i: usize, out: &mut [f32]) {
+        let cols = self.shape.get(1).copied().unwrap_or(1);
+        if let TensorData::Quantized(q) = &self.data {
+            if q.dense.get().is_none() {
+                let rb = q.ty.row_bytes(cols).unwrap_or(0);
+                if let Some(row) = q.ty.dequantize(&q.bytes()[i * rb..(i + 1) * rb], cols) {
+                    out[..cols].copy_from_slice(&row[..cols]);
+                    return;
+                }
+            }
+        }
+        out[..cols].copy_from_slice(&self.as_slice()[i * cols..(i + 1) * cols]);
+    }
+
+    /// Replaces quantized blocks by their f32 values (training and exact f32 inference need them).
+    pub fn dequantize_in_place(&mut self) {
+        if self.is_quantized() {
+            self.data = TensorData::Owned(Arc::new(self.as_slice().to_vec()));
+        }
+    }
+
     pub fn as_slice(&self) -> &[f32] {
         match &self.data {
             TensorData::Owned(v) => v,
+            TensorData::Quantized(q) => q.dense.get_or_init(|| {
+                // The length and block type were checked when the tensor was made.
+                q.ty.dequantize(q.bytes(), self.shape[1])
+                    .unwrap_or_default()
+            }),
             TensorData::Mapped { map, offset, len } => {
                 // SAFETY: `mapped` checked that `offset + 4*len <= map.len()` and that the start is
                 // 4-byte aligned; any bit pattern is a valid f32; the map is read-only and kept alive
@@ -65,13 +181,13 @@ impl Tensor {
     /// Mutable values; a mapped tensor is copied into memory first (the file is never written),
     /// and so are values shared with a clone.
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
-        if let TensorData::Mapped { .. } = self.data {
+        if !matches!(self.data, TensorData::Owned(_)) {
             self.data = TensorData::Owned(Arc::new(self.as_slice().to_vec()));
         }
         match &mut self.data {
             TensorData::Owned(v) => Arc::make_mut(v).as_mut_slice(),
             // Just replaced by an owned copy above.
-            TensorData::Mapped { .. } => &mut [],
+            TensorData::Mapped { .. } | TensorData::Quantized(_) => &mut [],
         }
     }
 
@@ -82,8 +198,14 @@ impl Tensor {
     /// True when `self` and `other` read the same memory (one is a clone of the other and
     /// neither has been written since).
     pub fn shares_values_with(&self, other: &Tensor) -> bool {
-        let (a, b) = (self.as_slice(), other.as_slice());
-        a.as_ptr() == b.as_ptr() && a.len() == b.len()
+        match (&self.data, &other.data) {
+            (TensorData::Quantized(a), TensorData::Quantized(b)) => Arc::ptr_eq(a, b),
+            (TensorData::Quantized(_), _) | (_, TensorData::Quantized(_)) => false,
+            _ => {
+                let (a, b) = (self.as_slice(), other.as_slice());
+                a.as_ptr() == b.as_ptr() && a.len() == b.len()
+            }
+        }
     }
 
     /// True when the values are read straight from the mapped file.
@@ -97,6 +219,7 @@ impl std::fmt::Debug for Tensor {
         f.debug_struct("Tensor")
             .field("shape", &self.shape)
             .field("mapped", &self.is_mapped())
+            .field("quantized", &self.quant().map(|q| q.ty))
             .finish()
     }
 }

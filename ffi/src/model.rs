@@ -122,7 +122,13 @@ pub unsafe extern "C" fn rlx_model_load(
         let params = unsafe { params_or(params, rlx_model_default_params()) };
         let threads = usize::try_from(params.threads)
             .map_err(|_| FfiError::invalid("`threads` does not fit this platform"))?;
-        let model = Model::load(&path, LoadOptions { threads })?;
+        let model = Model::load(
+            &path,
+            LoadOptions {
+                threads,
+                ..Default::default()
+            },
+        )?;
         out.set(boxed_model(model));
         Ok(())
     })

@@ -55,7 +55,13 @@ pub unsafe extern "C" fn rlx_reward_model_load(
         let params = unsafe { params_or(params, rlx_model_default_params()) };
         let threads = usize::try_from(params.threads)
             .map_err(|_| FfiError::invalid("`threads` does not fit this platform"))?;
-        let model = Model::load(&path, LoadOptions { threads })?;
+        let model = Model::load(
+            &path,
+            LoadOptions {
+                threads,
+                ..Default::default()
+            },
+        )?;
         if model.weights().score.is_none() {
             return Err(FfiError::invalid(format!(
                 "{} has no score head (a reward model is a *ForSequenceClassification checkpoint)",

@@ -208,7 +208,13 @@ pub unsafe extern "C" fn rlx_trainer_create(
         };
         let threads = usize::try_from(p.threads)
             .map_err(|_| FfiError::invalid("`threads` does not fit this platform"))?;
-        let mut model = Model::load(&path, LoadOptions { threads })?;
+        let mut model = Model::load(
+            &path,
+            LoadOptions {
+                threads,
+                ..Default::default()
+            },
+        )?;
         match p.head {
             RLX_HEAD_NONE => {}
             RLX_HEAD_SCORE if model.weights().score.is_some() => {}
@@ -249,7 +255,13 @@ pub unsafe extern "C" fn rlx_trainer_resume(
         let path = path_from(unsafe { c_str(path, "path") }?)?;
         let threads = usize::try_from(threads)
             .map_err(|_| FfiError::invalid("`threads` does not fit this platform"))?;
-        let (trainer, _) = Trainer::resume(&path, LoadOptions { threads })?;
+        let (trainer, _) = Trainer::resume(
+            &path,
+            LoadOptions {
+                threads,
+                ..Default::default()
+            },
+        )?;
         out.set(boxed(trainer));
         Ok(())
     })

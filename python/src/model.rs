@@ -110,8 +110,16 @@ pub(crate) fn load_model(
     threads: i64,
 ) -> PyResult<rlx::Model> {
     let threads = count(py, threads, "threads")?;
-    py.detach(|| rlx::Model::load(path, LoadOptions { threads }))
-        .map_err(|e| to_py_err(py, e))
+    py.detach(|| {
+        rlx::Model::load(
+            path,
+            LoadOptions {
+                threads,
+                ..Default::default()
+            },
+        )
+    })
+    .map_err(|e| to_py_err(py, e))
 }
 
 #[pymethods]

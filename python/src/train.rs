@@ -260,7 +260,13 @@ impl PyTrainer {
         let lora = lora.map(|l| l.inner.clone());
         let inner = py
             .detach(|| -> rlx::Result<Trainer> {
-                let mut model = rlx::Model::load(&path, LoadOptions { threads })?;
+                let mut model = rlx::Model::load(
+                    &path,
+                    LoadOptions {
+                        threads,
+                        ..Default::default()
+                    },
+                )?;
                 match head.as_deref() {
                     None => {}
                     Some("score") if model.weights().score.is_some() => {}
@@ -288,7 +294,15 @@ impl PyTrainer {
     fn resume(py: Python<'_>, path: PathBuf, threads: i64) -> PyResult<(Self, Py<PyAny>)> {
         let threads = count(py, threads, "threads")?;
         let (inner, extra) = py
-            .detach(|| Trainer::resume(&path, LoadOptions { threads }))
+            .detach(|| {
+                Trainer::resume(
+                    &path,
+                    LoadOptions {
+                        threads,
+                        ..Default::default()
+                    },
+                )
+            })
             .map_err(|e| to_py_err(py, e))?;
         let json = py.import("json")?;
         let extra = json.call_method1("loads", (extra.to_string(),))?.unbind();

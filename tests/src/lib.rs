@@ -223,6 +223,22 @@ impl GgufBuilder {
         self
     }
 
+    /// A 2-D tensor quantized to Q8_0 blocks (rows of a multiple of 32 values), as llama.cpp's
+    /// quantizer writes them: `d = max|x| / 127` as f16, `q = round(x / d)`.
+    pub fn tensor_q8_0(&mut self, name: &str, shape: &[usize], values: &[f32]) -> &mut Self {
+        let dims = shape.iter().rev().map(|&d| d as u64).collect();
+        let mut data = Vec::new();
+        for block in values.chunks_exact(32) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            data.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+            data.extend(block.iter().map(|v| (v * inv).round() as i8 as u8));
+        }
+        self.tensors.push((name.into(), dims, 8, data));
+        self
+    }
+
     pub fn build(&self) -> Vec<u8> {
         let mut out = b"GGUF".to_vec();
         out.extend_from_slice(&self.version.to_le_bytes());

@@ -10,7 +10,14 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 fn load(name: &str, threads: usize) -> Model {
-    Model::load(fixture(name), LoadOptions { threads }).unwrap()
+    Model::load(
+        fixture(name),
+        LoadOptions {
+            threads,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn prompts() -> Vec<Vec<u32>> {

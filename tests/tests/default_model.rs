@@ -52,6 +52,40 @@ fn smollm2_matches_transformers() {
     }
 }
 
+/// The Q4_1/Q8_0 blocks kept in memory (`keep_quantized`, the CLI's default) give bit for bit
+/// the logits and generations of the model dequantized to f32 at load.
+#[test]
+fn smollm2_quantized_blocks_equal_dequantized_f32_bitwise() {
+    let gguf = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.is_file() {
+        eprintln!("SKIPPED: {} is missing", gguf.display());
+        return;
+    }
+    let options = LoadOptions {
+        keep_quantized: true,
+        ..Default::default()
+    };
+    let quantized = Model::load(&gguf, options).unwrap();
+    let dense = Model::load(&gguf, LoadOptions::default()).unwrap();
+    assert!(quantized.is_quantized());
+    let reference = Reference::load(&fixture("smollm2-reference"));
+    for case in &reference.cases {
+        assert_eq!(
+            quantized.logits(&case.input_ids).unwrap(),
+            dense.logits(&case.input_ids).unwrap()
+        );
+        let params = SamplingParams {
+            stop_token_ids: Some(Vec::new()),
+            ..SamplingParams::greedy(16)
+        };
+        let prompt = std::slice::from_ref(&case.greedy_prompt);
+        assert_eq!(
+            quantized.generate(prompt, &params, None).unwrap(),
+            dense.generate(prompt, &params, None).unwrap()
+        );
+    }
+}
+
 #[test]
 fn smollm2_tokenizer_from_gguf_matches_reference_ids() {
     let gguf = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");

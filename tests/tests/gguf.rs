@@ -254,6 +254,11 @@ fn offsets_must_be_aligned_in_bounds_and_disjoint() {
 /// The GPT-2 fixture rewritten the way llama.cpp's converter writes GPT-2: GGUF names, Conv1D
 /// weights transposed to `(out, in)`, `gpt2.*` metadata.
 fn gpt2_fixture_as_gguf() -> Vec<u8> {
+    gpt2_fixture_as_gguf_with(false)
+}
+
+/// The GPT-2 fixture as llama.cpp writes it; with `q8_0`, every matrix in Q8_0 blocks.
+fn gpt2_fixture_as_gguf_with(q8_0: bool) -> Vec<u8> {
     let bytes = std::fs::read(fixture("gpt2-f32").join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut b = GgufBuilder::new();
@@ -314,7 +319,11 @@ fn gpt2_fixture_as_gguf() -> Vec<u8> {
                 format!("blk.{layer}.{m}.{suffix}")
             }
         };
-        b.tensor_f32(&gguf, &shape, &values);
+        if q8_0 && shape.len() == 2 {
+            b.tensor_q8_0(&gguf, &shape, &values);
+        } else {
+            b.tensor_f32(&gguf, &shape, &values);
+        }
     }
     b.build()
 }
@@ -329,6 +338,34 @@ fn gpt2_in_llama_cpp_layout_gives_the_same_logits() {
     assert_eq!(
         from_gguf.logits(&ids).unwrap(),
         from_st.logits(&ids).unwrap()
+    );
+}
+
+/// Q8_0 blocks kept in memory (fused q/k/v split as blocks, the tied head on the quantized
+/// kernel) compute bit for bit what the same file dequantized to f32 computes.
+#[test]
+fn quantized_blocks_equal_the_dequantized_model_bitwise() {
+    let (_dir, path) = write(&gpt2_fixture_as_gguf_with(true));
+    let keep = LoadOptions {
+        keep_quantized: true,
+        ..Default::default()
+    };
+    let quantized = Model::load(&path, keep).unwrap();
+    let dense = Model::load(&path, LoadOptions::default()).unwrap();
+    assert!(quantized.is_quantized() && !dense.is_quantized());
+    let ids = [3u32, 40, 200, 7, 7, 99, 12, 5];
+    assert_eq!(quantized.logits(&ids).unwrap(), dense.logits(&ids).unwrap());
+    let params = rlx::SamplingParams {
+        max_new_tokens: 12,
+        temperature: 0.9,
+        seed: 7,
+        stop_token_ids: Some(Vec::new()),
+        ..rlx::SamplingParams::default()
+    };
+    let prompts = vec![ids[..3].to_vec(), ids[3..].to_vec()];
+    assert_eq!(
+        quantized.generate(&prompts, &params, None).unwrap(),
+        dense.generate(&prompts, &params, None).unwrap()
     );
 }
 

@@ -6,6 +6,7 @@ use crate::backend::cpu::activation::{add_inplace, gelu_tanh, silu_mul};
 use crate::backend::cpu::attention::{attention, Heads, KvView, Slot};
 use crate::backend::cpu::matmul::matmul;
 use crate::backend::cpu::norm::{layernorm, rmsnorm};
+use crate::backend::cpu::quant_matmul::quant_matmul;
 use crate::backend::cpu::rope;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
@@ -310,11 +311,11 @@ impl Model {
     /// `x = wte[token] (+ wpe[pos])`.
     fn embed(&self, tokens: &[u32], positions: &[usize], x: &mut [f32]) {
         let c = self.config.hidden_size;
-        let wte = self.weights.tok_emb.as_slice();
+        let wte = &self.weights.tok_emb;
         let wpe = self.weights.pos_emb.as_ref().map(|p| p.as_slice());
         for (i, (&tok, &pos)) in tokens.iter().zip(positions).enumerate() {
             let row = &mut x[i * c..(i + 1) * c];
-            row.copy_from_slice(&wte[tok as usize * c..][..c]);
+            wte.copy_row(tok as usize, row);
             if let Some(wpe) = wpe {
                 for (r, p) in row.iter_mut().zip(&wpe[pos * c..][..c]) {
                     *r += p;
@@ -336,6 +337,13 @@ impl Model {
 fn linear(out: &mut [f32], x: &[f32], layer: &Linear, t: usize) {
     let shape = layer.w.shape();
     let (n, k) = (shape[0], shape[1]);
+    let bias = layer.b.as_ref().map(|b| b.as_slice());
+    if let Some(q) = layer.w.quant() {
+        // Bit for bit the f32 product on the dequantized weights (see `quant_matmul`).
+        quant_matmul(&mut out[..t * n], &x[..t * k], q, bias, t);
+        super::lora::add_adapter(out, x, layer, t);
+        return;
+    }
     matmul(
         &mut out[..t * n],
         &x[..t * k],

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::backend::cpu::attention::Slot;
 use crate::backend::cpu::matmul::matmul;
+use crate::backend::cpu::quant_matmul::quant_matmul;
 use crate::backend::cpu::rope;
 use crate::backend::cpu::softmax::log_prob_of;
 use crate::chat::{ChatTemplate, Message};
@@ -42,6 +43,14 @@ pub use weights::{
 pub struct LoadOptions {
     /// Worker threads for this model's calls; 0 = rayon's global pool (one per core).
     pub threads: usize,
+    /// GGUF only: keep Q4_0/Q4_1/Q8_0/Q4_K matrices in their blocks and run them on the
+    /// quantized kernels, which dequantize in registers: results are bit for bit those of the
+    /// dequantized f32 model, with about 5× less weight memory and faster decoding. Off, every
+    /// tensor is dequantized to f32 at load. Training works on f32 ([`Trainer::new`]
+    /// dequantizes its copy; its log-probs still equal the quantized model's).
+    ///
+    /// [`Trainer::new`]: crate::train::Trainer::new
+    pub keep_quantized: bool,
 }
 
 /// A loaded model. `clone` is cheap: the clone shares every weight, the tokenizer and the thread
@@ -93,7 +102,7 @@ impl Model {
         }
         let pool = build_pool(options.threads)?;
         if dir.is_file() {
-            return Self::load_gguf(dir, pool);
+            return Self::load_gguf(dir, pool, options.keep_quantized);
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let load = || -> Result<ModelWeights> {
@@ -139,8 +148,13 @@ impl Model {
         })
     }
 
-    /// A single `.gguf` file: config from its metadata, tensors dequantized to f32.
-    fn load_gguf(path: &Path, pool: Option<Arc<ThreadPool>>) -> Result<Model> {
+    /// A single `.gguf` file: config from its metadata, tensors dequantized to f32 or kept in
+    /// blocks (`keep_quantized`).
+    fn load_gguf(
+        path: &Path,
+        pool: Option<Arc<ThreadPool>>,
+        keep_quantized: bool,
+    ) -> Result<Model> {
         let file = GgufFile::open(path)?;
         let config = config_from_gguf(&file)?;
         let load = || {
@@ -148,6 +162,7 @@ impl Model {
                 &GgufSource {
                     file: &file,
                     config: &config,
+                    keep_quantized,
                 },
                 &config,
             )
@@ -422,15 +437,30 @@ impl Model {
     /// `logits (rows, V) = hidden (rows, C) · headᵀ`.
     pub(crate) fn lm_head(&self, logits: &mut [f32], hidden: &[f32], rows: usize) {
         let (c, v) = (self.config.hidden_size, self.config.vocab_size);
+        let head = self.weights.lm_head();
+        if let Some(q) = head.quant() {
+            quant_matmul(&mut logits[..rows * v], &hidden[..rows * c], q, None, rows);
+            return;
+        }
         matmul(
             &mut logits[..rows * v],
             &hidden[..rows * c],
-            self.weights.lm_head().as_slice(),
+            head.as_slice(),
             None,
             rows,
             v,
             c,
         );
+    }
+
+    /// True when some weight matrix is kept in quantized blocks ([`LoadOptions::keep_quantized`]).
+    pub fn is_quantized(&self) -> bool {
+        self.weights.has_quantized()
+    }
+
+    /// Turns every quantized matrix into f32 (what a trainer needs; a no-op on f32 models).
+    pub fn dequantize_weights(&mut self) {
+        self.weights.dequantize();
     }
 }
 

@@ -43,6 +43,8 @@ pub enum Norm {
     Rms { w: Tensor },
 }
 
+// One per layer: the size difference between the variants costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum Mlp {
     /// GPT-2: `proj(gelu(fc(x)))`.
@@ -210,6 +212,39 @@ impl ModelWeights {
         out
     }
 
+    /// Every tensor kept in quantized blocks becomes f32 (training reads and writes f32).
+    pub fn dequantize(&mut self) {
+        self.tok_emb.dequantize_in_place();
+        for t in [
+            self.pos_emb.as_mut(),
+            self.lm_head.as_mut(),
+            self.score.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            t.dequantize_in_place();
+        }
+        for layer in &mut self.layers {
+            for lin in layer.linears_mut() {
+                lin.w.dequantize_in_place();
+            }
+        }
+        if let Some(v) = self.value.as_mut() {
+            v.w.dequantize_in_place();
+        }
+    }
+
+    /// True when some matrix is kept in quantized blocks.
+    pub fn has_quantized(&self) -> bool {
+        self.tok_emb.is_quantized()
+            || self.lm_head.as_ref().is_some_and(Tensor::is_quantized)
+            || self
+                .layers
+                .iter()
+                .any(|l| l.linears().iter().any(|lin| lin.w.is_quantized()))
+    }
+
     pub fn lm_head(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.tok_emb)
     }
@@ -357,16 +392,29 @@ fn value_head(ck: &dyn TensorSource, cfg: &ModelConfig) -> Result<Option<Linear>
     )))
 }
 
-/// Splits a `(3·rows, cols)` projection into three `(rows, cols)` ones.
+/// Splits a `(3·rows, cols)` projection into three `(rows, cols)` ones (quantized blocks stay
+/// quantized: rows are whole runs of blocks).
 fn split_rows(fused: &Linear, rows: usize, cols: usize) -> Result<(Linear, Linear, Linear)> {
-    let w = fused.w.as_slice();
     let b = fused.b.as_ref().map(|b| b.as_slice());
     let part = |i: usize| -> Result<Linear> {
-        let wv = w[i * rows * cols..(i + 1) * rows * cols].to_vec();
         let bv = b.map(|b| b[i * rows..(i + 1) * rows].to_vec());
         let bad = || Error::Config("c_attn does not split into q, k, v".into());
+        let w = match fused.w.quant() {
+            Some(q) => {
+                let part = q.data.len() / 3;
+                let bytes = q.data[i * part..(i + 1) * part].to_vec();
+                Tensor::quantized_owned(q.ty, bytes, [rows, cols])
+            }
+            None => {
+                let w = fused.w.as_slice();
+                Tensor::owned(
+                    w[i * rows * cols..(i + 1) * rows * cols].to_vec(),
+                    vec![rows, cols],
+                )
+            }
+        };
         Ok(Linear::new(
-            Tensor::owned(wv, vec![rows, cols]).ok_or_else(bad)?,
+            w.ok_or_else(bad)?,
             match bv {
                 Some(bv) => Some(Tensor::owned(bv, vec![rows]).ok_or_else(bad)?),
                 None => None,

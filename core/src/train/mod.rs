@@ -142,6 +142,9 @@ struct Pending {
 impl Trainer {
     pub fn new(mut model: Model, config: TrainConfig) -> Result<Self> {
         config.validate()?;
+        // Gradients and updates are f32; a model loaded with quantized blocks trains on their
+        // f32 values.
+        model.dequantize_weights();
         let (names, sizes): (Vec<String>, Vec<usize>) = model
             .weights_mut()
             .named_params_mut()

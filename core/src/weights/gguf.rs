@@ -288,6 +288,17 @@ impl GgufFile {
         &self.map[info.start..info.start + info.n_bytes]
     }
 
+    /// A 2-D tensor kept in its quantized blocks (read in place), when the quantized kernels
+    /// read its type; `None` otherwise (the caller then asks for f32).
+    pub fn tensor_quantized(&self, name: &str) -> Option<Tensor> {
+        let info = self.tensor_info(name)?;
+        let shape = info.shape();
+        let [rows, cols] = shape[..] else {
+            return None;
+        };
+        Tensor::quantized_mapped(info.ggml_type, self.map.clone(), info.start, [rows, cols])
+    }
+
     /// The tensor as f32 in row-major HF shape: zero-copy for F32, dequantized otherwise.
     pub fn tensor_f32(&self, name: &str) -> Result<Tensor> {
         let info = self.tensor_info(name).ok_or_else(|| Error::TensorMissing {

@@ -144,6 +144,9 @@ fn vocab_size(f: &GgufFile, key: &str) -> Result<usize> {
 pub struct GgufSource<'a> {
     pub file: &'a GgufFile,
     pub config: &'a ModelConfig,
+    /// Keep matrices in their quantized blocks where the quantized kernels read the type
+    /// (inference); otherwise every tensor is dequantized to f32.
+    pub keep_quantized: bool,
 }
 
 impl GgufSource<'_> {
@@ -203,7 +206,15 @@ impl TensorSource for GgufSource<'_> {
                 got: info.shape(),
             });
         }
-        let t = self.file.tensor_f32(&gguf_name)?;
+        let quantized = if self.keep_quantized {
+            self.file.tensor_quantized(&gguf_name)
+        } else {
+            None
+        };
+        let t = match quantized {
+            Some(t) => t,
+            None => self.file.tensor_f32(&gguf_name)?,
+        };
         match heads {
             Some(h) => unpermute_rows(&t, h).ok_or_else(|| {
                 Error::format(
@@ -253,6 +264,7 @@ fn gpt2_name(hf: &str) -> Option<String> {
 
 /// Undoes llama.cpp's q/k permutation. Within each head of `hs` rows, GGUF row `2i + j` holds
 /// HF row `j·hs/2 + i` (i < hs/2, j ∈ {0, 1}); biases (1-D) are permuted the same way.
+/// A quantized matrix has its rows permuted as whole runs of blocks.
 fn unpermute_rows(t: &Tensor, heads: usize) -> Option<Tensor> {
     let shape = t.shape().to_vec();
     let rows = shape[0];
@@ -260,21 +272,31 @@ fn unpermute_rows(t: &Tensor, heads: usize) -> Option<Tensor> {
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return None;
     }
-    let hs = rows / heads;
+    if let Some(q) = t.quant() {
+        let row_bytes = q.data.len() / rows;
+        let out = permuted(q.data, rows / heads, row_bytes);
+        return Tensor::quantized_owned(q.ty, out, [rows, cols]);
+    }
+    Tensor::owned(permuted(t.as_slice(), rows / heads, cols), shape)
+}
+
+/// Rows of `row_len` items: within each head of `hs` rows, source row `2i + j` goes to row
+/// `j·hs/2 + i`.
+fn permuted<T: Copy + Default>(src: &[T], hs: usize, row_len: usize) -> Vec<T> {
     let half = hs / 2;
-    let src = t.as_slice();
-    let mut out = vec![0f32; src.len()];
+    let heads = src.len() / row_len / hs;
+    let mut out = vec![T::default(); src.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
                 let from = h * hs + 2 * i + j;
                 let to = h * hs + j * half + i;
-                out[to * cols..(to + 1) * cols]
-                    .copy_from_slice(&src[from * cols..(from + 1) * cols]);
+                out[to * row_len..(to + 1) * row_len]
+                    .copy_from_slice(&src[from * row_len..(from + 1) * row_len]);
             }
         }
     }
-    Tensor::owned(out, shape)
+    out
 }
 
 fn meta_str<'a>(f: &'a GgufFile, key: &str) -> Result<&'a str> {

@@ -83,7 +83,32 @@ impl GgmlType {
         }
         let n = bytes.len() / ts * bs;
         let mut out = vec![0f32; n];
-        let f = match self {
+        let f = self.block_fn();
+        // Group small blocks so each task does a useful amount of work.
+        let group = (4096 / bs).max(1);
+        out.par_chunks_mut(bs * group)
+            .zip(bytes.par_chunks(ts * group))
+            .for_each(|(y, b)| {
+                for (y, b) in y.chunks_exact_mut(bs).zip(b.chunks_exact(ts)) {
+                    f(b, y);
+                }
+            });
+        Some(out)
+    }
+
+    /// [`GgmlType::dequantize`] on the calling thread into `out` (whole blocks; extra bytes or
+    /// values are left alone).
+    pub fn dequantize_into(self, bytes: &[u8], out: &mut [f32]) {
+        let f = self.block_fn();
+        let (bs, ts) = (self.block_size(), self.type_size());
+        for (y, b) in out.chunks_exact_mut(bs).zip(bytes.chunks_exact(ts)) {
+            f(b, y);
+        }
+    }
+
+    /// The function dequantizing one block.
+    fn block_fn(self) -> fn(&[u8], &mut [f32]) {
+        match self {
             GgmlType::F32 => {
                 |b: &[u8], y: &mut [f32]| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])
             }
@@ -101,17 +126,7 @@ impl GgmlType {
             GgmlType::Q4K => q4_k,
             GgmlType::Q5K => q5_k,
             GgmlType::Q6K => q6_k,
-        };
-        // Group small blocks so each task does a useful amount of work.
-        let group = (4096 / bs).max(1);
-        out.par_chunks_mut(bs * group)
-            .zip(bytes.par_chunks(ts * group))
-            .for_each(|(y, b)| {
-                for (y, b) in y.chunks_exact_mut(bs).zip(b.chunks_exact(ts)) {
-                    f(b, y);
-                }
-            });
-        Some(out)
+        }
     }
 }
 

@@ -114,18 +114,18 @@ pub fn matmul_backward(
 }
 
 #[derive(Clone, Copy)]
-struct Rect {
-    r0: usize,
-    r1: usize,
-    c0: usize,
-    c1: usize,
+pub(super) struct Rect {
+    pub r0: usize,
+    pub r1: usize,
+    pub c0: usize,
+    pub c1: usize,
 }
 
 /// Writes the outputs of `rect` (row stride `n`).
 ///
 /// # Safety
 /// `out` must be valid for writes of `rect.r1 * n` values and no other thread may touch `rect`.
-unsafe fn compute_rect(
+pub(super) unsafe fn compute_rect(
     out: *mut f32,
     x: &[f32],
     w: &[f32],

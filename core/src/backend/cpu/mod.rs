@@ -14,6 +14,7 @@ pub mod attention;
 pub mod gemm;
 pub mod matmul;
 pub mod norm;
+pub mod quant_matmul;
 pub mod rope;
 pub mod simd;
 pub mod softmax;

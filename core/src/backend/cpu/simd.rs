@@ -114,7 +114,7 @@ pub fn exp(x: f32) -> f32 {
     p * half * rest
 }
 
-fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let chunks = a.len() / 8;
     for c in 0..chunks {
