@@ -152,9 +152,18 @@ struct BenchArgs {
     /// Prompt length for the prefill measurement.
     #[arg(long, default_value_t = 512)]
     prefill: usize,
-    /// Tokens generated (batch 1, greedy) for the decode measurement.
+    /// Tokens generated per sequence for the decode measurement.
     #[arg(long, default_value_t = 64)]
     decode: usize,
+    /// Sequences decoded together: 1 = greedy from a one-token prompt; more = samples
+    /// (temperature 1) of four one-token prompts, reported as total tokens per second.
+    #[arg(long, default_value_t = 1)]
+    decode_batch: usize,
+    /// Also time log-prob scoring of this many sequences of --logprob-len tokens.
+    #[arg(long)]
+    logprob_batch: Option<usize>,
+    #[arg(long, default_value_t = 256)]
+    logprob_len: usize,
     /// Timed repetitions (the best is reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -389,29 +398,74 @@ fn bench(a: BenchArgs) -> CliResult {
     if let Some(batch) = a.train_batch {
         return bench_train(&a, batch);
     }
+    // Load → first token: the load, then one token generated from an 8-token prompt.
+    let started = Instant::now();
     let model = load(&a.model)?;
+    let load_seconds = started.elapsed().as_secs_f64();
     let v = model.config().vocab_size as u32;
     // Deterministic pseudo-random prompt ids (no tokenizer needed).
-    let prompt: Vec<u32> = (0..a.prefill as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % v)
-        .collect();
+    let ids = |n: usize, salt: u32| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_add(salt).wrapping_mul(2_654_435_761) >> 7) % v)
+            .collect()
+    };
+    let prompt = ids(a.prefill.max(8), 0);
+    let one = SamplingParams {
+        stop_token_ids: Some(Vec::new()),
+        ..SamplingParams::greedy(1)
+    };
+    model.generate(&[&prompt[..8]], &one, None)?;
+    let first_token_seconds = started.elapsed().as_secs_f64();
     let repeats = a.repeats.max(1);
+    // Prefill as generation runs it: the whole prompt, logits of its last position, one token.
     let mut prefill_best = f64::INFINITY;
     for _ in 0..repeats {
         let t = Instant::now();
-        model.logits(&prompt)?;
+        model.generate(&[&prompt[..a.prefill.max(1)]], &one, None)?;
         prefill_best = prefill_best.min(t.elapsed().as_secs_f64());
     }
-    // Decode: a one-token prompt, then `decode` greedy steps without stopping at EOS.
-    let params = SamplingParams {
-        stop_token_ids: Some(Vec::new()),
-        ..SamplingParams::greedy(a.decode)
+    // Decode: one-token prompts, then `decode` steps per sequence without stopping at EOS.
+    let batch = a.decode_batch.max(1);
+    let params = if batch == 1 {
+        SamplingParams {
+            stop_token_ids: Some(Vec::new()),
+            ..SamplingParams::greedy(a.decode)
+        }
+    } else {
+        SamplingParams {
+            max_new_tokens: a.decode,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 1,
+            stop_token_ids: Some(Vec::new()),
+            ..SamplingParams::default()
+        }
     };
+    let prompts: Vec<&[u32]> = (0..batch).map(|i| &prompt[i % 4..i % 4 + 1]).collect();
     let mut decode_best = f64::INFINITY;
     for _ in 0..repeats {
         let t = Instant::now();
-        model.generate(&[&prompt[..1]], &params, None)?;
+        model.generate(&prompts, &params, None)?;
         decode_best = decode_best.min(t.elapsed().as_secs_f64());
+    }
+    let mut logprob = serde_json::Value::Null;
+    if let Some(lb) = a.logprob_batch {
+        let seqs: Vec<Vec<u32>> = (0..lb)
+            .map(|i| ids(a.logprob_len, 7919 * i as u32))
+            .collect();
+        let mut best = f64::INFINITY;
+        for _ in 0..repeats {
+            let t = Instant::now();
+            model.logprobs(&seqs, 1.0)?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        logprob = serde_json::json!({
+            "sequences": lb,
+            "tokens": a.logprob_len,
+            "seconds": best,
+            "tok_per_s": (lb * a.logprob_len) as f64 / best,
+        });
     }
     let json = serde_json::json!({
         "engine": "rlx",
@@ -421,8 +475,13 @@ fn bench(a: BenchArgs) -> CliResult {
         "prefill_seconds": prefill_best,
         "prefill_tok_per_s": a.prefill as f64 / prefill_best,
         "decode_tokens": a.decode,
+        "decode_batch": batch,
         "decode_seconds": decode_best,
-        "decode_tok_per_s": a.decode as f64 / decode_best,
+        "decode_tok_per_s": (batch * a.decode) as f64 / decode_best,
+        "logprobs": logprob,
+        "load_seconds": load_seconds,
+        "first_token_seconds": first_token_seconds,
+        "quantized": model.is_quantized(),
     });
     println!("{json}");
     Ok(())

@@ -66,7 +66,14 @@ fn smollm2_quantized_blocks_equal_dequantized_f32_bitwise() {
         ..Default::default()
     };
     let quantized = Model::load(&gguf, options).unwrap();
-    let dense = Model::load(&gguf, LoadOptions::default()).unwrap();
+    let dense = Model::load(
+        &gguf,
+        LoadOptions {
+            keep_quantized: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(quantized.is_quantized());
     let reference = Reference::load(&fixture("smollm2-reference"));
     for case in &reference.cases {

@@ -351,7 +351,14 @@ fn quantized_blocks_equal_the_dequantized_model_bitwise() {
         ..Default::default()
     };
     let quantized = Model::load(&path, keep).unwrap();
-    let dense = Model::load(&path, LoadOptions::default()).unwrap();
+    let dense = Model::load(
+        &path,
+        LoadOptions {
+            keep_quantized: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(quantized.is_quantized() && !dense.is_quantized());
     let ids = [3u32, 40, 200, 7, 7, 99, 12, 5];
     assert_eq!(quantized.logits(&ids).unwrap(), dense.logits(&ids).unwrap());

@@ -39,7 +39,7 @@ pub use weights::{
 };
 
 /// How to load a model.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Worker threads for this model's calls; 0 = rayon's global pool (one per core).
     pub threads: usize,
@@ -47,10 +47,19 @@ pub struct LoadOptions {
     /// quantized kernels, which dequantize in registers: results are bit for bit those of the
     /// dequantized f32 model, with about 5× less weight memory and faster decoding. Off, every
     /// tensor is dequantized to f32 at load. Training works on f32 ([`Trainer::new`]
-    /// dequantizes its copy; its log-probs still equal the quantized model's).
+    /// dequantizes its copy; its log-probs still equal the quantized model's). On by default.
     ///
     /// [`Trainer::new`]: crate::train::Trainer::new
     pub keep_quantized: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            threads: 0,
+            keep_quantized: true,
+        }
+    }
 }
 
 /// A loaded model. `clone` is cheap: the clone shares every weight, the tokenizer and the thread

@@ -1,6 +1,6 @@
-//! `out[T, N] = x[T, K] · w[N, K]ᵀ + bias` with `w` kept in ggml's quantized blocks (Q4_0, Q4_1,
-//! Q8_0, Q4_K): decode reads every weight once per token, so reading 4.5–8.5 bits per weight
-//! instead of 32 is most of the speed on a memory-bound CPU.
+//! `out[T, N] = x[T, K] · w[N, K]ᵀ + bias` with `w` kept as stored: ggml blocks (Q4_0, Q4_1,
+//! Q8_0, Q4_K) or half precision (F16, BF16). Decode reads every weight once per token, so
+//! reading 4.5–16 bits per weight instead of 32 is most of the speed on a memory-bound CPU.
 //!
 //! Each weight is dequantized in registers with exactly the arithmetic of the f32 dequantizer
 //! ([`GgmlType::dequantize`]: `q·d + m` as a multiply then an add, never fused), and each output
@@ -37,6 +37,7 @@ impl QuantMatrix<'_> {
         match ty {
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => k > 0 && k.is_multiple_of(BLOCK),
             GgmlType::Q4K => k > 0 && k.is_multiple_of(256),
+            GgmlType::F16 | GgmlType::BF16 => k > 0 && k.is_multiple_of(BLOCK),
             _ => false,
         }
     }
@@ -136,12 +137,16 @@ const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
 const Q4_K: u8 = 3;
+const F16: u8 = 4;
+const BF16: u8 = 5;
 
 fn type_code(ty: GgmlType) -> u8 {
     match ty {
         GgmlType::Q4_0 => Q4_0,
         GgmlType::Q4_1 => Q4_1,
         GgmlType::Q8_0 => Q8_0,
+        GgmlType::F16 => F16,
+        GgmlType::BF16 => BF16,
         _ => Q4_K,
     }
 }
@@ -164,6 +169,8 @@ unsafe fn compute_rect(
                 Q4_0 => $m::rect::<{ Q4_0 }>(out, x, w, bias, rect),
                 Q4_1 => $m::rect::<{ Q4_1 }>(out, x, w, bias, rect),
                 Q8_0 => $m::rect::<{ Q8_0 }>(out, x, w, bias, rect),
+                F16 => $m::rect::<{ F16 }>(out, x, w, bias, rect),
+                BF16 => $m::rect::<{ BF16 }>(out, x, w, bias, rect),
                 _ => $m::rect::<{ Q4_K }>(out, x, w, bias, rect),
             }
         };
@@ -236,6 +243,8 @@ fn dequantize_panel(bytes: &[u8], ty: GgmlType, out: &mut [f32]) {
                 Q4_0 => $m::dequantize::<{ Q4_0 }>(bytes, out),
                 Q4_1 => $m::dequantize::<{ Q4_1 }>(bytes, out),
                 Q8_0 => $m::dequantize::<{ Q8_0 }>(bytes, out),
+                F16 => $m::dequantize::<{ F16 }>(bytes, out),
+                BF16 => $m::dequantize::<{ BF16 }>(bytes, out),
                 _ => $m::dequantize::<{ Q4_K }>(bytes, out),
             }
         };
@@ -279,6 +288,8 @@ const fn unit_shape(ty: u8) -> (usize, usize) {
         Q4_0 => (18, 1),
         Q4_1 => (20, 1),
         Q8_0 => (34, 1),
+        // Half-precision rows read in units of 32 values.
+        F16 | BF16 => (64, 1),
         _ => (144, 8),
     }
 }
@@ -476,6 +487,8 @@ macro_rules! x86_kernels {
                             Q4_1 => (unit.add(4), false, f16_at(unit), f16_at(unit.add(2))),
                             // (q as i8) as f32 · d.
                             Q8_0 => (unit.add(2), false, f16_at(unit), 0.0),
+                            // Widened exactly.
+                            F16 | BF16 => (unit, false, 1.0, 0.0),
                             // (d·sc) · q as f32 − dmin·m.
                             _ => {
                                 let (sc, mn) =
@@ -487,7 +500,7 @@ macro_rules! x86_kernels {
                     };
                     let (dv, mv) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
                     let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                    if $table && TY != Q8_0 {
+                    if $table && matches!(TY, Q4_0 | Q4_1 | Q4_K) {
                         let first = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
                         let second = _mm256_setr_ps(8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0);
                         (lo, hi) = match TY {
@@ -527,6 +540,17 @@ macro_rules! x86_kernels {
                 unsafe fn chunk<const TY: u8>(&self, ch: usize) -> __m256 {
                     // Q4_0/Q4_1: values 0–15 are the low nibbles of bytes 0–15, values 16–31
                     // the high nibbles. Q4_K: values are byte i's low (or high) nibble.
+                    if TY == F16 || TY == BF16 {
+                        // SAFETY: 8 halves at 16·ch bytes lie inside the 64-byte unit.
+                        let raw =
+                            unsafe { _mm_loadu_si128(self.qs.add(ch * 16).cast::<__m128i>()) };
+                        return if TY == F16 {
+                            _mm256_cvtph_ps(raw)
+                        } else {
+                            // bf16 is the top half of an f32.
+                            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+                        };
+                    }
                     let (byte0, shift) = match TY {
                         Q4_0 | Q4_1 => ((ch % 2) * 8, ch >= 2),
                         Q8_0 => (ch * 8, false),
@@ -592,6 +616,19 @@ mod tests {
         let mut v: Vec<u8> = (0..bytes)
             .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8)
             .collect();
+        if ty == GgmlType::F16 || ty == GgmlType::BF16 {
+            // Finite values of both signs.
+            for (i, h) in v.chunks_exact_mut(2).enumerate() {
+                let x = ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1;
+                let bits = if ty == GgmlType::F16 {
+                    half::f16::from_f32(x).to_le_bytes()
+                } else {
+                    half::bf16::from_f32(x).to_le_bytes()
+                };
+                h.copy_from_slice(&bits);
+            }
+            return v;
+        }
         let scale_fields: &[usize] = match ty {
             GgmlType::Q4_1 | GgmlType::Q4K => &[0, 2],
             _ => &[0],
