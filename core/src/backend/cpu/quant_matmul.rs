@@ -121,6 +121,9 @@ pub fn quant_matmul_on(
 
 /// Weight bytes × rows below which a product is not split further.
 const MIN_TASK_BYTES: usize = 64 * 1024;
+/// Bytes ahead of the current block that the tiles prefetch.
+const PREFETCH: usize = 512;
+
 /// Weight rows processed side by side (independent FMA chains when there is one input row).
 const NC: usize = 4;
 
@@ -380,6 +383,14 @@ macro_rules! x86_kernels {
                 let mut acc = [[_mm256_setzero_ps(); C]; R];
                 for b in 0..nb {
                     let mut blocks = [Block::default(); C];
+                    for j in 0..C {
+                        // Ask for the weights a few hundred bytes ahead: decode streams every
+                        // weight from DRAM once, and a block's first use otherwise waits for it.
+                        // A prefetch never faults, even past the end of the matrix.
+                        let ahead =
+                            wp.wrapping_add(j * row_bytes + b / subs * unit_bytes + PREFETCH);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.cast::<i8>());
+                    }
                     for (j, blk) in blocks.iter_mut().enumerate() {
                         // SAFETY: row c+j exists; block b lies inside it.
                         *blk = unsafe {
