@@ -154,6 +154,11 @@ typedef enum rlx_status {
    * file no tokenizer metadata).
    */
   RLX_NO_TOKENIZER = 11,
+  /**
+   * The request would need more memory than is available (estimated before allocating;
+   * see `rlx_set_memory_limit`). Nothing was allocated; the model is unchanged.
+   */
+  RLX_OUT_OF_MEMORY = 12,
 } rlx_status;
 
 /**
@@ -518,6 +523,15 @@ enum rlx_status rlx_model_eos_token_ids(const struct rlx_model *model,
                                         uint32_t *out,
                                         size_t cap,
                                         size_t *n_written);
+
+/**
+ * Caps the bytes one request (a generation's KV caches, a training step's activations) may
+ * plan to allocate; 0 removes the cap. Requests that would exceed it — or the memory the system
+ * reports available — fail with `RLX_OUT_OF_MEMORY` before allocating anything.
+ * `RLX_MEMORY_LIMIT` in the environment (bytes, or with a K/M/G suffix) sets a cap too; the
+ * tightest applies. Thread-safe; applies to every model in the process.
+ */
+void rlx_set_memory_limit(uint64_t bytes);
 
 /**
  * Token ids of `text` (NUL-terminated UTF-8). `add_special`: apply the tokenizer's

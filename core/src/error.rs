@@ -53,6 +53,12 @@ pub enum Error {
     ContextOverflow { requested: usize, max: usize },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("not enough memory for {what}: needs {} MiB, {} MiB available", needed >> 20, available >> 20)]
+    OutOfMemory {
+        what: String,
+        needed: u64,
+        available: u64,
+    },
 }
 
 impl Error {

@@ -48,6 +48,15 @@ impl Model {
         for p in prompts {
             self.check_tokens(p.as_ref(), params.max_new_tokens)?;
         }
+        let cfg = self.config();
+        // KV caches (K and V per layer per position) and one row of logits per sequence.
+        let positions: usize = prompts
+            .iter()
+            .map(|p| p.as_ref().len().saturating_add(params.max_new_tokens))
+            .fold(0usize, usize::saturating_add);
+        let needed = crate::memory::f32_bytes(&[positions, 2 * cfg.num_layers, cfg.kv_dim()])
+            .saturating_add(crate::memory::f32_bytes(&[prompts.len(), cfg.vocab_size]));
+        crate::memory::ensure_fits(needed, "the generation's KV caches")?;
         let stop: Vec<u32> = params
             .stop_token_ids
             .clone()

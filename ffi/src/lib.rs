@@ -27,6 +27,8 @@ mod version;
 
 mod model;
 
+mod memory;
+
 mod tokenize;
 
 mod generate;
@@ -48,6 +50,7 @@ pub use generate::{
     rlx_generate, rlx_generate_stream, rlx_logprobs, rlx_sampling_default_params,
     rlx_sampling_params, rlx_token_callback,
 };
+pub use memory::rlx_set_memory_limit;
 pub use model::{
     rlx_model, rlx_model_context_length, rlx_model_default_params, rlx_model_eos_token_ids,
     rlx_model_free, rlx_model_load, rlx_model_params, rlx_model_vocab_size,

@@ -48,6 +48,9 @@ pub enum rlx_status {
     /// The model was loaded without a tokenizer (its folder has no tokenizer.json, or its GGUF
     /// file no tokenizer metadata).
     RLX_NO_TOKENIZER = 11,
+    /// The request would need more memory than is available (estimated before allocating;
+    /// see `rlx_set_memory_limit`). Nothing was allocated; the model is unchanged.
+    RLX_OUT_OF_MEMORY = 12,
 }
 
 /// The one mapping from core errors to status codes. Exhaustive on purpose: a new core variant
@@ -67,6 +70,7 @@ pub(crate) fn status_of(e: &Error) -> rlx_status {
         Error::TokenOutOfRange { .. } => RLX_OUT_OF_RANGE,
         Error::ContextOverflow { .. } => RLX_CONTEXT_OVERFLOW,
         Error::InvalidArgument(_) => RLX_INVALID_ARGUMENT,
+        Error::OutOfMemory { .. } => RLX_OUT_OF_MEMORY,
     }
 }
 
@@ -212,6 +216,7 @@ pub extern "C" fn rlx_status_string(status: i32) -> *const c_char {
         9 => c"RLX_PANIC",
         10 => c"RLX_TOKENIZER",
         11 => c"RLX_NO_TOKENIZER",
+        12 => c"RLX_OUT_OF_MEMORY",
         _ => c"RLX_UNKNOWN_STATUS",
     };
     name.as_ptr()
@@ -247,7 +252,7 @@ mod tests {
 
     #[test]
     fn status_strings_cover_every_code() {
-        for code in 0..=11 {
+        for code in 0..=12 {
             // SAFETY: static NUL-terminated strings.
             let s = unsafe { CStr::from_ptr(rlx_status_string(code)) };
             assert!(s.to_bytes().starts_with(b"RLX_"));

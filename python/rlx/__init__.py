@@ -18,6 +18,7 @@ from rlx._rlx import (
     __version__,
     group_advantages,
     ppo_advantages,
+    set_memory_limit,
 )
 from rlx.errors import (
     ClosedError,
@@ -38,6 +39,7 @@ __all__ = [
     "LoraConfig",
     "group_advantages",
     "ppo_advantages",
+    "set_memory_limit",
     "TokenStream",
     "SamplingParams",
     "RlxError",

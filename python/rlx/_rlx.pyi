@@ -333,3 +333,7 @@ def ppo_advantages(
     whiten_advantages: bool = True,
 ) -> tuple[list[list[float]], list[list[float]], float]:
     """PPO's KL-penalised rewards → GAE ``(advantages, returns, kl)`` per response token."""
+
+def set_memory_limit(limit_bytes: Union[int, None]) -> None:
+    """Cap the bytes one request may plan to allocate (``None`` removes it); over it, or over
+    what the system reports available, a request raises ``MemoryError`` before allocating."""

@@ -24,6 +24,16 @@ mod _rlx {
     #[pymodule_export]
     use crate::train::{group_advantages, ppo_advantages, PyLoraConfig, PyRewardModel, PyTrainer};
 
+    /// Caps the bytes one request (a generation's KV caches, a training step's activations)
+    /// may plan to allocate; ``None`` removes the cap. A request over it — or over the memory
+    /// the system reports available — raises ``MemoryError`` before allocating anything.
+    /// Process-wide; ``RLX_MEMORY_LIMIT`` in the environment sets a cap too.
+    #[pyfunction]
+    #[pyo3(signature = (limit_bytes))]
+    fn set_memory_limit(limit_bytes: Option<u64>) {
+        rlx::set_memory_limit(limit_bytes.filter(|&b| b > 0));
+    }
+
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add("__version__", rlx::VERSION)

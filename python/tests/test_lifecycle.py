@@ -210,3 +210,15 @@ def test_sampling_params_object(llama):
     assert greedy.temperature == 0.0
     with pytest.raises(rlx.InvalidArgumentError):
         rlx.SamplingParams(top_p=0.0)
+
+
+def test_memory_limit_raises_memory_error_and_nothing_is_lost():
+    model = rlx.Model.load(str(FIXTURES / "llama-f32"))
+    rlx.set_memory_limit(1024)
+    try:
+        with pytest.raises(MemoryError, match="not enough memory"):
+            model.generate([[3, 5, 7]], max_new_tokens=4, temperature=0.0)
+    finally:
+        rlx.set_memory_limit(None)
+    out = model.generate([[3, 5, 7]], max_new_tokens=4, temperature=0.0, stop_token_ids=[])[0]
+    assert len(out.tokens) == 4

@@ -483,6 +483,7 @@ impl Model {
         let cfg = self.config();
         let w = self.weights();
         let (t, c, v) = (tokens.len(), cfg.hidden_size, cfg.vocab_size);
+        crate::memory::ensure_fits(training_bytes(self, t), "the training step's activations")?;
         let mut caches = sequences
             .iter()
             .map(|s| KvCache::new(cfg, s.as_ref().len()))
@@ -808,4 +809,28 @@ pub(crate) fn add(a: &mut [f32], b: &[f32]) {
     for (x, y) in a.iter_mut().zip(b) {
         *x += y;
     }
+}
+
+/// What a training step over `t` tokens allocates beyond the weights: KV caches, the tape of
+/// activations (all layers, or one layer's input each with checkpointing), the gradients, the
+/// kept logits (bounded), and the working buffers of one layer.
+fn training_bytes(model: &Model, t: usize) -> u64 {
+    use crate::memory::f32_bytes;
+    let cfg = model.config();
+    let (c, qd, kvd, f) = (
+        cfg.hidden_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+        cfg.intermediate_size,
+    );
+    let per_layer_full = 4 * c + 2 * qd + 3 * f;
+    let per_layer = if model.gradient_checkpointing() {
+        c
+    } else {
+        per_layer_full
+    };
+    f32_bytes(&[t, cfg.num_layers, 2 * kvd + per_layer])
+        .saturating_add(f32_bytes(&[t, 4 * per_layer_full]))
+        .saturating_add(f32_bytes(&[model.weights().parameter_count()]))
+        .saturating_add(f32_bytes(&[t, cfg.vocab_size]).min(KEPT_LOGITS_BYTES as u64))
 }

@@ -235,6 +235,32 @@ impl ModelWeights {
         }
     }
 
+    /// Values in all weights (what a full set of gradients holds), without reading them.
+    pub fn parameter_count(&self) -> usize {
+        let len = |t: &Tensor| t.shape().iter().product::<usize>();
+        let norm = |n: &Norm| match n {
+            Norm::Rms { w } => len(w),
+            Norm::Layer { w, b } => len(w) + len(b),
+        };
+        let linear = |l: &Linear| len(&l.w) + l.b.as_ref().map_or(0, len);
+        let mut n = len(&self.tok_emb) + norm(&self.final_norm);
+        n += [
+            self.pos_emb.as_ref(),
+            self.lm_head.as_ref(),
+            self.score.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(len)
+        .sum::<usize>();
+        n += self.value.as_ref().map_or(0, linear);
+        for layer in &self.layers {
+            n += norm(&layer.attn_norm) + norm(&layer.mlp_norm);
+            n += layer.linears().into_iter().map(linear).sum::<usize>();
+        }
+        n
+    }
+
     /// True when some matrix is kept in quantized blocks.
     pub fn has_quantized(&self) -> bool {
         self.tok_emb.is_quantized()
