@@ -197,6 +197,11 @@ typedef struct rlx_model_params {
    * models loaded with 0.
    */
   uint32_t threads;
+  /**
+   * Non-zero: accept weights holding NaN or infinite values. 0 (the default): such a file is
+   * refused with RLX_FORMAT naming the first such tensor.
+   */
+  uint8_t allow_non_finite;
 } rlx_model_params;
 
 /**

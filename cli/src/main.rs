@@ -111,6 +111,9 @@ struct ModelArgs {
     /// activations as in llama.cpp).
     #[arg(long)]
     dequantize: bool,
+    /// Load weights that hold NaN or infinite values (refused by default).
+    #[arg(long)]
+    allow_non_finite: bool,
 }
 
 #[derive(Args)]
@@ -226,6 +229,7 @@ fn load(args: &ModelArgs) -> Result<Model, Box<dyn std::error::Error>> {
     let options = LoadOptions {
         threads: args.threads,
         keep_quantized: !args.dequantize,
+        allow_non_finite: args.allow_non_finite,
     };
     Ok(Model::load(&path, options)?)
 }

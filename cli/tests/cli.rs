@@ -108,6 +108,50 @@ fn logprobs_prints_json_matching_the_library() {
     assert_eq!(lps, want[0]);
 }
 
+/// A copy of the llama fixture whose first stored weight value is NaN.
+fn nan_fixture() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("llama-f32")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let st = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header..12 + header].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&st, bytes).unwrap();
+    dir
+}
+
+#[test]
+fn nan_weights_are_a_clear_error_unless_allowed() {
+    let dir = nan_fixture();
+    let model = dir.path().to_str().unwrap();
+    let out = rlx(&["generate", "--model", model, "--max-new-tokens", "2", "hi"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("NaN or infinite") && !err.contains("panicked"),
+        "{err}"
+    );
+    let out = rlx(&[
+        "generate",
+        "--model",
+        model,
+        "--allow-non-finite",
+        "--max-new-tokens",
+        "2",
+        "hi",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn errors_go_to_stderr_with_a_failing_exit_code() {
     let out = rlx(&["generate", "--model", "/no/such/folder", "hi"]);

@@ -135,6 +135,19 @@ impl Tensor {
         }
     }
 
+    /// Whether any value is NaN or infinite (for blocks: any scale), without dequantizing.
+    pub fn has_non_finite(&self) -> bool {
+        match &self.data {
+            TensorData::Quantized(q) => q.ty.has_non_finite(q.bytes()),
+            _ => {
+                use rayon::prelude::*;
+                self.as_slice()
+                    .par_chunks(1 << 16)
+                    .any(|c| c.iter().any(|v| !v.is_finite()))
+            }
+        }
+    }
+
     pub fn is_quantized(&self) -> bool {
         matches!(self.data, TensorData::Quantized(_))
     }

@@ -40,6 +40,9 @@ pub struct rlx_model_params {
     /// Worker threads for this model's calls. 0 = one per CPU core, from a pool shared by all
     /// models loaded with 0.
     pub threads: u32,
+    /// Non-zero: accept weights holding NaN or infinite values. 0 (the default): such a file is
+    /// refused with RLX_FORMAT naming the first such tensor.
+    pub allow_non_finite: u8,
 }
 
 impl Handle for rlx_model {
@@ -73,7 +76,10 @@ pub(crate) unsafe fn model_ref<'a>(model: *const rlx_model) -> FfiResult<&'a Mod
 /// The default load parameters (threads = 0).
 #[no_mangle]
 pub extern "C" fn rlx_model_default_params() -> rlx_model_params {
-    rlx_model_params { threads: 0 }
+    rlx_model_params {
+        threads: 0,
+        allow_non_finite: 0,
+    }
 }
 
 pub(crate) fn path_from(c: &CStr) -> FfiResult<PathBuf> {
@@ -126,6 +132,7 @@ pub unsafe extern "C" fn rlx_model_load(
             &path,
             LoadOptions {
                 threads,
+                allow_non_finite: params.allow_non_finite != 0,
                 ..Default::default()
             },
         )?;

@@ -1,5 +1,6 @@
 //! `rlx_set_memory_limit`: a request over the cap fails with RLX_OUT_OF_MEMORY before
 //! allocating, and the model still works once the cap is lifted. Own process (the cap is global).
+//! Also: a model file with NaN/inf weights is refused with RLX_FORMAT unless allowed.
 #![allow(clippy::undocumented_unsafe_blocks)] // every call below is an FFI call with test data
 
 use std::ffi::{CStr, CString};
@@ -48,5 +49,36 @@ fn memory_cap_gives_a_status_not_a_crash() {
     rlx_set_memory_limit(0);
     assert_eq!(generate(&mut out, &mut lp, &mut n), rlx_status::RLX_OK);
     assert_eq!(n, 4);
+    unsafe { rlx_model_free(model) };
+}
+
+#[test]
+fn nan_weights_are_refused_with_rlx_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama-f32");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let st = dir.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header..12 + header].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    std::fs::write(&st, bytes).unwrap();
+    let path = CString::new(dir.path().to_str().unwrap()).unwrap();
+    let mut model = null_mut();
+    let st = unsafe { rlx_model_load(path.as_ptr(), null(), &mut model) };
+    assert_eq!(st, rlx_status::RLX_FORMAT);
+    assert!(model.is_null());
+    let msg = unsafe { CStr::from_ptr(rlx_last_error()) }
+        .to_string_lossy()
+        .into_owned();
+    assert!(msg.contains("NaN or infinite"), "{msg}");
+    let mut params = rlx_model_default_params();
+    params.allow_non_finite = 1;
+    let st = unsafe { rlx_model_load(path.as_ptr(), &params, &mut model) };
+    assert_eq!(st, rlx_status::RLX_OK);
     unsafe { rlx_model_free(model) };
 }

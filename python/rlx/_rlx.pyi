@@ -83,7 +83,9 @@ class Model:
     """A decoder language model loaded from a Hugging Face folder or a GGUF file."""
 
     @staticmethod
-    def load(path: Union[str, PathLike[str]], threads: int = 0) -> Model:
+    def load(
+        path: Union[str, PathLike[str]], threads: int = 0, allow_non_finite: bool = False
+    ) -> Model:
         """Loads a Hugging Face model folder (config.json, model.safetensors,
         tokenizer.json, ...) or a GGUF file.
 

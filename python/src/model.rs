@@ -108,6 +108,7 @@ pub(crate) fn load_model(
     py: Python<'_>,
     path: &std::path::Path,
     threads: i64,
+    allow_non_finite: bool,
 ) -> PyResult<rlx::Model> {
     let threads = count(py, threads, "threads")?;
     py.detach(|| {
@@ -115,6 +116,7 @@ pub(crate) fn load_model(
             path,
             LoadOptions {
                 threads,
+                allow_non_finite,
                 ..Default::default()
             },
         )
@@ -127,10 +129,17 @@ impl PyModel {
     /// Loads a Hugging Face model folder (config.json, model.safetensors, tokenizer.json, ...)
     /// or a GGUF file.
     /// `threads`: worker threads for this model's calls; 0 = one per CPU core.
+    /// `allow_non_finite`: accept weights holding NaN/inf (refused with ModelFormatError
+    /// otherwise).
     #[staticmethod]
-    #[pyo3(signature = (path, threads = 0))]
-    fn load(py: Python<'_>, path: PathBuf, threads: i64) -> PyResult<Self> {
-        Ok(PyModel::from_model(load_model(py, &path, threads)?))
+    #[pyo3(signature = (path, threads = 0, allow_non_finite = false))]
+    fn load(py: Python<'_>, path: PathBuf, threads: i64, allow_non_finite: bool) -> PyResult<Self> {
+        Ok(PyModel::from_model(load_model(
+            py,
+            &path,
+            threads,
+            allow_non_finite,
+        )?))
     }
 
     /// Generates a continuation of each prompt (a list of token-id lists or 1-D arrays).

@@ -222,3 +222,15 @@ def test_memory_limit_raises_memory_error_and_nothing_is_lost():
         rlx.set_memory_limit(None)
     out = model.generate([[3, 5, 7]], max_new_tokens=4, temperature=0.0, stop_token_ids=[])[0]
     assert len(out.tokens) == 4
+
+
+def test_nan_weights_raise_model_format_error_unless_allowed(tmp_path):
+    shutil.copytree(FIXTURES / "llama-f32", tmp_path / "m")
+    st = tmp_path / "m" / "model.safetensors"
+    data = bytearray(st.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    data[8 + header : 12 + header] = np.float32(np.nan).tobytes()
+    st.write_bytes(bytes(data))
+    with pytest.raises(rlx.ModelFormatError, match="NaN or infinite"):
+        rlx.Model.load(str(tmp_path / "m"))
+    rlx.Model.load(str(tmp_path / "m"), allow_non_finite=True).close()

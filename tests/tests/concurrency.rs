@@ -16,11 +16,15 @@ fn rss_kib() -> Option<u64> {
 
 fn request(i: usize) -> (Vec<Vec<u32>>, SamplingParams) {
     let prompts = (0..1 + i % 3)
-        .map(|j| (0..2 + (i + j) % 5).map(|t| ((i * 31 + j * 7 + t * 3) % 90 + 3) as u32).collect())
+        .map(|j| {
+            (0..2 + (i + j) % 5)
+                .map(|t| ((i * 31 + j * 7 + t * 3) % 90 + 3) as u32)
+                .collect()
+        })
         .collect();
     let params = SamplingParams {
         max_new_tokens: 12 + i % 5,
-        temperature: if i % 2 == 0 { 0.0 } else { 0.9 },
+        temperature: if i.is_multiple_of(2) { 0.0 } else { 0.9 },
         top_p: 0.95,
         seed: i as u64,
         stop_token_ids: Some(Vec::new()),

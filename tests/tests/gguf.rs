@@ -319,6 +319,11 @@ fn gpt2_fixture_as_gguf_with(q8_0: bool) -> Vec<u8> {
                 format!("blk.{layer}.{m}.{suffix}")
             }
         };
+        if let Some(poison) = POISON.with(|p| p.get()) {
+            if gguf == "blk.1.ffn_up.weight" {
+                values[5] = poison;
+            }
+        }
         if q8_0 && shape.len() == 2 {
             b.tensor_q8_0(&gguf, &shape, &values);
         } else {
@@ -374,6 +379,45 @@ fn quantized_blocks_equal_the_dequantized_model_bitwise() {
         quantized.generate(&prompts, &params, None).unwrap(),
         dense.generate(&prompts, &params, None).unwrap()
     );
+}
+
+/// NaN/inf weights (an f32 value, a Q8_0 block's scale) are refused at load, naming the tensor,
+/// unless the caller opts in.
+#[test]
+fn non_finite_weights_are_refused_at_load() {
+    for (q8, poison) in [
+        (false, f32::NAN),
+        (false, f32::INFINITY),
+        (true, f32::INFINITY),
+    ] {
+        let bytes = poisoned_gpt2_gguf(q8, poison);
+        let (_dir, path) = write(&bytes);
+        let err = Model::load(&path, LoadOptions::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Format { .. }), "{msg}");
+        assert!(
+            msg.contains("layers.1.mlp.0.weight") && msg.contains("NaN or infinite"),
+            "{msg}"
+        );
+        let allowed = LoadOptions {
+            allow_non_finite: true,
+            ..Default::default()
+        };
+        Model::load(&path, allowed).unwrap();
+    }
+}
+
+/// The GPT-2 fixture with one value of layer 1's c_fc weight replaced by `poison` (with Q8_0
+/// blocks, the block's scale becomes non-finite).
+fn poisoned_gpt2_gguf(q8_0: bool, poison: f32) -> Vec<u8> {
+    POISON.with(|p| p.set(Some(poison)));
+    let bytes = gpt2_fixture_as_gguf_with(q8_0);
+    POISON.with(|p| p.set(None));
+    bytes
+}
+
+thread_local! {
+    static POISON: std::cell::Cell<Option<f32>> = const { std::cell::Cell::new(None) };
 }
 
 #[test]

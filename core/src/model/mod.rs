@@ -51,6 +51,10 @@ pub struct LoadOptions {
     ///
     /// [`Trainer::new`]: crate::train::Trainer::new
     pub keep_quantized: bool,
+    /// Accept weights holding NaN or infinite values (or quantized blocks with such scales).
+    /// Off by default: a model file with them is refused at load with an error naming the first
+    /// such tensor, instead of producing NaN log-probs later.
+    pub allow_non_finite: bool,
 }
 
 impl Default for LoadOptions {
@@ -58,6 +62,7 @@ impl Default for LoadOptions {
         LoadOptions {
             threads: 0,
             keep_quantized: true,
+            allow_non_finite: false,
         }
     }
 }
@@ -111,7 +116,9 @@ impl Model {
         }
         let pool = build_pool(options.threads)?;
         if dir.is_file() {
-            return Self::load_gguf(dir, pool, options.keep_quantized);
+            let model = Self::load_gguf(dir, pool, options.keep_quantized)?;
+            model.check_finite(&options)?;
+            return Ok(model);
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let load = || -> Result<ModelWeights> {
@@ -143,7 +150,7 @@ impl Model {
             .rope
             .as_ref()
             .map(|r| rope::inv_freq(r, config.head_dim));
-        Ok(Model {
+        let model = Model {
             config,
             weights,
             tokenizer,
@@ -154,7 +161,27 @@ impl Model {
             pool,
             source: dir.to_path_buf(),
             gradient_checkpointing: false,
-        })
+        };
+        model.check_finite(&options)?;
+        Ok(model)
+    }
+
+    /// Refuses weights holding NaN or infinite values unless the options allow them.
+    fn check_finite(&self, options: &LoadOptions) -> Result<()> {
+        if options.allow_non_finite {
+            return Ok(());
+        }
+        let bad = self.install(|| self.weights.first_non_finite());
+        match bad {
+            Some(name) => Err(Error::format(
+                &self.source,
+                format!(
+                    "tensor `{name}` holds NaN or infinite values (load with allow_non_finite to \
+                     accept them)"
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// A single `.gguf` file: config from its metadata, tensors dequantized to f32 or kept in

@@ -235,6 +235,56 @@ impl ModelWeights {
         }
     }
 
+    /// Every tensor with a short name (`layers.3.q.weight`), for checks that visit them all.
+    pub fn tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut out: Vec<(String, &Tensor)> = vec![("tok_emb".into(), &self.tok_emb)];
+        fn push_norm<'a>(out: &mut Vec<(String, &'a Tensor)>, name: String, n: &'a Norm) {
+            match n {
+                Norm::Rms { w } => out.push((format!("{name}.weight"), w)),
+                Norm::Layer { w, b } => {
+                    out.push((format!("{name}.weight"), w));
+                    out.push((format!("{name}.bias"), b));
+                }
+            }
+        }
+        fn push_linear<'a>(out: &mut Vec<(String, &'a Tensor)>, name: String, l: &'a Linear) {
+            out.push((format!("{name}.weight"), &l.w));
+            if let Some(b) = &l.b {
+                out.push((format!("{name}.bias"), b));
+            }
+        }
+        for (name, t) in [
+            ("pos_emb", self.pos_emb.as_ref()),
+            ("lm_head", self.lm_head.as_ref()),
+            ("score", self.score.as_ref()),
+        ] {
+            if let Some(t) = t {
+                out.push((name.into(), t));
+            }
+        }
+        push_norm(&mut out, "final_norm".into(), &self.final_norm);
+        if let Some(v) = &self.value {
+            push_linear(&mut out, "value".into(), v);
+        }
+        const NAMES: [&str; 7] = ["q", "k", "v", "o", "mlp.0", "mlp.1", "mlp.2"];
+        for (l, layer) in self.layers.iter().enumerate() {
+            push_norm(&mut out, format!("layers.{l}.attn_norm"), &layer.attn_norm);
+            push_norm(&mut out, format!("layers.{l}.mlp_norm"), &layer.mlp_norm);
+            for (lin, name) in layer.linears().into_iter().zip(NAMES) {
+                push_linear(&mut out, format!("layers.{l}.{name}"), lin);
+            }
+        }
+        out
+    }
+
+    /// The first tensor holding a NaN or infinite value (for quantized blocks: a scale), by name.
+    pub fn first_non_finite(&self) -> Option<String> {
+        self.tensors()
+            .into_iter()
+            .find(|(_, t)| t.has_non_finite())
+            .map(|(name, _)| name)
+    }
+
     /// Values in all weights (what a full set of gradients holds), without reading them.
     pub fn parameter_count(&self) -> usize {
         let len = |t: &Tensor| t.shape().iter().product::<usize>();

@@ -106,6 +106,38 @@ impl GgmlType {
         }
     }
 
+    /// Whether `bytes` (whole blocks) hold a NaN or infinite scale or value — which would make
+    /// every value of its block non-finite. Reads only the f16 fields of quantized blocks.
+    pub fn has_non_finite(self, bytes: &[u8]) -> bool {
+        let f16_bad = |b: &[u8], at: usize| !f16::from_le_bytes([b[at], b[at + 1]]).is_finite();
+        let fields: &[usize] = match self {
+            GgmlType::F32 => {
+                return bytes.par_chunks(1 << 16).any(|c| {
+                    c.chunks_exact(4)
+                        .any(|v| !f32::from_le_bytes([v[0], v[1], v[2], v[3]]).is_finite())
+                })
+            }
+            GgmlType::F16 => {
+                return bytes
+                    .par_chunks(1 << 16)
+                    .any(|c| c.chunks_exact(2).any(|v| f16_bad(v, 0)))
+            }
+            GgmlType::BF16 => {
+                return bytes.par_chunks(1 << 16).any(|c| {
+                    c.chunks_exact(2)
+                        .any(|v| !bf16::from_le_bytes([v[0], v[1]]).is_finite())
+                })
+            }
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+            GgmlType::Q6K => &[208],
+        };
+        bytes.par_chunks(self.type_size() * 4096).any(|c| {
+            c.chunks_exact(self.type_size())
+                .any(|b| fields.iter().any(|&at| f16_bad(b, at)))
+        })
+    }
+
     /// The function dequantizing one block.
     fn block_fn(self) -> fn(&[u8], &mut [f32]) {
         match self {
