@@ -170,6 +170,41 @@ def test_ctrl_c_interrupts_promptly(body):
     assert seconds < 5.0, out.stdout
 
 
+def test_ctrl_c_during_training_returns_after_the_current_step():
+    # A training loop of many single-micro-batch steps: Ctrl-C ends it when the running step
+    # returns (each step is one call), and the trainer stays usable and consistent.
+    script = "\n".join(
+        [
+            "import os, signal, threading, time",
+            "import rlx",
+            f"t = rlx.Trainer({str(LLAMA)!r}, lr=1e-4, threads=1)",
+            "seq = list(range(3, 60))",
+            "mask = [False] * 4 + [True] * (len(seq) - 4)",
+            "t.sft_step([seq] * 4, [mask] * 4)",
+            "t0 = time.monotonic(); t.sft_step([seq] * 4, [mask] * 4); step = time.monotonic() - t0",
+            "threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()",
+            "t0 = time.monotonic()",
+            "try:",
+            "    for _ in range(100000):",
+            "        t.sft_step([seq] * 4, [mask] * 4)",
+            "    print('finished without interrupt')",
+            "except KeyboardInterrupt:",
+            "    late = time.monotonic() - t0 - 0.5",
+            "    stats = t.sft_step([seq] * 4, [mask] * 4)",
+            "    print(f'interrupted {late:.3f} s after the signal; one step takes {step:.3f} s;'",
+            "          f' next step {stats[\"step\"]}')",
+        ]
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "interrupted" in out.stdout, out.stdout + out.stderr
+    late = float(out.stdout.split("interrupted ")[1].split()[0])
+    step = float(out.stdout.split("one step takes ")[1].split()[0])
+    assert late < 2 * step + 0.5, out.stdout
+
+
 def test_ppo_iteration():
     t = rlx.Trainer(LLAMA, lr=1e-3, head="value", threads=2)
     reference = rlx.Model.load(LLAMA)
