@@ -38,6 +38,20 @@ pub struct ChatTemplate {
     eos_token: String,
 }
 
+/// A template error as kind, detail and line. Not minijinja's alternate (`{:#}`) formatting: its
+/// source excerpt overflowed on some malformed templates (found by fuzzing).
+fn template_error(e: minijinja::Error) -> Error {
+    let mut msg = e.kind().to_string();
+    if let Some(detail) = e.detail() {
+        msg.push_str(": ");
+        msg.push_str(detail);
+    }
+    if let Some(line) = e.line() {
+        msg.push_str(&format!(" (line {line})"));
+    }
+    Error::Template(msg)
+}
+
 impl ChatTemplate {
     /// Compiles `source`; a syntax error is reported here, not at first use.
     pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self> {
@@ -52,7 +66,7 @@ impl ChatTemplate {
             },
         );
         env.add_template_owned("chat", source.to_owned())
-            .map_err(|e| Error::Template(format!("{e:#}")))?;
+            .map_err(template_error)?;
         Ok(ChatTemplate {
             source: source.to_owned(),
             env,
@@ -72,7 +86,7 @@ impl ChatTemplate {
         let tmpl = self
             .env
             .get_template("chat")
-            .map_err(|e| Error::Template(format!("{e:#}")))?;
+            .map_err(template_error)?;
         let out = tmpl
             .render(context! {
                 messages => messages,
@@ -80,7 +94,7 @@ impl ChatTemplate {
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
             })
-            .map_err(|e| Error::Template(format!("{e:#}")))?;
+            .map_err(template_error)?;
         if out.len() > MAX_OUTPUT {
             return Err(Error::Template(format!(
                 "rendered prompt is {} bytes, above the {MAX_OUTPUT}-byte limit",
@@ -143,5 +157,9 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(deep.render(&[], false), Err(Error::Template(_))));
+        // Fuzzing found this one: formatting its error with the source excerpt overflowed.
+        let result = ChatTemplate::new("{%for in messages%}{%endfor%}", None, None)
+            .and_then(|t| t.render(&[Message::new("user", "hi")], true));
+        assert!(matches!(result, Err(Error::Template(_))), "{result:?}");
     }
 }
