@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting, lints, the Rust workspace (unit, parity, agreement,
-# bad-input, GGUF, CLI and C ABI tests) and the Python package's pytest suite.
+# bad-input, GGUF, CLI and C ABI tests), the Python package's pytest suite, and the fuzzers
+# (each target for RLX_FUZZ_SECONDS, 60 by default; RLX_FUZZ_SECONDS=0 skips them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,3 +31,8 @@ cargo test --workspace
 
 echo "== python package"
 ./python/test.sh
+
+if [ "${RLX_FUZZ_SECONDS:-60}" != 0 ]; then
+    echo "== fuzzing"
+    ./scripts/fuzz.sh
+fi

@@ -107,7 +107,7 @@ struct ModelArgs {
     #[arg(long, default_value_t = 0)]
     threads: usize,
     /// Dequantize a quantized GGUF to f32 at load (exact f32 arithmetic, as training sees the
-    /// weights) instead of running its Q4_0/Q4_1/Q8_0/Q4_K blocks directly (faster, 8-bit
+    /// weights) instead of running its Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K/F16/BF16 matrices directly (faster, 8-bit
     /// activations as in llama.cpp).
     #[arg(long)]
     dequantize: bool,

@@ -83,10 +83,7 @@ impl ChatTemplate {
     /// The prompt text for `messages`; with `add_generation_prompt`, ends where the assistant's
     /// reply begins.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let tmpl = self
-            .env
-            .get_template("chat")
-            .map_err(template_error)?;
+        let tmpl = self.env.get_template("chat").map_err(template_error)?;
         let out = tmpl
             .render(context! {
                 messages => messages,

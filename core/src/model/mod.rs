@@ -43,7 +43,7 @@ pub use weights::{
 pub struct LoadOptions {
     /// Worker threads for this model's calls; 0 = rayon's global pool (one per core).
     pub threads: usize,
-    /// GGUF only: keep Q4_0/Q4_1/Q8_0/Q4_K matrices in their blocks and run them on the
+    /// GGUF only: keep Q4_0/Q4_1/Q5_0/Q8_0/Q4_K/Q6_K/F16/BF16 matrices in their blocks and run them on the
     /// quantized kernels, which dequantize in registers: results are bit for bit those of the
     /// dequantized f32 model, with about 5× less weight memory and faster decoding. Off, every
     /// tensor is dequantized to f32 at load. Training works on f32 ([`Trainer::new`]

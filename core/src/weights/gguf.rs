@@ -213,15 +213,17 @@ impl GgufFile {
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
                 .ok_or_else(|| bad("element count overflows".into()))?;
-            let n_bytes = ggml_type
-                .row_bytes(dims[0])
-                .and_then(|row| row.checked_mul(n_elements / dims[0]))
-                .ok_or_else(|| {
-                    bad(format!(
-                        "row of {} values is not a whole number of {ggml_type:?} blocks",
-                        dims[0]
-                    ))
-                })?;
+            let (block, block_bytes) = (ggml_type.block_size(), ggml_type.type_size());
+            if !dims[0].is_multiple_of(block) {
+                return Err(bad(format!(
+                    "row of {} values is not a whole number of {ggml_type:?} blocks",
+                    dims[0]
+                )));
+            }
+            // Checked: a hostile row length overflows `GgmlType::row_bytes` (found by fuzzing).
+            let n_bytes = (n_elements / block)
+                .checked_mul(block_bytes)
+                .ok_or_else(|| bad("byte size overflows".into()))?;
             let offset = usize::try_from(offset).map_err(|_| bad("offset overflows".into()))?;
             if offset % alignment != 0 {
                 return Err(bad(format!(

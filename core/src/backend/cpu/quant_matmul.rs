@@ -1,5 +1,5 @@
 //! `out[T, N] = x[T, K] · w[N, K]ᵀ + bias` with `w` kept as stored: ggml blocks (Q4_0, Q4_1,
-//! Q8_0, Q4_K) or half precision (F16, BF16). Decode reads every weight once per token, so
+//! Q5_0, Q8_0, Q4_K, Q6_K) or half precision (F16, BF16). Decode reads every weight once per token, so
 //! reading 4.5–16 bits per weight instead of 32 is most of the speed on a memory-bound CPU.
 //!
 //! Each weight is dequantized in registers with exactly the arithmetic of the f32 dequantizer
@@ -36,7 +36,8 @@ impl QuantMatrix<'_> {
     pub fn supports(ty: GgmlType, k: usize) -> bool {
         match ty {
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => k > 0 && k.is_multiple_of(BLOCK),
-            GgmlType::Q4K => k > 0 && k.is_multiple_of(256),
+            GgmlType::Q5_0 => k > 0 && k.is_multiple_of(BLOCK),
+            GgmlType::Q4K | GgmlType::Q6K => k > 0 && k.is_multiple_of(256),
             GgmlType::F16 | GgmlType::BF16 => k > 0 && k.is_multiple_of(BLOCK),
             _ => false,
         }
@@ -142,6 +143,8 @@ const Q8_0: u8 = 2;
 const Q4_K: u8 = 3;
 const F16: u8 = 4;
 const BF16: u8 = 5;
+const Q5_0: u8 = 6;
+const Q6_K: u8 = 7;
 
 fn type_code(ty: GgmlType) -> u8 {
     match ty {
@@ -150,6 +153,8 @@ fn type_code(ty: GgmlType) -> u8 {
         GgmlType::Q8_0 => Q8_0,
         GgmlType::F16 => F16,
         GgmlType::BF16 => BF16,
+        GgmlType::Q5_0 => Q5_0,
+        GgmlType::Q6K => Q6_K,
         _ => Q4_K,
     }
 }
@@ -174,6 +179,8 @@ unsafe fn compute_rect(
                 Q8_0 => $m::rect::<{ Q8_0 }>(out, x, w, bias, rect),
                 F16 => $m::rect::<{ F16 }>(out, x, w, bias, rect),
                 BF16 => $m::rect::<{ BF16 }>(out, x, w, bias, rect),
+                Q5_0 => $m::rect::<{ Q5_0 }>(out, x, w, bias, rect),
+                Q6_K => $m::rect::<{ Q6_K }>(out, x, w, bias, rect),
                 _ => $m::rect::<{ Q4_K }>(out, x, w, bias, rect),
             }
         };
@@ -248,6 +255,8 @@ fn dequantize_panel(bytes: &[u8], ty: GgmlType, out: &mut [f32]) {
                 Q8_0 => $m::dequantize::<{ Q8_0 }>(bytes, out),
                 F16 => $m::dequantize::<{ F16 }>(bytes, out),
                 BF16 => $m::dequantize::<{ BF16 }>(bytes, out),
+                Q5_0 => $m::dequantize::<{ Q5_0 }>(bytes, out),
+                Q6_K => $m::dequantize::<{ Q6_K }>(bytes, out),
                 _ => $m::dequantize::<{ Q4_K }>(bytes, out),
             }
         };
@@ -293,6 +302,8 @@ const fn unit_shape(ty: u8) -> (usize, usize) {
         Q8_0 => (34, 1),
         // Half-precision rows read in units of 32 values.
         F16 | BF16 => (64, 1),
+        Q5_0 => (22, 1),
+        Q6_K => (210, 8),
         _ => (144, 8),
     }
 }
@@ -457,9 +468,17 @@ macro_rules! x86_kernels {
                 /// Q4: the 16 bytes (Q4_0/Q4_1) or 32 bytes (Q4_K) holding the nibbles;
                 /// Q8_0: the 32 signed bytes.
                 qs: *const u8,
-                /// Q4_K: whether the sub-block is the high nibbles of its 32 bytes.
+                /// Q4_K: whether the sub-block is the high nibbles of its 32 bytes (Q6_K: of
+                /// its 32 `ql` bytes).
                 high: bool,
+                /// Q5_0: the 32 fifth bits. Q6_K: where the sub-block's 2-bit high parts sit
+                /// in its `qh` bytes.
+                qh_bits: u32,
+                /// Q6_K: the 32 `qh` bytes of the sub-block's half.
+                qh: *const u8,
                 d: __m256,
+                /// Q6_K: the scale of the sub-block's second 16 values.
+                d2: __m256,
                 m: __m256,
                 /// Values for nibbles 0–7 and 8–15 (table route).
                 lo: __m256,
@@ -490,8 +509,26 @@ macro_rules! x86_kernels {
                 #[inline]
                 unsafe fn new<const TY: u8>(unit: *const u8, s: usize) -> Block {
                     // SAFETY (all reads): offsets stay inside the unit's layout for TY.
+                    let (mut qh_bits, mut qh, mut d2) = (0u32, std::ptr::null(), 0f32);
                     let (qs, high, d, m) = unsafe {
                         match TY {
+                            // (((nibble | fifth bit << 4) - 16) as f32) · d.
+                            Q5_0 => {
+                                qh_bits = unit.add(2).cast::<u32>().read_unaligned();
+                                (unit.add(6), false, f16_at(unit), 0.0)
+                            }
+                            // (d · sc) · ((low 4 bits | 2 high bits << 4) - 32) as f32, a scale
+                            // per 16 values.
+                            Q6_K => {
+                                let (half, quarter) = (s / 4, s % 4);
+                                let ql = unit.add(half * 64 + (quarter % 2) * 32);
+                                qh = unit.add(128 + half * 32);
+                                qh_bits = 2 * quarter as u32;
+                                let sc = unit.add(192 + half * 8 + 2 * quarter);
+                                let d = f16_at(unit.add(208));
+                                d2 = d * (*sc.add(1) as i8) as f32;
+                                (ql, quarter >= 2, d * (*sc as i8) as f32, 0.0)
+                            }
                             // Dequantizer: ((q - 8) as f32) · d — the offset is folded into q.
                             Q4_0 => (unit.add(2), false, f16_at(unit), 0.0),
                             // q as f32 · d + m.
@@ -535,6 +572,9 @@ macro_rules! x86_kernels {
                     Block {
                         qs,
                         high,
+                        qh_bits,
+                        qh,
+                        d2: _mm256_set1_ps(d2),
                         d: dv,
                         m: mv,
                         lo,
@@ -562,8 +602,34 @@ macro_rules! x86_kernels {
                             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
                         };
                     }
+                    if TY == Q6_K {
+                        // SAFETY: values 8·ch .. 8·ch + 8 of the sub-block: 8 `ql` and 8 `qh`
+                        // bytes inside the super-block.
+                        let (ql, qh) = unsafe {
+                            (
+                                _mm_loadl_epi64(self.qs.add(ch * 8).cast::<__m128i>()),
+                                _mm_loadl_epi64(self.qh.add(ch * 8).cast::<__m128i>()),
+                            )
+                        };
+                        let mut low = _mm256_cvtepu8_epi32(ql);
+                        if self.high {
+                            low = _mm256_srli_epi32(low, 4);
+                        }
+                        let low = _mm256_and_si256(low, _mm256_set1_epi32(0x0f));
+                        let shift = _mm_cvtsi32_si128(self.qh_bits as i32);
+                        let top = _mm256_and_si256(
+                            _mm256_srl_epi32(_mm256_cvtepu8_epi32(qh), shift),
+                            _mm256_set1_epi32(3),
+                        );
+                        let q = _mm256_sub_epi32(
+                            _mm256_or_si256(low, _mm256_slli_epi32(top, 4)),
+                            _mm256_set1_epi32(32),
+                        );
+                        let scale = if ch < 2 { self.d } else { self.d2 };
+                        return _mm256_mul_ps(scale, _mm256_cvtepi32_ps(q));
+                    }
                     let (byte0, shift) = match TY {
-                        Q4_0 | Q4_1 => ((ch % 2) * 8, ch >= 2),
+                        Q4_0 | Q4_1 | Q5_0 => ((ch % 2) * 8, ch >= 2),
                         Q8_0 => (ch * 8, false),
                         _ => (ch * 8, self.high),
                     };
@@ -577,7 +643,7 @@ macro_rules! x86_kernels {
                     if shift {
                         idx = _mm256_srli_epi32(idx, 4);
                     }
-                    if $table {
+                    if $table && matches!(TY, Q4_0 | Q4_1 | Q4_K) {
                         // The permute reads only the low 4 bits of each index.
                         #[allow(unused_unsafe)]
                         // SAFETY: `$table` is set only for the AVX-512VL module, whose features
@@ -585,6 +651,20 @@ macro_rules! x86_kernels {
                         return unsafe { table_pick(self.lo, idx, self.hi) };
                     }
                     let q = _mm256_and_si256(idx, _mm256_set1_epi32(0x0f));
+                    if TY == Q5_0 {
+                        // Value e's fifth bit is bit e of qh.
+                        let e = _mm256_add_epi32(
+                            _mm256_set1_epi32(8 * ch as i32),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                        );
+                        let bit = _mm256_and_si256(
+                            _mm256_srlv_epi32(_mm256_set1_epi32(self.qh_bits as i32), e),
+                            _mm256_set1_epi32(1),
+                        );
+                        let q = _mm256_or_si256(q, _mm256_slli_epi32(bit, 4));
+                        let q = _mm256_sub_epi32(q, _mm256_set1_epi32(16));
+                        return _mm256_mul_ps(_mm256_cvtepi32_ps(q), self.d);
+                    }
                     match TY {
                         Q4_0 => {
                             let q = _mm256_sub_epi32(q, _mm256_set1_epi32(8));
@@ -642,6 +722,7 @@ mod tests {
         }
         let scale_fields: &[usize] = match ty {
             GgmlType::Q4_1 | GgmlType::Q4K => &[0, 2],
+            GgmlType::Q6K => &[208],
             _ => &[0],
         };
         for (u, unit) in v.chunks_exact_mut(ty.type_size()).enumerate() {
@@ -658,11 +739,15 @@ mod tests {
         v
     }
 
-    const TYPES: [GgmlType; 4] = [
+    const TYPES: [GgmlType; 8] = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
+        GgmlType::Q5_0,
         GgmlType::Q8_0,
         GgmlType::Q4K,
+        GgmlType::Q6K,
+        GgmlType::F16,
+        GgmlType::BF16,
     ];
 
     /// The promise: bit for bit the f32 matmul on the dequantized weights, on every x86 level,
