@@ -69,10 +69,13 @@ impl GgmlType {
         }
     }
 
-    /// Bytes of a row of `n` values, or `None` when `n` is not a whole number of blocks.
+    /// Bytes of a row of `n` values, or `None` when `n` is not a whole number of blocks or the
+    /// size overflows.
     pub fn row_bytes(self, n: usize) -> Option<usize> {
-        n.is_multiple_of(self.block_size())
-            .then(|| n / self.block_size() * self.type_size())
+        if !n.is_multiple_of(self.block_size()) {
+            return None;
+        }
+        (n / self.block_size()).checked_mul(self.type_size())
     }
 
     /// All values of `bytes` (whole rows of `row_len`) as f32.
