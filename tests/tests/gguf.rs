@@ -381,6 +381,43 @@ fn quantized_blocks_equal_the_dequantized_model_bitwise() {
     );
 }
 
+/// Zero-sized tensors: any tensor with a zero dimension is refused at open, naming it (no model
+/// tensor can be empty); a zero-sized model config is refused too.
+#[test]
+fn zero_sized_tensors_are_handled() {
+    // The embedding declared (0, 16): its shape does not match the config.
+    let mut b = tiny_llama_gguf();
+    let emb = b
+        .tensors
+        .iter_mut()
+        .find(|t| t.0 == "token_embd.weight")
+        .unwrap();
+    emb.1 = vec![16, 0];
+    emb.3.clear();
+    let err = load(&b.build()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::TensorShape { .. } | Error::Format { .. } | Error::Config(_)
+        ),
+        "{err}"
+    );
+    // Even one nobody would read.
+    let mut b = tiny_llama_gguf();
+    b.tensor_f32("extra.empty", &[0, 4], &[]);
+    let err = load(&b.build()).unwrap_err();
+    assert!(err.to_string().contains("extra.empty"), "{err}");
+    // A config with a zero width is refused before any tensor is read.
+    let mut b = tiny_llama_gguf();
+    for kv in
+        b.kv.iter_mut()
+            .filter(|kv| kv.0 == "llama.embedding_length")
+    {
+        kv.2 = 0u32.to_le_bytes().to_vec();
+    }
+    assert!(load(&b.build()).is_err());
+}
+
 /// NaN/inf weights (an f32 value, a Q8_0 block's scale) are refused at load, naming the tensor,
 /// unless the caller opts in.
 #[test]
