@@ -324,3 +324,73 @@ fn demo_runs_every_stage_on_a_tiny_model() {
         assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a finished demo"));
     }
 }
+
+/// SIGKILL in the middle of a training run (checkpoints every step), then `--resume`: the final
+/// weights are bit for bit those of the same run never interrupted.
+#[test]
+fn a_killed_run_resumes_to_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let base = fixture("llama-f32");
+    let lines: String = (0..40)
+        .map(|i| format!("{{\"prompt\": \"q{i} a\", \"response\": \"b {i} c d\"}}\n"))
+        .collect();
+    let data = write(t, "d.jsonl", &lines);
+    let args = |out: &str| -> Vec<String> {
+        [
+            "sft",
+            "--model",
+            base.to_str().unwrap(),
+            "--data",
+            &data,
+            "--out",
+            out,
+            "--batch-size",
+            "2",
+            "--epochs",
+            "2",
+            "--save-every",
+            "1",
+            "--seed",
+            "5",
+            "--threads",
+            "2",
+            "--no-chat-template",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let whole = out_dir(t, "whole");
+    let run = |a: Vec<String>| rlx(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(&run(args(&whole)));
+
+    let killed = out_dir(t, "killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rlx"))
+        .args(args(&killed))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill once a few checkpoints exist (the run makes 40).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !Path::new(&killed).join("checkpoint-5").exists() && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !Path::new(&killed).join("model").exists(),
+        "the run finished before the kill; the test needs a slower run"
+    );
+    let mut resumed = args(&killed);
+    resumed.push("--resume".into());
+    ok(&run(resumed));
+    let weights =
+        |dir: &str| std::fs::read(Path::new(dir).join("model/model.safetensors")).unwrap();
+    assert!(
+        weights(&whole) == weights(&killed),
+        "resumed weights differ from the uninterrupted run"
+    );
+}
