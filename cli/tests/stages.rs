@@ -394,3 +394,68 @@ fn a_killed_run_resumes_to_the_same_weights() {
         "resumed weights differ from the uninterrupted run"
     );
 }
+
+/// A write failure while saving (the file-size limit stands in for a full disk: writes past
+/// it fail with EFBIG, as ENOSPC would): a clear error and a non-zero exit, no panic, no
+/// half-written checkpoint, and the earlier checkpoint still resumes.
+#[test]
+fn a_failing_disk_keeps_the_earlier_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let base = fixture("llama-f32");
+    let data = write(
+        t,
+        "d.jsonl",
+        "{\"prompt\": \"a\", \"response\": \"b c\"}\n{\"prompt\": \"d\", \"response\": \"e\"}\n",
+    );
+    let out = out_dir(t, "run");
+    let base = base.to_str().unwrap();
+    let common = [
+        "sft",
+        "--model",
+        base,
+        "--data",
+        &data,
+        "--out",
+        &out,
+        "--batch-size",
+        "1",
+        "--epochs",
+        "3",
+        "--save-every",
+        "1",
+        "--no-chat-template",
+    ];
+    let mut first = common.to_vec();
+    first.extend(["--max-steps", "1"]);
+    ok(&rlx(&first));
+    assert!(Path::new(&out).join("checkpoint-1").exists());
+    // Resume under a 64 KiB file-size limit (the checkpoint's weights are larger); SIGXFSZ is
+    // ignored so the write fails with an error instead of killing the process.
+    let mut resumed = common.to_vec();
+    resumed.push("--resume");
+    let script = format!(
+        "ulimit -f 64 && trap '' XFSZ && exec \"$0\" {}",
+        resumed
+            .iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let o = Command::new("sh")
+        .args(["-c", &script, env!("CARGO_BIN_EXE_rlx")])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the save should have failed: {err}");
+    assert!(err.contains("rlx: ") && !err.contains("panicked"), "{err}");
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
+    assert!(err.contains("checkpoint-2"), "{err}");
+    // Without the limit, the run resumes from checkpoint-1 and finishes (3 epochs × 2 steps).
+    ok(&rlx(&resumed));
+    assert!(Path::new(&out).join("checkpoint-6").exists());
+}
