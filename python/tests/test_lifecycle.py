@@ -269,3 +269,32 @@ def test_nan_weights_raise_model_format_error_unless_allowed(tmp_path):
     with pytest.raises(rlx.ModelFormatError, match="NaN or infinite"):
         rlx.Model.load(str(tmp_path / "m"))
     rlx.Model.load(str(tmp_path / "m"), allow_non_finite=True).close()
+
+
+def test_truncated_and_garbage_model_files_raise_format_errors(tmp_path):
+    # A safetensors checkpoint and a GGUF file cut at many offsets, and random bytes: each an
+    # rlx exception (never a crash), and the interpreter carries on.
+    folder = tmp_path / "st"
+    folder.mkdir()
+    for f in (FIXTURES / "llama-f32").iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    weights = (FIXTURES / "llama-f32" / "model.safetensors").read_bytes()
+    for i in range(20):
+        (folder / "model.safetensors").write_bytes(weights[: len(weights) * i // 20])
+        with pytest.raises(rlx.ModelFormatError):
+            rlx.Model.load(str(folder))
+    gguf = (FIXTURES / "quant" / "quants.gguf").read_bytes()
+    target = tmp_path / "m.gguf"
+    for i in range(20):
+        target.write_bytes(gguf[: len(gguf) * i // 20])
+        with pytest.raises(rlx.ModelFormatError):
+            rlx.Model.load(str(target))
+    rng = np.random.default_rng(0)
+    for seed in range(10):
+        data = bytearray(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+        if seed % 2 == 0:
+            data[:4] = b"GGUF"
+        target.write_bytes(bytes(data))
+        with pytest.raises((rlx.ModelFormatError, rlx.UnsupportedError)):
+            rlx.Model.load(str(target))
