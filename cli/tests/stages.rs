@@ -459,3 +459,91 @@ fn a_failing_disk_keeps_the_earlier_checkpoint() {
     ok(&rlx(&resumed));
     assert!(Path::new(&out).join("checkpoint-6").exists());
 }
+
+/// A real full disk (ENOSPC) and a read-only file system, on a small tmpfs mounted in a user
+/// namespace (`unshare -rm`; skipped with a message where user namespaces are not allowed):
+/// the save fails with a clear error, no half checkpoint is left, the earlier checkpoint stays,
+/// and once there is room the run resumes from it to the end.
+#[test]
+fn a_full_or_read_only_disk_keeps_the_earlier_checkpoint() {
+    let probe = Command::new("unshare").args(["-rm", "true"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: cannot make a user + mount namespace (unshare -rm)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let data = write(
+        t,
+        "d.jsonl",
+        "{\"prompt\": \"a\", \"response\": \"b c\"}\n{\"prompt\": \"d\", \"response\": \"e\"}\n",
+    );
+    let mnt = t.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let run = mnt.join("run");
+    let sft = format!(
+        "'{}' sft --model '{}' --data '{}' --out '{}' --batch-size 1 --epochs 3 --save-every 1 \
+         --no-chat-template",
+        env!("CARGO_BIN_EXE_rlx"),
+        fixture("llama-f32").display(),
+        data,
+        run.display()
+    );
+    // One checkpoint (weights + two moment files, ~2 MB) fits in 3 MB; the second does not.
+    let log = |name: &str| t.join(name).display().to_string();
+    let script = format!(
+        "set -u
+         mount -t tmpfs -o size=3m tmpfs '{mnt}' || exit 90
+         {sft} --max-steps 1 >/dev/null 2>'{first}' || exit 91
+         {sft} --resume >/dev/null 2>'{full}' && exit 92
+         ls '{run}' > '{listing}'
+         mount -o remount,ro '{mnt}' || exit 93
+         {sft} --resume >/dev/null 2>'{ro}' && exit 94
+         mount -o remount,rw,size=64m '{mnt}' || exit 95
+         {sft} --resume >/dev/null 2>'{last}' || exit 96
+         ls '{run}' > '{listing2}'
+         exit 0",
+        mnt = mnt.display(),
+        run = run.display(),
+        first = log("first.err"),
+        full = log("full.err"),
+        listing = log("listing"),
+        ro = log("ro.err"),
+        last = log("last.err"),
+        listing2 = log("listing2"),
+    );
+    let out = Command::new("unshare")
+        .args(["-rm", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let read = |name: &str| std::fs::read_to_string(t.join(name)).unwrap_or_default();
+    assert!(
+        out.status.success(),
+        "step {:?} failed; first: {} full: {} ro: {} last: {}",
+        out.status.code(),
+        read("first.err"),
+        read("full.err"),
+        read("ro.err"),
+        read("last.err")
+    );
+    let full = read("full.err");
+    assert!(
+        full.contains("No space left on device") && !full.contains("panicked"),
+        "{full}"
+    );
+    let listing = read("listing");
+    assert!(
+        listing.contains("checkpoint-1") && !listing.contains(".tmp"),
+        "{listing}"
+    );
+    let ro = read("ro.err");
+    assert!(
+        ro.contains("Read-only file system") && !ro.contains("panicked"),
+        "{ro}"
+    );
+    assert!(
+        read("listing2").contains("checkpoint-6"),
+        "{}",
+        read("listing2")
+    );
+}
