@@ -298,3 +298,50 @@ def test_truncated_and_garbage_model_files_raise_format_errors(tmp_path):
         target.write_bytes(bytes(data))
         with pytest.raises((rlx.ModelFormatError, rlx.UnsupportedError)):
             rlx.Model.load(str(target))
+
+
+def _with_header(folder, edit):
+    """Rewrites model.safetensors in `folder` with its JSON header changed by `edit`."""
+    import json
+
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    body = data[8 + n :]
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + body)
+
+
+@pytest.mark.parametrize(
+    "lie",
+    ["offsets_past_the_end", "overlap", "dtype", "shape", "zero_sized"],
+)
+def test_lying_safetensors_headers_raise_format_errors(tmp_path, lie):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for f in (FIXTURES / "llama-f32").iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    name = "model.embed_tokens.weight"
+
+    def edit(h):
+        t = h[name]
+        if lie == "offsets_past_the_end":
+            t["data_offsets"][1] += 10**9
+        elif lie == "overlap":
+            other = next(k for k in h if k not in (name, "__metadata__"))
+            t["data_offsets"] = list(h[other]["data_offsets"])
+        elif lie == "dtype":
+            t["dtype"] = "F16"
+        elif lie == "shape":
+            t["shape"] = [t["shape"][0] + 1, t["shape"][1]]
+        else:
+            t["shape"] = [0, t["shape"][1]]
+            t["data_offsets"] = [t["data_offsets"][0], t["data_offsets"][0]]
+
+    _with_header(folder, edit)
+    with pytest.raises(rlx.ModelFormatError):
+        rlx.Model.load(str(folder))
