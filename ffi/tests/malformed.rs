@@ -64,7 +64,7 @@ fn truncated_and_garbage_files_are_statuses() {
     // Random bytes, with and without the GGUF magic.
     for seed in 0..20u64 {
         let mut bytes: Vec<u8> = (0..4096u64)
-            .map(|i| ((i.wrapping_add(seed) * 6364136223846793005) >> 56) as u8)
+            .map(|i| (i.wrapping_add(seed).wrapping_mul(6364136223846793005) >> 56) as u8)
             .collect();
         if seed % 2 == 0 {
             bytes[..4].copy_from_slice(b"GGUF");
