@@ -157,11 +157,10 @@ impl Tensor {
         let cols = self.shape.get(1).copied().unwrap_or(1);
         if let TensorData::Quantized(q) = &self.data {
             if q.dense.get().is_none() {
+                // One row, on this thread, straight into `out` (an embedding lookup per token).
                 let rb = q.ty.row_bytes(cols).unwrap_or(0);
-                if let Some(row) = q.ty.dequantize(&q.bytes()[i * rb..(i + 1) * rb], cols) {
-                    out[..cols].copy_from_slice(&row[..cols]);
-                    return;
-                }
+                q.ty.dequantize_into(&q.bytes()[i * rb..(i + 1) * rb], &mut out[..cols]);
+                return;
             }
         }
         out[..cols].copy_from_slice(&self.as_slice()[i * cols..(i + 1) * cols]);

@@ -812,8 +812,9 @@ pub(crate) fn add(a: &mut [f32], b: &[f32]) {
 }
 
 /// What a training step over `t` tokens allocates beyond the weights: KV caches, the tape of
-/// activations (all layers, or one layer's input each with checkpointing), the gradients, the
-/// kept logits (bounded), and the working buffers of one layer.
+/// activations (all layers, or one layer's input each with checkpointing), the gradients (of
+/// the trainable tensors only: with LoRA, the adapters), the kept logits (bounded), and the
+/// working buffers of one layer.
 fn training_bytes(model: &Model, t: usize) -> u64 {
     use crate::memory::f32_bytes;
     let cfg = model.config();
@@ -831,6 +832,6 @@ fn training_bytes(model: &Model, t: usize) -> u64 {
     };
     f32_bytes(&[t, cfg.num_layers, 2 * kvd + per_layer])
         .saturating_add(f32_bytes(&[t, 4 * per_layer_full]))
-        .saturating_add(f32_bytes(&[model.weights().parameter_count()]))
+        .saturating_add(f32_bytes(&[model.weights().trainable_parameter_count()]))
         .saturating_add(f32_bytes(&[t, cfg.vocab_size]).min(KEPT_LOGITS_BYTES as u64))
 }

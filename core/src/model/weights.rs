@@ -311,6 +311,28 @@ impl ModelWeights {
         n
     }
 
+    /// Values a training step holds gradients for: everything, or with LoRA (frozen base) only
+    /// the adapters and the score/value heads (what `Gradients::zeros` allocates).
+    pub fn trainable_parameter_count(&self) -> usize {
+        if !self.base_frozen() {
+            return self.parameter_count();
+        }
+        let len = |t: &Tensor| t.shape().iter().product::<usize>();
+        let adapters: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .filter_map(|lin| lin.lora.as_ref())
+            .map(|ad| len(&ad.a) + len(&ad.b))
+            .sum();
+        let heads = self.score.as_ref().map_or(0, len)
+            + self
+                .value
+                .as_ref()
+                .map_or(0, |v| len(&v.w) + v.b.as_ref().map_or(0, len));
+        adapters + heads
+    }
+
     /// True when some matrix is kept in quantized blocks.
     pub fn has_quantized(&self) -> bool {
         self.tok_emb.is_quantized()
