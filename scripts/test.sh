@@ -13,7 +13,7 @@ python3 -m pip install --quiet --root-user-action=ignore numpy pytest maturin cm
 # minutes. RLX_TEST_TORCH=0 skips it; if the install fails, those tests are skipped with a message
 # (the committed transformers outputs are checked either way).
 if [ "${RLX_TEST_TORCH:-1}" = 1 ]; then
-    python3 -m pip install --quiet --root-user-action=ignore torch transformers ||
+    python3 -m pip install --quiet --no-cache-dir --root-user-action=ignore torch transformers ||
         echo "torch/transformers could not be installed: the live parity tests will be skipped"
 fi
 
