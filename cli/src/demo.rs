@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use rlx::pipeline::data::{load, Formatter, PreferencePair, Prompt};
-use rlx::pipeline::rollout::{self, OnPolicy, Reward, RolloutOptions};
+use rlx::pipeline::rollout::{self, LocalCollector, OnPolicy, Reward, RolloutOptions};
 use rlx::pipeline::supervised::{self, DpoOptions, RmOptions};
 use rlx::pipeline::RunOptions;
 use rlx::{
@@ -418,13 +418,16 @@ pub fn demo(a: DemoArgs) -> CliResult {
     let mut ppo_trainer = trainer(&sft_dir, a.threads, 1e-4, |m| m.add_value_head(seed))?;
     let job = OnPolicy {
         prompts: &prompts,
-        reward: Reward::Model(&rm),
         monitor: Some(&labeller_fn),
         options: on_policy("ppo", 2),
     };
+    let mut collector = LocalCollector {
+        reference: Some(&sft),
+        reward: Reward::Model(&rm),
+    };
     let r = rollout::ppo(
         &mut ppo_trainer,
-        &sft,
+        &mut collector,
         &job,
         &PpoConfig {
             kl_coef: 0.05,
@@ -469,7 +472,6 @@ pub fn demo(a: DemoArgs) -> CliResult {
         let mut grpo_trainer = trainer(&sft_dir, a.threads, 1e-4, |_| {})?;
         let job = OnPolicy {
             prompts: &prompts,
-            reward: Reward::Model(&rm),
             monitor: Some(&labeller_fn),
             options: RolloutOptions {
                 prompts_per_iteration: 2,
@@ -478,7 +480,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
         };
         let r = rollout::grpo(
             &mut grpo_trainer,
-            Some(&sft),
+            &mut collector,
             &job,
             &GrpoConfig::default(),
             None,

@@ -15,13 +15,10 @@ use std::sync::{Arc, OnceLock};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use rlx::pipeline::data::{load, BadLine, Formatter};
-use rlx::pipeline::rollout::{self, AdaptiveKl, OnPolicy, Reward, RolloutOptions};
+use rlx::pipeline::job::{OnPolicyJob, OnPolicyStage};
 use rlx::pipeline::supervised::{self, DpoOptions, RmOptions};
 use rlx::pipeline::{latest_checkpoint, Observer, Outcome, RunOptions, StageReport};
-use rlx::{
-    DpoLoss, GrpoConfig, GrpoLossType, LoadOptions, LoraConfig, Model, PpoConfig, Schedule,
-    TrainConfig, Trainer,
-};
+use rlx::{DpoLoss, LoadOptions, LoraConfig, Model, Schedule, TrainConfig, Trainer};
 use serde_json::Value;
 
 pub(crate) type CliResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
@@ -157,6 +154,13 @@ pub struct OnPolicyArgs {
     /// GRPO: grpo, bnpo, dr_grpo or dapo.
     #[arg(long)]
     loss_type: Option<String>,
+    /// Run the rollouts on a Ray cluster at this address (`auto`, `HOST:PORT`, or `local` for
+    /// a cluster started for this run); needs the Python package with Ray.
+    #[arg(long)]
+    ray: Option<String>,
+    /// Rollout workers on the Ray cluster.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
 }
 
 /// Values from the `--config` TOML file.
@@ -203,6 +207,26 @@ impl Config {
                 .and_then(|v| v.as_str())
                 .map(PathBuf::from)
         })
+    }
+
+    /// The flag's value, else the config's `key`, else none.
+    fn optional<T: FromStr>(&self, flag: Option<T>, key: &str) -> CliResult<Option<T>> {
+        if flag.is_some() || !self.table.contains_key(key) {
+            return Ok(flag);
+        }
+        // Present in the table: parsed with `get`'s rules (the default is never used).
+        let mut parsed = None;
+        if let Some(v) = self.table.get(key) {
+            let text = match v {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            parsed = Some(
+                text.parse::<T>()
+                    .map_err(|_| format!("config key `{key}`: cannot use {v}"))?,
+            );
+        }
+        Ok(parsed)
     }
 
     fn flag(&self, flag: bool, key: &str) -> bool {
@@ -257,6 +281,12 @@ impl Observer for Console {
         match &self.bar {
             Some(b) => b.set_message(parts.join("  ")),
             None => eprintln!("{}", parts.join("  ")),
+        }
+    }
+    fn message(&mut self, text: &str) {
+        match &self.bar {
+            Some(b) => b.println(text),
+            None => eprintln!("{text}"),
         }
     }
     fn stop_requested(&self) -> bool {
@@ -602,143 +632,111 @@ pub fn dpo(a: SupervisedArgs) -> CliResult {
     Ok(())
 }
 
-fn rollout_options(a: &OnPolicyArgs, s: &Setup, k_default: usize) -> CliResult<RolloutOptions> {
-    let cfg = &s.cfg;
-    Ok(RolloutOptions {
-        out: s.out.clone(),
-        iterations: cfg.get(a.iterations, "iterations", 10)?,
-        prompts_per_iteration: cfg.get(a.prompts_per_iteration, "prompts_per_iteration", 4)?,
-        samples_per_prompt: cfg.get(a.samples_per_prompt, "samples_per_prompt", k_default)?,
-        max_new_tokens: cfg.get(a.max_new_tokens, "max_new_tokens", 32)?,
-        epochs: cfg.get(a.ppo_epochs, "ppo_epochs", 2)?,
-        minibatch_size: cfg.get(a.minibatch_size, "minibatch_size", 4)?,
-        save_every: s.save_every,
-        seed: s.seed,
+/// The on-policy run the flags and config file describe.
+fn on_policy_job(a: &OnPolicyArgs, stage: OnPolicyStage) -> CliResult<OnPolicyJob> {
+    let c = &a.common;
+    let cfg = Config::read(c.config.as_deref())?;
+    let d = OnPolicyJob::default();
+    let model = match cfg.path(&c.model, "model") {
+        Some(p) => p,
+        None => crate::default_model()?,
+    };
+    let targets: String = cfg.get(
+        c.lora_targets.clone(),
+        "lora_targets",
+        d.lora_targets.join(","),
+    )?;
+    Ok(OnPolicyJob {
+        stage,
+        model,
+        data: required(cfg.path(&c.data, "data"), "data")?,
+        reward_model: required(cfg.path(&a.reward_model, "reward_model"), "reward-model")?,
+        out: required(cfg.path(&c.out, "out"), "out")?,
+        threads: cfg.get(c.threads, "threads", d.threads)?,
+        resume: cfg.flag(c.resume, "resume"),
+        skip_bad_lines: cfg.flag(c.skip_bad_lines, "skip_bad_lines"),
+        chat_template: !cfg.flag(c.no_chat_template, "no_chat_template"),
+        max_len: cfg.get(c.max_len, "max_len", d.max_len)?,
+        gradient_checkpointing: cfg.flag(c.gradient_checkpointing, "gradient_checkpointing"),
+        seed: cfg.get(c.seed, "seed", d.seed)?,
+        save_every: cfg.get(c.save_every, "save_every", d.save_every)?,
+        lr: cfg.get(c.lr, "lr", d.lr)?,
+        weight_decay: cfg.get(c.weight_decay, "weight_decay", d.weight_decay)?,
+        warmup_steps: cfg.get(c.warmup_steps, "warmup_steps", d.warmup_steps)?,
+        total_steps: cfg.get(c.total_steps, "total_steps", d.total_steps)?,
+        max_grad_norm: cfg.get(c.max_grad_norm, "max_grad_norm", d.max_grad_norm)?,
+        lora_rank: cfg.get(c.lora_rank, "lora_rank", d.lora_rank)?,
+        lora_alpha: cfg.optional(c.lora_alpha, "lora_alpha")?,
+        lora_targets: targets.split(',').map(|t| t.trim().to_string()).collect(),
+        iterations: cfg.get(a.iterations, "iterations", d.iterations)?,
+        prompts_per_iteration: cfg.get(
+            a.prompts_per_iteration,
+            "prompts_per_iteration",
+            d.prompts_per_iteration,
+        )?,
+        samples_per_prompt: cfg.optional(a.samples_per_prompt, "samples_per_prompt")?,
+        max_new_tokens: cfg.get(a.max_new_tokens, "max_new_tokens", d.max_new_tokens)?,
+        ppo_epochs: cfg.get(a.ppo_epochs, "ppo_epochs", d.ppo_epochs)?,
+        minibatch_size: cfg.get(a.minibatch_size, "minibatch_size", d.minibatch_size)?,
+        kl_coef: cfg.get(a.kl_coef, "kl_coef", d.kl_coef)?,
+        target_kl: cfg.get(a.target_kl, "target_kl", d.target_kl)?,
+        clip_range: cfg.get(a.clip_range, "clip_range", d.clip_range)?,
+        vf_coef: cfg.get(a.vf_coef, "vf_coef", d.vf_coef)?,
+        entropy_coef: cfg.get(a.entropy_coef, "entropy_coef", d.entropy_coef)?,
+        gamma: cfg.get(a.gamma, "gamma", d.gamma)?,
+        lam: cfg.get(a.lam, "lam", d.lam)?,
+        beta: cfg.get(a.beta, "beta", d.beta)?,
+        loss_type: cfg.get(a.loss_type.clone(), "loss_type", d.loss_type)?,
     })
 }
 
-/// The policy, the reference (the model before training) and the reward model.
-fn on_policy_models(
-    a: &OnPolicyArgs,
-    s: &Setup,
-    value_head: bool,
-) -> CliResult<(Trainer, Option<Value>, Model, Model)> {
-    let seed = s.seed;
-    let (trainer, extra) = s.trainer(|m| {
-        if value_head && m.weights().value.is_none() {
-            m.add_value_head(seed);
-        }
-        Ok(())
-    })?;
-    let reference = match &extra {
-        // Resumed: the reference is the model the run started from.
-        Some(_) => s.load(&s.model_path)?,
-        None => trainer.model().without_lora(),
+/// `rlx ppo` / `rlx grpo`: in this process, or with `--ray` on Ray workers through the Python
+/// package's driver (`python3 -m rlx.distributed`), which runs the same job.
+fn on_policy(a: OnPolicyArgs, stage: OnPolicyStage) -> CliResult {
+    let job = on_policy_job(&a, stage)?;
+    let name = match stage {
+        OnPolicyStage::Ppo => "ppo",
+        OnPolicyStage::Grpo => "grpo",
     };
-    let rm_path = required(s.cfg.path(&a.reward_model, "reward_model"), "reward-model")?;
-    let rm = s.load(&rm_path)?;
-    if rm.weights().score.is_none() {
-        return Err(format!(
-            "{} has no score head: train one with `rlx rm` and pass its OUT/model",
-            rm_path.display()
-        )
-        .into());
+    if let Some(address) = &a.ray {
+        return distributed(&job, address, a.workers);
     }
-    Ok((trainer, extra, reference, rm))
+    // Checked before any model is loaded.
+    job.grpo_config()?;
+    let mut obs = console()?;
+    let r = job.run(None, &mut obs)?;
+    summary(name, &r, &job.out);
+    Ok(())
+}
+
+/// Hands the job to `python3 -m rlx.distributed` (the interpreter is `RLX_PYTHON` or
+/// `python3`) and waits for it; Ctrl-C reaches it through the terminal's process group.
+fn distributed(job: &OnPolicyJob, address: &str, workers: usize) -> CliResult {
+    let python = std::env::var("RLX_PYTHON").unwrap_or_else(|_| "python3".into());
+    let status = std::process::Command::new(&python)
+        .args(["-m", "rlx.distributed", "--address", address, "--workers"])
+        .arg(workers.to_string())
+        .arg("--job")
+        .arg(job.to_json()?)
+        .status()
+        .map_err(|e| {
+            format!("cannot start `{python} -m rlx.distributed` (install the Python package with `pip install rlx[ray]`, or set RLX_PYTHON): {e}")
+        })?;
+    if status.success() {
+        plots(&job.out);
+        Ok(())
+    } else {
+        Err(format!(
+            "the distributed run failed ({status}); `--resume` continues from its last checkpoint"
+        )
+        .into())
+    }
 }
 
 pub fn ppo(a: OnPolicyArgs) -> CliResult {
-    let s = setup(&a.common, 1e-6)?;
-    let (mut trainer, extra, reference, rm) = on_policy_models(&a, &s, true)?;
-    let chat = s.chat && trainer.model().chat_template().is_some();
-    let f = Formatter::new(trainer.model(), chat, s.max_len)?;
-    let (prompts, bad) = load(&s.data, s.skip_bad, |v| f.prompt(v))?;
-    report_bad(&bad, &s.data);
-    let c = &s.cfg;
-    let d = PpoConfig::default();
-    let config = PpoConfig {
-        clip_range: c.get(a.clip_range, "clip_range", d.clip_range)?,
-        clip_range_value: d.clip_range_value,
-        vf_coef: c.get(a.vf_coef, "vf_coef", d.vf_coef)?,
-        entropy_coef: c.get(a.entropy_coef, "entropy_coef", d.entropy_coef)?,
-        gamma: c.get(a.gamma, "gamma", d.gamma)?,
-        lam: c.get(a.lam, "lam", d.lam)?,
-        kl_coef: c.get(a.kl_coef, "kl_coef", d.kl_coef)?,
-        whiten_advantages: true,
-    };
-    let adaptive = match c.get(a.target_kl, "target_kl", 0.0)? {
-        t if t > 0.0 => Some(AdaptiveKl {
-            target: t,
-            horizon: 10_000.0,
-        }),
-        _ => None,
-    };
-    let job = OnPolicy {
-        prompts: &prompts,
-        reward: Reward::Model(&rm),
-        monitor: None,
-        options: rollout_options(&a, &s, 1)?,
-    };
-    let mut obs = console()?;
-    let r = rollout::ppo(
-        &mut trainer,
-        &reference,
-        &job,
-        &config,
-        adaptive,
-        extra.as_ref(),
-        &mut obs,
-    )?;
-    summary("ppo", &r, &s.out);
-    Ok(())
+    on_policy(a, OnPolicyStage::Ppo)
 }
 
 pub fn grpo(a: OnPolicyArgs) -> CliResult {
-    let s = setup(&a.common, 1e-6)?;
-    let (mut trainer, extra, reference, rm) = on_policy_models(&a, &s, false)?;
-    let chat = s.chat && trainer.model().chat_template().is_some();
-    let f = Formatter::new(trainer.model(), chat, s.max_len)?;
-    let (prompts, bad) = load(&s.data, s.skip_bad, |v| f.prompt(v))?;
-    report_bad(&bad, &s.data);
-    let c = &s.cfg;
-    let loss_type = match c
-        .get(a.loss_type.clone(), "loss_type", "dapo".to_string())?
-        .as_str()
-    {
-        "grpo" => GrpoLossType::Grpo,
-        "bnpo" => GrpoLossType::Bnpo,
-        "dr_grpo" => GrpoLossType::DrGrpo,
-        "dapo" => GrpoLossType::Dapo,
-        other => {
-            return Err(
-                format!("unknown GRPO loss type `{other}` (grpo, bnpo, dr_grpo, dapo)").into(),
-            )
-        }
-    };
-    let options = rollout_options(&a, &s, 4)?;
-    let config = GrpoConfig {
-        beta: c.get(a.beta, "beta", 0.04)?,
-        epsilon_low: c.get(a.clip_range, "clip_range", 0.2)?,
-        epsilon_high: c.get(a.clip_range, "clip_range", 0.2)?,
-        loss_type,
-        max_completion_length: Some(options.max_new_tokens),
-        ..Default::default()
-    };
-    let job = OnPolicy {
-        prompts: &prompts,
-        reward: Reward::Model(&rm),
-        monitor: None,
-        options,
-    };
-    let mut obs = console()?;
-    let r = rollout::grpo(
-        &mut trainer,
-        Some(&reference),
-        &job,
-        &config,
-        extra.as_ref(),
-        &mut obs,
-    )?;
-    summary("grpo", &r, &s.out);
-    Ok(())
+    on_policy(a, OnPolicyStage::Grpo)
 }

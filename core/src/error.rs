@@ -53,6 +53,9 @@ pub enum Error {
     ContextOverflow { requested: usize, max: usize },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A rollout collector outside this process (e.g. Ray workers) failed.
+    #[error("rollout collector: {0}")]
+    Collector(String),
     #[error("not enough memory for {what}: needs {} MiB, {} MiB available", needed >> 20, available >> 20)]
     OutOfMemory {
         what: String,

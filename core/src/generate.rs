@@ -4,7 +4,7 @@
 
 use crate::backend::cpu::attention::Slot;
 use crate::backend::cpu::softmax::log_prob_of;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kv_cache::{zeroed, KvCache};
 use crate::model::{Model, Scratch};
 use crate::sampling::{Sampler, SamplingParams};
@@ -37,13 +37,35 @@ pub type StreamCallback<'a> = dyn FnMut(usize, u32, f32) -> bool + 'a;
 
 impl Model {
     /// Generates a continuation for each prompt. Same `seed` ⇒ same tokens, whatever the batch.
+    /// Sequence `i` draws from random stream `i` of `seed`.
     pub fn generate<S: AsRef<[u32]> + Sync>(
         &self,
         prompts: &[S],
         params: &SamplingParams,
+        on_token: Option<&mut StreamCallback<'_>>,
+    ) -> Result<Vec<Generation>> {
+        let streams: Vec<u64> = (0..prompts.len() as u64).collect();
+        self.generate_streams(prompts, params, &streams, on_token)
+    }
+
+    /// [`Model::generate`] with each sequence's random stream given (`streams[i]` of
+    /// `params.seed`), so a sequence's tokens depend only on its own stream, not on its place
+    /// in the batch: split a batch across processes and the samples stay the same.
+    pub fn generate_streams<S: AsRef<[u32]> + Sync>(
+        &self,
+        prompts: &[S],
+        params: &SamplingParams,
+        streams: &[u64],
         mut on_token: Option<&mut StreamCallback<'_>>,
     ) -> Result<Vec<Generation>> {
         params.validate()?;
+        if streams.len() != prompts.len() {
+            return Err(Error::invalid(format!(
+                "{} random streams for {} prompts",
+                streams.len(),
+                prompts.len()
+            )));
+        }
         self.require_lm_head()?;
         for p in prompts {
             self.check_tokens(p.as_ref(), params.max_new_tokens)?;
@@ -71,7 +93,10 @@ impl Model {
                 .iter()
                 .map(|p| KvCache::new(cfg, p.as_ref().len() + params.max_new_tokens))
                 .collect::<Result<Vec<_>>>()?;
-            let mut samplers: Vec<Sampler> = (0..n).map(|i| Sampler::new(params.seed, i)).collect();
+            let mut samplers: Vec<Sampler> = streams
+                .iter()
+                .map(|&i| Sampler::new(params.seed, i))
+                .collect();
             let mut history: Vec<Vec<u32>> = prompts.iter().map(|p| p.as_ref().to_vec()).collect();
             let mut outs: Vec<Generation> = (0..n)
                 .map(|_| Generation {

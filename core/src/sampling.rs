@@ -94,9 +94,9 @@ pub(crate) struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(seed: u64, sequence_index: usize) -> Self {
+    pub fn new(seed: u64, stream: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(sequence_index as u64);
+        rng.set_stream(stream);
         Sampler {
             rng,
             candidates: Vec::new(),

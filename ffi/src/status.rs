@@ -69,7 +69,8 @@ pub(crate) fn status_of(e: &Error) -> rlx_status {
         Error::NoTokenizer => RLX_NO_TOKENIZER,
         Error::TokenOutOfRange { .. } => RLX_OUT_OF_RANGE,
         Error::ContextOverflow { .. } => RLX_CONTEXT_OVERFLOW,
-        Error::InvalidArgument(_) => RLX_INVALID_ARGUMENT,
+        // No collector crosses the C ABI; listed so that this match stays exhaustive.
+        Error::InvalidArgument(_) | Error::Collector(_) => RLX_INVALID_ARGUMENT,
         Error::OutOfMemory { .. } => RLX_OUT_OF_MEMORY,
     }
 }

@@ -2,7 +2,9 @@
 //! several bases, e.g. `ModelFormatError(RlxError, ValueError)`); I/O errors become the
 //! built-in `FileNotFoundError` / `PermissionError` / `OSError` by kind.
 
-use pyo3::exceptions::{PyFileNotFoundError, PyMemoryError, PyOSError, PyPermissionError};
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyMemoryError, PyOSError, PyPermissionError, PyRuntimeError,
+};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
@@ -79,6 +81,7 @@ pub(crate) fn to_py_err(py: Python<'_>, e: Error) -> PyErr {
         Error::Template(_) => Class::Template,
         Error::TokenOutOfRange { .. } | Error::InvalidArgument(_) => Class::InvalidArgument,
         Error::ContextOverflow { .. } => Class::ContextOverflow,
+        Error::Collector(_) => return PyRuntimeError::new_err(e.to_string()),
         // Estimated before allocating: the interpreter's own out-of-memory exception.
         Error::OutOfMemory { .. } => return PyMemoryError::new_err(e.to_string()),
     };

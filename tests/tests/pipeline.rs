@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use rlx::pipeline::data::{load, Formatter};
-use rlx::pipeline::rollout::{self, OnPolicy, Reward, RolloutOptions};
+use rlx::pipeline::rollout::{self, LocalCollector, OnPolicy, Reward, RolloutOptions};
 use rlx::pipeline::supervised::{self, DpoOptions, RmOptions};
 use rlx::pipeline::{latest_checkpoint, Observer, Outcome, RunOptions, Silent};
 use rlx::{DpoLoss, GrpoConfig, LoadOptions, Model, PpoConfig, TrainConfig, Trainer};
@@ -220,7 +220,6 @@ fn ppo_first_update_is_on_policy_and_metrics_are_logged() {
     let labeller = |_: &str, answer: &str| answer.len() as f64 / 10.0;
     let job = OnPolicy {
         prompts: &prompts,
-        reward: Reward::Function(&labeller),
         monitor: Some(&labeller),
         options: RolloutOptions {
             out: tmp.path().join("ppo"),
@@ -234,9 +233,13 @@ fn ppo_first_update_is_on_policy_and_metrics_are_logged() {
         },
     };
     let mut trainer = Trainer::new(policy, train()).unwrap();
+    let mut collector = LocalCollector {
+        reference: Some(&reference),
+        reward: Reward::Function(&labeller),
+    };
     let report = rollout::ppo(
         &mut trainer,
-        &reference,
+        &mut collector,
         &job,
         &PpoConfig::default(),
         None,
@@ -275,7 +278,6 @@ fn grpo_runs_with_a_reward_model_and_rejects_k_1() {
     let (prompts, _) = load(&prompts_file(tmp.path()), false, |v| f.prompt(v)).unwrap();
     let mut job = OnPolicy {
         prompts: &prompts,
-        reward: Reward::Model(&rm),
         monitor: None,
         options: RolloutOptions {
             out: tmp.path().join("grpo"),
@@ -291,27 +293,15 @@ fn grpo_runs_with_a_reward_model_and_rejects_k_1() {
     let reference = policy.clone();
     let mut trainer = Trainer::new(policy, train()).unwrap();
     let cfg = GrpoConfig::default();
-    rollout::grpo(
-        &mut trainer,
-        Some(&reference),
-        &job,
-        &cfg,
-        None,
-        &mut Silent,
-    )
-    .unwrap();
+    let mut collector = LocalCollector {
+        reference: Some(&reference),
+        reward: Reward::Model(&rm),
+    };
+    rollout::grpo(&mut trainer, &mut collector, &job, &cfg, None, &mut Silent).unwrap();
     assert_eq!(metrics(&job.options.out).len(), 2);
     job.options.samples_per_prompt = 1;
     job.options.out = tmp.path().join("grpo-k1");
-    assert!(rollout::grpo(
-        &mut trainer,
-        Some(&reference),
-        &job,
-        &cfg,
-        None,
-        &mut Silent
-    )
-    .is_err());
+    assert!(rollout::grpo(&mut trainer, &mut collector, &job, &cfg, None, &mut Silent).is_err());
 }
 
 #[test]

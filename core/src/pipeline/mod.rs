@@ -9,6 +9,7 @@
 //! [`Outcome::Interrupted`], and `resume` continues from the newest checkpoint.
 
 pub mod data;
+pub mod job;
 pub mod rollout;
 pub mod supervised;
 
@@ -31,6 +32,8 @@ pub trait Observer {
     fn end_phase(&mut self) {}
     /// One line of metrics (also appended to `metrics.jsonl`).
     fn record(&mut self, _metrics: &Value) {}
+    /// A note for the user (a resumed checkpoint, a skipped dataset line).
+    fn message(&mut self, _text: &str) {}
     /// Checked after every step: true stops the run after a checkpoint.
     fn stop_requested(&self) -> bool {
         false

@@ -5,9 +5,16 @@
 //! Rollouts sample at temperature 1 with no top-k/top-p filter, so the log-probs `generate`
 //! records are the policy's own and serve as the "old" log-probs: the first update's
 //! importance ratios are exactly 1.
+//!
+//! Sampling, scoring and reference log-probs go through a [`Collector`]: [`LocalCollector`]
+//! does them in this process; `rlx.distributed` spreads them over Ray workers. Every sequence
+//! draws from its own random stream — run seed + iteration, stream `(prompt position << 32) |
+//! sample index` — and the kernels do not depend on batch composition, so any split of a
+//! rollout over workers yields the same samples, scores and log-probs as one process.
 
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
@@ -99,7 +106,173 @@ impl AdaptiveKl {
     }
 }
 
-/// One iteration's samples.
+/// One prompt of a rollout request: its position in the iteration and its tokens and text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestPrompt {
+    pub position: usize,
+    pub tokens: Vec<u32>,
+    pub text: String,
+}
+
+/// What one iteration asks of a collector: `samples_per_prompt` answers to each prompt, their
+/// rewards and (when `reference`) the reference model's log-probs of each answer token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRequest {
+    pub iteration: usize,
+    /// The run's seed; sequence (position p, sample j) samples from stream `(p << 32) | j` of
+    /// `seed + iteration`.
+    pub seed: u64,
+    pub samples_per_prompt: usize,
+    pub max_new_tokens: usize,
+    pub reference: bool,
+    pub prompts: Vec<RequestPrompt>,
+}
+
+impl RolloutRequest {
+    /// The request restricted to some of its prompts (a worker's share).
+    pub fn subset(&self, prompts: Vec<RequestPrompt>) -> RolloutRequest {
+        RolloutRequest {
+            prompts,
+            ..self.clone()
+        }
+    }
+}
+
+/// One sampled answer, scored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// The prompt's position in the iteration and the sample's index among its answers.
+    pub position: usize,
+    pub sample: usize,
+    /// Prompt and answer tokens.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// The policy's log-prob of each answer token, recorded while sampling.
+    pub logprobs: Vec<f32>,
+    pub response_text: String,
+    pub score: f64,
+    /// The reference model's log-prob of each answer token, when asked for.
+    pub reference_logprobs: Option<Vec<f32>>,
+}
+
+/// Samples, scores and reference log-probs for a rollout: in this process or elsewhere.
+pub trait Collector {
+    /// The samples of `request` drawn from `policy` (the learner's current weights; a remote
+    /// collector sends them to its workers first). Any order; every (position, sample) once.
+    fn collect(&mut self, policy: &mut Model, request: &RolloutRequest) -> Result<Vec<Sample>>;
+}
+
+/// The random stream of sample `sample` of the prompt at `position`.
+pub fn sample_stream(position: usize, sample: usize) -> u64 {
+    ((position as u64) << 32) | sample as u64
+}
+
+/// Samples and scores `request` with models in this process.
+pub fn collect_samples(
+    policy: &Model,
+    reference: Option<&Model>,
+    reward: &Reward<'_>,
+    request: &RolloutRequest,
+) -> Result<Vec<Sample>> {
+    let k = request.samples_per_prompt;
+    if k == 0 || request.max_new_tokens == 0 {
+        return Err(Error::invalid(
+            "a rollout needs at least one sample per prompt and one new token",
+        ));
+    }
+    if request
+        .prompts
+        .iter()
+        .any(|p| p.position > u32::MAX as usize)
+        || k > u32::MAX as usize
+    {
+        return Err(Error::invalid(
+            "prompt position or sample count out of range",
+        ));
+    }
+    let mut inputs: Vec<&[u32]> = Vec::new();
+    let mut streams = Vec::new();
+    let mut ids = Vec::new();
+    for p in &request.prompts {
+        for j in 0..k {
+            inputs.push(p.tokens.as_slice());
+            streams.push(sample_stream(p.position, j));
+            ids.push((p, j));
+        }
+    }
+    let params = SamplingParams {
+        max_new_tokens: request.max_new_tokens,
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        repetition_penalty: 1.0,
+        stop_token_ids: None,
+        seed: request.seed.wrapping_add(request.iteration as u64),
+    };
+    let outs = policy.generate_streams(&inputs, &params, &streams, None)?;
+    let tok = policy.require_tokenizer()?;
+    let mut r = Rollout::default();
+    let mut samples = Vec::with_capacity(outs.len());
+    for ((p, j), out) in ids.iter().zip(outs) {
+        let mut seq = p.tokens.clone();
+        seq.extend(&out.tokens);
+        r.masks
+            .push((0..seq.len()).map(|t| t >= p.tokens.len()).collect());
+        r.seqs.push(seq.clone());
+        r.prompt_text.push(p.text.clone());
+        let text = tok.decode(&out.tokens, true)?;
+        r.response_text.push(text.clone());
+        samples.push(Sample {
+            position: p.position,
+            sample: *j,
+            tokens: seq,
+            prompt_len: p.tokens.len(),
+            logprobs: out.logprobs,
+            response_text: text,
+            score: 0.0,
+            reference_logprobs: None,
+        });
+    }
+    if samples.is_empty() {
+        return Ok(samples);
+    }
+    let same = match reward {
+        Reward::Model(rm) => same_tokenizer(policy, rm),
+        Reward::Function(_) => true,
+    };
+    for (s, score) in samples.iter_mut().zip(scores(reward, policy, same, &r)?) {
+        s.score = score;
+    }
+    if request.reference {
+        let reference = reference.ok_or_else(|| {
+            Error::invalid("this rollout needs reference log-probs but no reference model")
+        })?;
+        for (s, lp) in samples
+            .iter_mut()
+            .zip(response_logprobs(reference, &r.seqs, &r.masks)?)
+        {
+            s.reference_logprobs = Some(lp);
+        }
+    }
+    Ok(samples)
+}
+
+/// The in-process collector: the policy samples, `reward` scores, `reference` gives the KL
+/// baseline.
+pub struct LocalCollector<'a> {
+    pub reference: Option<&'a Model>,
+    pub reward: Reward<'a>,
+}
+
+impl Collector for LocalCollector<'_> {
+    fn collect(&mut self, policy: &mut Model, request: &RolloutRequest) -> Result<Vec<Sample>> {
+        collect_samples(policy, self.reference, &self.reward, request)
+    }
+}
+
+/// One iteration's samples, in (position, sample) order.
+#[derive(Default)]
 struct Rollout {
     seqs: Vec<Vec<u32>>,
     masks: Vec<Vec<bool>>,
@@ -107,7 +280,81 @@ struct Rollout {
     old: Vec<Vec<f64>>,
     prompt_text: Vec<String>,
     response_text: Vec<String>,
+    score: Vec<f64>,
+    reference: Option<Vec<Vec<f64>>>,
     generated: usize,
+}
+
+/// Asks `collector` for the samples of `prompts` and puts them in order, checking that each
+/// (position, sample) came back exactly once and whole.
+fn rollout(
+    collector: &mut dyn Collector,
+    policy: &mut Model,
+    prompts: &[&Prompt],
+    it: usize,
+    opts: &RolloutOptions,
+    reference: bool,
+) -> Result<Rollout> {
+    let k = opts.samples_per_prompt;
+    let request = RolloutRequest {
+        iteration: it,
+        seed: opts.seed,
+        samples_per_prompt: k,
+        max_new_tokens: opts.max_new_tokens,
+        reference,
+        prompts: prompts
+            .iter()
+            .enumerate()
+            .map(|(position, p)| RequestPrompt {
+                position,
+                tokens: p.tokens.clone(),
+                text: p.text.clone(),
+            })
+            .collect(),
+    };
+    let mut samples = collector.collect(policy, &request)?;
+    samples.sort_by_key(|s| (s.position, s.sample));
+    let bad = |what: String| Error::invalid(format!("rollout of iteration {it}: {what}"));
+    if samples.len() != prompts.len() * k {
+        return Err(bad(format!(
+            "{} samples came back, {} expected",
+            samples.len(),
+            prompts.len() * k
+        )));
+    }
+    let mut r = Rollout {
+        reference: reference.then(Vec::new),
+        ..Rollout::default()
+    };
+    for (i, s) in samples.into_iter().enumerate() {
+        let (position, j) = (i / k, i % k);
+        let prompt = prompts[position];
+        let answer = s.tokens.len().saturating_sub(s.prompt_len);
+        if s.position != position
+            || s.sample != j
+            || s.prompt_len != prompt.tokens.len()
+            || s.tokens.get(..s.prompt_len) != Some(prompt.tokens.as_slice())
+            || s.logprobs.len() != answer
+            || answer > opts.max_new_tokens
+            || s.reference_logprobs.as_ref().map(Vec::len) != reference.then_some(answer)
+        {
+            return Err(bad(format!(
+                "sample {j} of prompt {position} is missing, repeated or malformed"
+            )));
+        }
+        r.masks
+            .push((0..s.tokens.len()).map(|t| t >= s.prompt_len).collect());
+        r.old.push(s.logprobs.iter().map(|&x| x as f64).collect());
+        if let (Some(all), Some(lp)) = (r.reference.as_mut(), s.reference_logprobs) {
+            all.push(lp.iter().map(|&x| x as f64).collect());
+        }
+        r.generated += answer;
+        r.seqs.push(s.tokens);
+        r.prompt_text.push(prompt.text.clone());
+        r.response_text.push(s.response_text);
+        r.score.push(s.score);
+    }
+    Ok(r)
 }
 
 /// The prompts of iteration `it`: consecutive positions of an endless stream of shuffled
@@ -127,62 +374,21 @@ fn prompts_of(it: usize, per: usize, n: usize, seed: u64) -> Vec<usize> {
         .collect()
 }
 
-fn rollout(
-    policy: &Model,
-    prompts: &[&Prompt],
-    k: usize,
-    max_new: usize,
-    seed: u64,
-) -> Result<Rollout> {
-    let inputs: Vec<&[u32]> = prompts
-        .iter()
-        .flat_map(|p| std::iter::repeat_n(p.tokens.as_slice(), k))
-        .collect();
-    let params = SamplingParams {
-        max_new_tokens: max_new,
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-        min_p: 0.0,
-        repetition_penalty: 1.0,
-        stop_token_ids: None,
-        seed,
-    };
-    let outs = policy.generate(&inputs, &params, None)?;
-    let tok = policy.require_tokenizer()?;
-    let mut r = Rollout {
-        seqs: Vec::new(),
-        masks: Vec::new(),
-        old: Vec::new(),
-        prompt_text: Vec::new(),
-        response_text: Vec::new(),
-        generated: 0,
-    };
-    for (i, (input, out)) in inputs.iter().zip(&outs).enumerate() {
-        let mut seq = input.to_vec();
-        seq.extend(&out.tokens);
-        r.masks
-            .push((0..seq.len()).map(|t| t >= input.len()).collect());
-        r.seqs.push(seq);
-        r.old.push(out.logprobs.iter().map(|&x| x as f64).collect());
-        r.prompt_text.push(prompts[i / k].text.clone());
-        r.response_text.push(tok.decode(&out.tokens, true)?);
-        r.generated += out.tokens.len();
-    }
-    Ok(r)
-}
-
 /// Log-probs of each response token under `model`.
-fn response_logprobs(model: &Model, r: &Rollout) -> Result<Vec<Vec<f64>>> {
-    let all = model.logprobs(&r.seqs, 1.0)?;
+fn response_logprobs(
+    model: &Model,
+    seqs: &[Vec<u32>],
+    masks: &[Vec<bool>],
+) -> Result<Vec<Vec<f32>>> {
+    let all = model.logprobs(seqs, 1.0)?;
     Ok(all
         .iter()
-        .zip(&r.masks)
+        .zip(masks)
         .map(|(lp, m)| {
             lp.iter()
                 .zip(&m[1..])
                 .filter(|(_, &sel)| sel)
-                .map(|(&v, _)| v as f64)
+                .map(|(&v, _)| v)
                 .collect()
         })
         .collect())
@@ -289,7 +495,6 @@ fn finished(trainer: &Trainer, opts: &RolloutOptions, last: Value) -> Result<Sta
 /// What the on-policy stages share: prompts, scoring, output, and the iteration cursor.
 pub struct OnPolicy<'a> {
     pub prompts: &'a [Prompt],
-    pub reward: Reward<'a>,
     /// A second scorer reported beside the reward (e.g. the true labeller), so a policy that
     /// fools the reward model shows.
     pub monitor: Option<&'a ScoreFn<'a>>,
@@ -304,14 +509,6 @@ impl OnPolicy<'_> {
             .into_iter()
             .map(|i| &self.prompts[i])
             .collect()
-    }
-
-    /// Whether rewards can be read from the policy's own token ids.
-    fn reward_shares_tokenizer(&self, policy: &Model) -> bool {
-        match &self.reward {
-            Reward::Model(rm) => same_tokenizer(policy, rm),
-            Reward::Function(_) => true,
-        }
     }
 }
 
@@ -332,11 +529,11 @@ fn start_iteration(resume: Option<&Value>, stage: &str) -> Result<(usize, Value)
     }
 }
 
-/// PPO against a reward, with a KL penalty to `reference` (the SFT model). The policy needs a
-/// value head (`add_value_head`).
+/// PPO against a reward, with a KL penalty to the reference (the SFT model); `collector`
+/// holds both. The policy needs a value head (`add_value_head`).
 pub fn ppo(
     trainer: &mut Trainer,
-    reference: &Model,
+    collector: &mut dyn Collector,
     job: &OnPolicy<'_>,
     config: &PpoConfig,
     adaptive: Option<AdaptiveKl>,
@@ -358,7 +555,6 @@ pub fn ppo(
     if let Some(c) = state["kl_coef"].as_f64() {
         config.kl_coef = c;
     }
-    let same = job.reward_shares_tokenizer(trainer.model());
     let mut metrics = Metrics::open(&opts.out, observer)?;
     let mut last = Value::Null;
     for it in first..opts.iterations {
@@ -367,13 +563,8 @@ pub fn ppo(
         let obs = metrics.observer();
         obs.phase(&format!("ppo {}/{} rollout", it + 1, opts.iterations), 4);
         let t = Instant::now();
-        let r = rollout(
-            trainer.model(),
-            &picked,
-            opts.samples_per_prompt,
-            opts.max_new_tokens,
-            seed,
-        )?;
+        let r = rollout(collector, trainer.model_mut(), &picked, it, opts, true)?;
+        // Sampling, rewards and reference log-probs (one collector call).
         let rollout_tps = rate(r.generated, t);
         obs.advance(1);
         let total: usize = r.seqs.iter().map(Vec::len).sum();
@@ -389,14 +580,11 @@ pub fn ppo(
                     .collect()
             })
             .collect();
-        let score = scores(&job.reward, trainer.model(), same, &r)?;
-        let scoring_tps = rate(2 * total, t);
-        obs.advance(1);
-        let t = Instant::now();
-        let reference_lp = response_logprobs(reference, &r)?;
-        let reference_tps = rate(total, t);
-        obs.advance(1);
-        let adv = ppo_advantages(&r.old, &reference_lp, &old_values, &score, &config)?;
+        let value_tps = rate(total, t);
+        obs.advance(2);
+        let score = &r.score;
+        let reference_lp = r.reference.as_deref().unwrap_or_default();
+        let adv = ppo_advantages(&r.old, reference_lp, &old_values, score, &config)?;
         let t = Instant::now();
         let n = r.seqs.len();
         let mut sums = [0f64; 4];
@@ -439,7 +627,7 @@ pub fn ppo(
         let update_tps = rate(total * opts.epochs, t);
         obs.advance(1);
         obs.end_phase();
-        let (reward_mean, reward_std) = mean_std(&score);
+        let (reward_mean, reward_std) = mean_std(score);
         let monitor = job.monitor.map(|f| monitor_mean(f, &r));
         let lengths: Vec<f64> = r.old.iter().map(|o| o.len() as f64).collect();
         let k = steps.max(1) as f64;
@@ -450,8 +638,8 @@ pub fn ppo(
             "entropy": sums[0] / k, "clip_fraction": sums[1] / k, "approx_kl": sums[2] / k,
             "value_loss": sums[3] / k, "first_approx_kl": first_approx_kl,
             "response_length": mean_std(&lengths).0,
-            "tokens_per_second": {"rollout": rollout_tps, "scoring": scoring_tps,
-                                   "reference": reference_tps, "update": update_tps},
+            "tokens_per_second": {"rollout": rollout_tps, "values": value_tps,
+                                   "update": update_tps},
             "sample": r.response_text.first(),
         });
         metrics.record(&last)?;
@@ -468,10 +656,10 @@ pub fn ppo(
 }
 
 /// GRPO: k answers per prompt, group-normalised rewards, clipped ratio and (β > 0) a KL term to
-/// `reference`.
+/// the reference (the collector's).
 pub fn grpo(
     trainer: &mut Trainer,
-    reference: Option<&Model>,
+    collector: &mut dyn Collector,
     job: &OnPolicy<'_>,
     config: &GrpoConfig,
     resume: Option<&Value>,
@@ -488,11 +676,7 @@ pub fn grpo(
             "GRPO needs at least 2 samples per prompt (k ≥ 2)",
         ));
     }
-    if config.beta > 0.0 && reference.is_none() {
-        return Err(Error::invalid("GRPO with beta > 0 needs a reference model"));
-    }
     let (first, _) = start_iteration(resume, "grpo")?;
-    let same = job.reward_shares_tokenizer(trainer.model());
     let mut metrics = Metrics::open(&opts.out, observer)?;
     let mut last = Value::Null;
     for it in first..opts.iterations {
@@ -501,16 +685,19 @@ pub fn grpo(
         let obs = metrics.observer();
         obs.phase(&format!("grpo {}/{}", it + 1, opts.iterations), 3);
         let t = Instant::now();
-        let r = rollout(trainer.model(), &picked, k, opts.max_new_tokens, seed)?;
+        let r = rollout(
+            collector,
+            trainer.model_mut(),
+            &picked,
+            it,
+            opts,
+            config.beta > 0.0,
+        )?;
         let rollout_tps = rate(r.generated, t);
-        obs.advance(1);
-        let score = scores(&job.reward, trainer.model(), same, &r)?;
-        let advantages = group_advantages(&score, k, config.scale_rewards)?;
-        let reference_lp = match reference {
-            Some(m) if config.beta > 0.0 => Some(response_logprobs(m, &r)?),
-            _ => None,
-        };
-        obs.advance(1);
+        obs.advance(2);
+        let score = &r.score;
+        let advantages = group_advantages(score, k, config.scale_rewards)?;
+        let reference_lp = r.reference.as_ref();
         let n = r.seqs.len();
         let mut sums = [0f64; 3];
         let mut steps = 0usize;
@@ -543,7 +730,7 @@ pub fn grpo(
         let update_tps = rate(total * opts.epochs, t);
         obs.advance(1);
         obs.end_phase();
-        let (reward_mean, reward_std) = mean_std(&score);
+        let (reward_mean, reward_std) = mean_std(score);
         let monitor = job.monitor.map(|f| monitor_mean(f, &r));
         let lengths: Vec<f64> = r.old.iter().map(|o| o.len() as f64).collect();
         let kk = steps.max(1) as f64;
