@@ -17,6 +17,13 @@ if [ "${RLX_TEST_TORCH:-1}" = 1 ]; then
         echo "torch/transformers could not be installed: the live parity tests will be skipped"
 fi
 
+# Ray for the distributed tests (python/tests/test_distributed.py: a local two-node cluster).
+# RLX_TEST_RAY=0 skips it; without Ray those tests are skipped with a message.
+if [ "${RLX_TEST_RAY:-1}" = 1 ]; then
+    python3 -m pip install --quiet --no-cache-dir --root-user-action=ignore "ray>=2.9" ||
+        echo "Ray could not be installed: the distributed tests will be skipped"
+fi
+
 echo "== default model (for the real-model parity tests)"
 ./scripts/fetch_model.sh || echo "default model unavailable: its tests will be skipped"
 

@@ -6,6 +6,7 @@
 //! a `PanicException`.
 
 mod convert;
+mod distributed;
 mod errors;
 mod handle;
 mod model;
@@ -19,6 +20,8 @@ use pyo3::prelude::*;
 mod _rlx {
     use super::*;
 
+    #[pymodule_export]
+    use crate::distributed::{run_on_policy, PyWorkerModels};
     #[pymodule_export]
     use crate::model::{PyGeneration, PyModel, PySamplingParams, PyTokenStream};
     #[pymodule_export]

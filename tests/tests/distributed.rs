@@ -36,7 +36,11 @@ impl Collector for SplitCollector {
                 .filter(|p| p.position % n == w)
                 .cloned()
                 .collect();
-            out.extend(worker.collect(&request.subset(share))?);
+            // Through JSON, as between processes: numbers must survive exactly.
+            let request = serde_json::to_string(&request.subset(share)).unwrap();
+            let samples = worker.collect(&serde_json::from_str(&request).unwrap())?;
+            let text = serde_json::to_string(&samples).unwrap();
+            out.extend(serde_json::from_str::<Vec<Sample>>(&text).unwrap());
         }
         if self.drop_one {
             out.pop();

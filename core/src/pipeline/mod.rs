@@ -153,9 +153,19 @@ pub(crate) struct Metrics<'o> {
 }
 
 impl<'o> Metrics<'o> {
-    pub(crate) fn open(out: &Path, observer: &'o mut dyn Observer) -> Result<Self> {
+    /// Opens `out/metrics.jsonl` for appending. A run resumed at step `resumed_at` first drops
+    /// the lines of later steps (written after that checkpoint by the run that stopped), so
+    /// the log reads as if the run had never stopped.
+    pub(crate) fn open(
+        out: &Path,
+        observer: &'o mut dyn Observer,
+        resumed_at: Option<u64>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         let path = out.join("metrics.jsonl");
+        if let Some(step) = resumed_at {
+            drop_lines_after(&path, step)?;
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -177,6 +187,34 @@ impl<'o> Metrics<'o> {
     pub(crate) fn observer(&mut self) -> &mut dyn Observer {
         &mut *self.observer
     }
+}
+
+/// Keeps the metrics lines up to `step` (lines without a step stay).
+fn drop_lines_after(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_none_or(|s| s <= step)
+        })
+        .collect();
+    if kept.len() == text.lines().count() {
+        return Ok(());
+    }
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, body).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Saves `trainer` as `out/checkpoint-<step>` with the run's own state.

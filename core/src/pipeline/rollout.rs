@@ -555,7 +555,7 @@ pub fn ppo(
     if let Some(c) = state["kl_coef"].as_f64() {
         config.kl_coef = c;
     }
-    let mut metrics = Metrics::open(&opts.out, observer)?;
+    let mut metrics = Metrics::open(&opts.out, observer, resume.map(|_| trainer.step_count()))?;
     let mut last = Value::Null;
     for it in first..opts.iterations {
         let picked = job.prompts_for(it);
@@ -677,7 +677,7 @@ pub fn grpo(
         ));
     }
     let (first, _) = start_iteration(resume, "grpo")?;
-    let mut metrics = Metrics::open(&opts.out, observer)?;
+    let mut metrics = Metrics::open(&opts.out, observer, resume.map(|_| trainer.step_count()))?;
     let mut last = Value::Null;
     for it in first..opts.iterations {
         let picked = job.prompts_for(it);

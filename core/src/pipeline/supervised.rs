@@ -36,7 +36,12 @@ fn run(
     if n == 0 {
         return Err(Error::invalid("the dataset is empty"));
     }
-    let mut metrics = Metrics::open(&opts.out, observer)?;
+    let mut metrics = Metrics::open(
+        &opts.out,
+        observer,
+        // A trainer past step 0 was resumed from a checkpoint.
+        (trainer.step_count() > 0).then(|| trainer.step_count()),
+    )?;
     let per_epoch = n.div_ceil(opts.batch_size);
     let mut last = Value::Null;
     let mut acc_metrics: Vec<Value> = Vec::new();
