@@ -2,7 +2,7 @@
 from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
 from types import TracebackType
-from typing import Literal, Union, final
+from typing import Any, Callable, Literal, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -339,3 +339,20 @@ def ppo_advantages(
 def set_memory_limit(limit_bytes: Union[int, None]) -> None:
     """Cap the bytes one request may plan to allocate (``None`` removes it); over it, or over
     what the system reports available, a request raises ``MemoryError`` before allocating."""
+
+def run_on_policy(
+    job: str,
+    collector: Union[Any, None] = None,
+    on_metrics: Union[Callable[[str], None], None] = None,
+    on_message: Union[Callable[[str], None], None] = None,
+) -> tuple[str, int, str, Union[str, None]]:
+    """Run a PPO/GRPO job (``rlx ppo``'s settings as JSON) in this process; with ``collector``
+    (an object with ``collect(state: bytes, request: str) -> str``) rollouts are asked of it.
+    Returns ``(outcome, steps, last_metrics_json, model_dir)``."""
+
+class _RolloutWorkerModels:
+    """A rollout worker's policy, reference and reward model, built from a job (JSON)."""
+
+    def __init__(self, job: str) -> None: ...
+    def load_policy_state(self, state: bytes) -> None: ...
+    def collect(self, request: str) -> str: ...
