@@ -24,7 +24,9 @@ import rlx.distributed as distributed  # noqa: E402  (needs ray only when used)
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "llama-f32"
 PROMPTS = ["Say something short.", "Say something long.", "Reply.", "Count.", "Name a colour."]
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+# A test cluster on loopback: no usage reports, and no token authentication (a token left in
+# ~/.ray by an earlier local run would make the head require it from the second node).
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 def _free_port():
@@ -42,18 +44,16 @@ def cluster():
     # Short: Ray's Unix socket paths live under it and must stay under 108 bytes.
     temp = tempfile.mkdtemp(prefix="rlxray", dir="/tmp")
     address = f"127.0.0.1:{port}"
-    common = ["--include-dashboard=false", "--disable-usage-stats"]
-    subprocess.run(
-        ["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--num-cpus=2", f"--temp-dir={temp}", *common[:1], common[1]],
-        check=True, env=ENV, timeout=180, capture_output=True,
-    )
+    def ray_start(*args):
+        r = subprocess.run(["ray", "start", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                            "--disable-usage-stats", *args],
+                           env=ENV, timeout=180, capture_output=True, text=True)
+        assert r.returncode == 0, f"ray start {args}: {r.stderr[-2000:]}"
+
+    ray_start("--head", f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=false")
     try:
-        subprocess.run(
-            ["ray", "start", f"--address={address}", "--node-ip-address=127.0.0.1",
-             "--num-cpus=2", common[1]],
-            check=True, env=ENV, timeout=180, capture_output=True,
-        )
+        ray_start(f"--address={address}")
+        os.environ.update({k: ENV[k] for k in ("RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE")})
         ray.init(address=address)
         yield address
     finally:
