@@ -202,6 +202,12 @@ typedef struct rlx_model_params {
    * refused with RLX_FORMAT naming the first such tensor.
    */
   uint8_t allow_non_finite;
+  /**
+   * Where the model runs: NULL or "cpu" (the default), "cuda" or "cuda:N". A CUDA device is
+   * checked (driver, device present) and then refused with RLX_UNSUPPORTED: running a model
+   * on CUDA is not built yet.
+   */
+  const char *device;
 } rlx_model_params;
 
 /**
@@ -474,11 +480,13 @@ struct rlx_model_params rlx_model_default_params(void);
  * Returns RLX_OK; RLX_NULL_POINTER (`path` or `out_model` is NULL); RLX_IO (the path or a file
  * in the folder cannot be read); RLX_FORMAT (malformed config or weights); RLX_UNSUPPORTED (an
  * architecture or dtype rlx does not run); RLX_TOKENIZER (tokenizer.json is malformed);
- * RLX_INVALID_ARGUMENT (the thread pool cannot be created).
+ * RLX_INVALID_ARGUMENT (the thread pool cannot be created, or an unknown `device`);
+ * RLX_UNSUPPORTED also for a CUDA `device` (no driver or device, or CUDA not built yet).
  *
  * # Safety
  * `path` is NULL or a NUL-terminated string; `params` is NULL or points to an
- * rlx_model_params; `out_model` is NULL or valid for one pointer write.
+ * rlx_model_params whose `device` is NULL or NUL-terminated; `out_model` is NULL or valid for
+ * one pointer write.
  */
 enum rlx_status rlx_model_load(const char *path,
                                const struct rlx_model_params *params,

@@ -24,6 +24,18 @@ if [ "${RLX_TEST_RAY:-1}" = 1 ]; then
         echo "Ray could not be installed: the distributed tests will be skipped"
 fi
 
+# NVRTC without a GPU, so that every CUDA kernel is compiled (sm_80, sm_90) by the tests: the
+# wheel's libnvrtc goes on the loader's path, and RLX_REQUIRE_NVRTC=1 makes its absence a
+# failure instead of a skip. RLX_TEST_NVRTC=0 skips it.
+if [ "${RLX_TEST_NVRTC:-1}" = 1 ]; then
+    if [ ! -e target/nvrtc/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 ]; then
+        python3 -m pip install --quiet --no-cache-dir --no-deps --root-user-action=ignore \
+            --target target/nvrtc "nvidia-cuda-nvrtc-cu12>=12.4,<13"
+    fi
+    export LD_LIBRARY_PATH="$PWD/target/nvrtc/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export RLX_REQUIRE_NVRTC=1
+fi
+
 echo "== default model (for the real-model parity tests)"
 ./scripts/fetch_model.sh || echo "default model unavailable: its tests will be skipped"
 

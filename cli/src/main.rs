@@ -114,6 +114,10 @@ struct ModelArgs {
     /// Load weights that hold NaN or infinite values (refused by default).
     #[arg(long)]
     allow_non_finite: bool,
+    /// Where to run: cpu, cuda or cuda:N (CUDA devices are checked, then refused: running a
+    /// model on CUDA is not built yet).
+    #[arg(long, default_value = "cpu")]
+    device: rlx::Device,
 }
 
 #[derive(Args)]
@@ -230,6 +234,7 @@ fn load(args: &ModelArgs) -> Result<Model, Box<dyn std::error::Error>> {
         threads: args.threads,
         keep_quantized: !args.dequantize,
         allow_non_finite: args.allow_non_finite,
+        device: args.device,
     };
     Ok(Model::load(&path, options)?)
 }

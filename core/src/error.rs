@@ -53,6 +53,10 @@ pub enum Error {
     ContextOverflow { requested: usize, max: usize },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The CUDA side: no driver or device, NVRTC missing, a kernel that does not compile, or
+    /// a model asked to run on CUDA (not built yet).
+    #[error("CUDA: {0}")]
+    Cuda(String),
     /// A rollout collector outside this process (e.g. Ray workers) failed.
     #[error("rollout collector: {0}")]
     Collector(String),

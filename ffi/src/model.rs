@@ -43,6 +43,10 @@ pub struct rlx_model_params {
     /// Non-zero: accept weights holding NaN or infinite values. 0 (the default): such a file is
     /// refused with RLX_FORMAT naming the first such tensor.
     pub allow_non_finite: u8,
+    /// Where the model runs: NULL or "cpu" (the default), "cuda" or "cuda:N". A CUDA device is
+    /// checked (driver, device present) and then refused with RLX_UNSUPPORTED: running a model
+    /// on CUDA is not built yet.
+    pub device: *const c_char,
 }
 
 impl Handle for rlx_model {
@@ -79,6 +83,7 @@ pub extern "C" fn rlx_model_default_params() -> rlx_model_params {
     rlx_model_params {
         threads: 0,
         allow_non_finite: 0,
+        device: std::ptr::null(),
     }
 }
 
@@ -107,11 +112,13 @@ pub(crate) fn path_from(c: &CStr) -> FfiResult<PathBuf> {
 /// Returns RLX_OK; RLX_NULL_POINTER (`path` or `out_model` is NULL); RLX_IO (the path or a file
 /// in the folder cannot be read); RLX_FORMAT (malformed config or weights); RLX_UNSUPPORTED (an
 /// architecture or dtype rlx does not run); RLX_TOKENIZER (tokenizer.json is malformed);
-/// RLX_INVALID_ARGUMENT (the thread pool cannot be created).
+/// RLX_INVALID_ARGUMENT (the thread pool cannot be created, or an unknown `device`);
+/// RLX_UNSUPPORTED also for a CUDA `device` (no driver or device, or CUDA not built yet).
 ///
 /// # Safety
 /// `path` is NULL or a NUL-terminated string; `params` is NULL or points to an
-/// rlx_model_params; `out_model` is NULL or valid for one pointer write.
+/// rlx_model_params whose `device` is NULL or NUL-terminated; `out_model` is NULL or valid for
+/// one pointer write.
 #[no_mangle]
 pub unsafe extern "C" fn rlx_model_load(
     path: *const c_char,
@@ -128,11 +135,21 @@ pub unsafe extern "C" fn rlx_model_load(
         let params = unsafe { params_or(params, rlx_model_default_params()) };
         let threads = usize::try_from(params.threads)
             .map_err(|_| FfiError::invalid("`threads` does not fit this platform"))?;
+        let device = if params.device.is_null() {
+            rlx_core::Device::Cpu
+        } else {
+            // SAFETY: the caller guarantees a non-NULL `device` is NUL-terminated.
+            unsafe { c_str(params.device, "device") }?
+                .to_str()
+                .map_err(|_| FfiError::invalid("`device` is not valid UTF-8"))?
+                .parse()?
+        };
         let model = Model::load(
             &path,
             LoadOptions {
                 threads,
                 allow_non_finite: params.allow_non_finite != 0,
+                device,
                 ..Default::default()
             },
         )?;

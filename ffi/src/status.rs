@@ -64,7 +64,7 @@ pub(crate) fn status_of(e: &Error) -> rlx_status {
         | Error::Config(_)
         | Error::TensorMissing { .. }
         | Error::TensorShape { .. } => RLX_FORMAT,
-        Error::Unsupported(_) | Error::TensorDtype { .. } => RLX_UNSUPPORTED,
+        Error::Unsupported(_) | Error::TensorDtype { .. } | Error::Cuda(_) => RLX_UNSUPPORTED,
         Error::Tokenizer(_) | Error::Template(_) => RLX_TOKENIZER,
         Error::NoTokenizer => RLX_NO_TOKENIZER,
         Error::TokenOutOfRange { .. } => RLX_OUT_OF_RANGE,

@@ -80,3 +80,29 @@ fn truncated_and_garbage_files_are_statuses() {
     }
     assert_eq!(tried, 100);
 }
+
+#[test]
+fn devices_are_checked() {
+    let path = CString::new(fixtures().join("llama-f32").to_str().unwrap()).unwrap();
+    let load_on = |device: &str| {
+        let d = CString::new(device).unwrap();
+        let mut params = rlx_model_default_params();
+        params.device = d.as_ptr();
+        let mut model = null_mut();
+        let st = unsafe { rlx_model_load(path.as_ptr(), &params, &mut model) };
+        let msg = unsafe { CStr::from_ptr(rlx_last_error()) }
+            .to_string_lossy()
+            .into_owned();
+        if st == rlx_status::RLX_OK {
+            unsafe { rlx_model_free(model) };
+        }
+        (st, msg)
+    };
+    assert_eq!(load_on("cpu").0, rlx_status::RLX_OK);
+    let (st, msg) = load_on("tpu:0");
+    assert_eq!(st, rlx_status::RLX_INVALID_ARGUMENT, "{msg}");
+    // No model runs on CUDA yet: with or without a GPU, a clear RLX_UNSUPPORTED.
+    let (st, msg) = load_on("cuda:0");
+    assert_eq!(st, rlx_status::RLX_UNSUPPORTED, "{msg}");
+    assert!(msg.contains("CUDA"), "{msg}");
+}

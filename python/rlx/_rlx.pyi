@@ -84,7 +84,10 @@ class Model:
 
     @staticmethod
     def load(
-        path: Union[str, PathLike[str]], threads: int = 0, allow_non_finite: bool = False
+        path: Union[str, PathLike[str]],
+        threads: int = 0,
+        allow_non_finite: bool = False,
+        device: str = "cpu",
     ) -> Model:
         """Loads a Hugging Face model folder (config.json, model.safetensors,
         tokenizer.json, ...) or a GGUF file.

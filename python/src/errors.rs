@@ -76,7 +76,7 @@ pub(crate) fn to_py_err(py: Python<'_>, e: Error) -> PyErr {
         | Error::Config(_)
         | Error::TensorMissing { .. }
         | Error::TensorShape { .. } => Class::ModelFormat,
-        Error::Unsupported(_) | Error::TensorDtype { .. } => Class::Unsupported,
+        Error::Unsupported(_) | Error::TensorDtype { .. } | Error::Cuda(_) => Class::Unsupported,
         Error::Tokenizer(_) | Error::NoTokenizer => Class::Tokenizer,
         Error::Template(_) => Class::Template,
         Error::TokenOutOfRange { .. } | Error::InvalidArgument(_) => Class::InvalidArgument,

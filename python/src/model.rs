@@ -109,14 +109,17 @@ pub(crate) fn load_model(
     path: &std::path::Path,
     threads: i64,
     allow_non_finite: bool,
+    device: &str,
 ) -> PyResult<rlx::Model> {
     let threads = count(py, threads, "threads")?;
+    let device: rlx::Device = device.parse().map_err(|e| to_py_err(py, e))?;
     py.detach(|| {
         rlx::Model::load(
             path,
             LoadOptions {
                 threads,
                 allow_non_finite,
+                device,
                 ..Default::default()
             },
         )
@@ -131,14 +134,23 @@ impl PyModel {
     /// `threads`: worker threads for this model's calls; 0 = one per CPU core.
     /// `allow_non_finite`: accept weights holding NaN/inf (refused with ModelFormatError
     /// otherwise).
+    /// `device`: "cpu" (default), "cuda" or "cuda:N"; a CUDA device is checked and then
+    /// refused with UnsupportedError (running a model on CUDA is not built yet).
     #[staticmethod]
-    #[pyo3(signature = (path, threads = 0, allow_non_finite = false))]
-    fn load(py: Python<'_>, path: PathBuf, threads: i64, allow_non_finite: bool) -> PyResult<Self> {
+    #[pyo3(signature = (path, threads = 0, allow_non_finite = false, device = "cpu"))]
+    fn load(
+        py: Python<'_>,
+        path: PathBuf,
+        threads: i64,
+        allow_non_finite: bool,
+        device: &str,
+    ) -> PyResult<Self> {
         Ok(PyModel::from_model(load_model(
             py,
             &path,
             threads,
             allow_non_finite,
+            device,
         )?))
     }
 

@@ -86,7 +86,7 @@ impl PyRewardModel {
     #[staticmethod]
     #[pyo3(signature = (path, threads = 0))]
     fn load(py: Python<'_>, path: PathBuf, threads: i64) -> PyResult<Self> {
-        let inner = load_model(py, &path, threads, false)?;
+        let inner = load_model(py, &path, threads, false, "cpu")?;
         if inner.weights().score.is_none() {
             return Err(
                 Class::InvalidArgument.err(py, format!("{} has no score head", path.display()))

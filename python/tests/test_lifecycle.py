@@ -345,3 +345,12 @@ def test_lying_safetensors_headers_raise_format_errors(tmp_path, lie):
     _with_header(folder, edit)
     with pytest.raises(rlx.ModelFormatError):
         rlx.Model.load(str(folder))
+
+
+def test_devices_are_checked():
+    rlx.Model.load(FIXTURES / "llama-f32", device="cpu").close()
+    with pytest.raises(rlx.InvalidArgumentError):
+        rlx.Model.load(FIXTURES / "llama-f32", device="tpu")
+    # No model runs on CUDA yet: with or without a GPU, a clear UnsupportedError.
+    with pytest.raises(rlx.UnsupportedError, match="CUDA"):
+        rlx.Model.load(FIXTURES / "llama-f32", device="cuda:0")

@@ -1,4 +1,68 @@
-//! Compute backends. Only the CPU backend exists today; the CUDA backend (cudarc + NVRTC kernels)
-//! comes with its own issue and will implement the same operations.
+//! Compute backends: the CPU backend runs every model; the CUDA side (feature `cuda`) so far
+//! finds the driver and NVRTC and compiles the kernels, but runs no model yet.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use crate::error::{Error, Result};
+
+/// Where a model runs: `cpu`, or a CUDA device (`cuda` = `cuda:0`, `cuda:N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Device> {
+        let bad = || {
+            Error::invalid(format!(
+                "unknown device `{s}` (expected cpu, cuda or cuda:N)"
+            ))
+        };
+        match s.trim() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(Device::Cuda)
+                .ok_or_else(bad),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Device {
+    /// Ok when a model can run here. For `cuda:N` the driver and the device are checked first,
+    /// so the error says what is missing; then that models do not run on CUDA yet.
+    pub fn check_usable(self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                cuda::check_device(n)?;
+                Err(Error::Cuda(format!(
+                    "cuda:{n} is present, but running a model on CUDA is not built yet (the \
+                     kernels compile; the backend that launches them does not exist); use cpu"
+                )))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::Cuda(
+                "this build of rlx has no CUDA support (crate feature `cuda`)".into(),
+            )),
+        }
+    }
+}

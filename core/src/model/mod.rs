@@ -55,11 +55,15 @@ pub struct LoadOptions {
     /// Off by default: a model file with them is refused at load with an error naming the first
     /// such tensor, instead of producing NaN log-probs later.
     pub allow_non_finite: bool,
+    /// Where the model runs (`cpu` by default). `cuda:N` is checked (driver, device) and then
+    /// refused: the CUDA backend runs no model yet.
+    pub device: crate::backend::Device,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
+            device: crate::backend::Device::Cpu,
             threads: 0,
             keep_quantized: true,
             allow_non_finite: false,
@@ -114,6 +118,7 @@ impl Model {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
             ));
         }
+        options.device.check_usable()?;
         let pool = build_pool(options.threads)?;
         if dir.is_file() {
             let model = Self::load_gguf(dir, pool, options.keep_quantized)?;

@@ -1,0 +1,36 @@
+// Reductions the other kernels and the optimizer need: a sum of squares (gradient norm),
+// accumulated into one f32 with atomics; scaling; conversions between f32 and bf16.
+
+extern "C" __global__ void sum_squares(const float* x, long long n, float* out) {
+    __shared__ float scratch[32];
+    float acc = 0.0f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        acc += x[i] * x[i];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) atomicAdd(out, acc);
+}
+
+extern "C" __global__ void scale_in_place(float* x, long long n, float a) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        x[i] *= a;
+}
+
+extern "C" __global__ void add_in_place(float* x, const float* y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        x[i] += y[i];
+}
+
+extern "C" __global__ void f32_to_bf16_kernel(const float* x, bf16_t* y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        y[i] = f32_to_bf16(x[i]);
+}
+
+extern "C" __global__ void bf16_to_f32_kernel(const bf16_t* x, float* y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        y[i] = bf16_to_f32(x[i]);
+}
