@@ -7,11 +7,15 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 
-/// `tests/fixtures/<name>` (written by `tests/gen_fixtures.py`).
+/// `tests/fixtures/<name>` (written by `tests/gen_fixtures.py`); `RLX_FIXTURES` points
+/// elsewhere (a test binary carried to another machine, e.g. by `scripts/gpu-check.sh`).
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
+    match std::env::var_os("RLX_FIXTURES") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures")
+            .join(name),
+    }
 }
 
 /// One reference case written by transformers.
