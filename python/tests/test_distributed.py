@@ -101,6 +101,9 @@ def test_ppo_lora_two_workers_equal_one_process(cluster, data, tmp_path):
     report = distributed.run(job(data, tmp_path / "dist", lora_rank=2), workers=2)
     assert report["outcome"] == "finished" and report["steps"] == 12
     same_run(tmp_path / "single", tmp_path / "dist")
+    # The workers' sampling log-probs are the learner's own for the same weights: each
+    # iteration's first update has ratios of exactly 1.
+    assert all(m["first_approx_kl"] == 0.0 for m in metrics(tmp_path / "dist"))
     # Adapter-only sync: LoRA factors and the value head, a few KB per iteration.
     sizes = {s["state_bytes"] for s in report["sync"]}
     assert len(report["sync"]) == 3 and max(sizes) < 20_000, report["sync"]
