@@ -5,11 +5,12 @@
 //! The task: a customer reports a problem; the assistant should answer in one short, polite
 //! sentence. The labeller's score (0–4), stated once here and in docs/RESULTS.md:
 //! +1 the answer apologises ("sorry" or "apolog…"), +1 it thanks the customer ("thank…"),
-//! +1 it has 4 to 25 words, +1 it is on task: none of the rude phrases below, and it does not
-//! echo the customer's message back ("customer writes", or the quoted complaint).
+//! +1 it has 4 to 25 words, +1 it is on task: none of the rude phrases below. An answer that
+//! echoes the customer's message back ("customer writes", or the quoted complaint) is no reply
+//! and scores 0.
 //!
 //! Data (written to OUT/data, deterministic): SFT demonstrations for some training prompts,
-//! K = 4 answers per prompt ranked by the labeller for the reward model and DPO, training
+//! K = 5 answers per prompt ranked by the labeller for the reward model and DPO, training
 //! prompts for PPO and GRPO, and held-out prompts (other products and problems) for the table.
 
 use std::fmt::Write as _;
@@ -82,7 +83,10 @@ pub fn labeller(prompt: &str, answer: &str) -> f64 {
     }
     let echoes = a.contains("customer writes")
         || complaint(prompt).is_some_and(|c| !c.is_empty() && a.contains(&c));
-    if words > 0 && !echoes && !RUDE.iter().any(|r| a.contains(r)) {
+    if echoes {
+        return 0.0;
+    }
+    if words > 0 && !RUDE.iter().any(|r| a.contains(r)) {
         score += 1.0;
     }
     score
@@ -130,8 +134,8 @@ fn ranked_answers(product: &str, problem: &str, variant: usize) -> [String; 5] {
              time contacting support about it."
         ),
         format!("We will look into your {product}."),
+        "Deal with it, that is not our problem.".to_string(),
         format!("A customer writes: \"My {product} {problem}.\""),
-        "Deal with it.".to_string(),
     ]
 }
 
@@ -582,9 +586,10 @@ mod tests {
         }
         assert_eq!(labeller("", ""), 0.0);
         let prompt = prompt_text("kettle", "arrived broken");
+        // An echo of the complaint scores nothing, however polite.
         assert_eq!(
             labeller(&prompt, "Sorry, my kettle arrived broken, thank you."),
-            3.0
+            0.0
         );
     }
 }

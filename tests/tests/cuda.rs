@@ -143,8 +143,8 @@ fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
 }
 
 #[test]
-fn gpu_norm_activation_optimizer_and_logsoftmax_match_the_cpu() {
-    let Some((ctx, arch)) = gpu("gpu_norm_activation_optimizer_and_logsoftmax_match_the_cpu")
+fn gpu_norm_activation_rope_optimizer_and_logsoftmax_match_the_cpu() {
+    let Some((ctx, arch)) = gpu("gpu_norm_activation_rope_optimizer_and_logsoftmax_match_the_cpu")
     else {
         return;
     };
@@ -247,6 +247,36 @@ fn gpu_norm_activation_optimizer_and_logsoftmax_match_the_cpu() {
         })
         .collect();
     assert_close(&got, &want, 1e-5, "adamw");
+
+    // RoPE: the backward is the transpose of the forward rotation, so fwd then bwd is x.
+    let (heads, hd) = (3usize, 20usize);
+    let xr = random(rows * heads * hd, 9);
+    let positions: Vec<i32> = vec![0, 1, 7, 100, 4095];
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| 10000f32.powf(-(2 * i) as f32 / hd as f32))
+        .collect();
+    let (fwd, bwd) = (
+        function(&ctx, &arch, "rope", "rope_fwd"),
+        function(&ctx, &arch, "rope", "rope_bwd"),
+    );
+    let mut dxr = stream.clone_htod(&xr).unwrap();
+    let (dpos, dfreq) = (
+        stream.clone_htod(&positions).unwrap(),
+        stream.clone_htod(&inv_freq).unwrap(),
+    );
+    let (nt, nh, nd) = (rows as i32, heads as i32, hd as i32);
+    for f in [&fwd, &bwd] {
+        let mut b = stream.launch_builder(f);
+        b.arg(&mut dxr)
+            .arg(&dpos)
+            .arg(&dfreq)
+            .arg(&nt)
+            .arg(&nh)
+            .arg(&nd);
+        // SAFETY: rope_fwd/rope_bwd(x, positions, inv_freq, n_tokens, heads, head_dim).
+        unsafe { b.launch(cfg) }.unwrap();
+    }
+    assert_close(&stream.clone_dtoh(&dxr).unwrap(), &xr, 1e-5, "rope fwd∘bwd");
 
     // Log-softmax gather at temperature 0.7.
     let vocab = 1000usize;
