@@ -253,7 +253,7 @@ fn gpu_norm_activation_rope_optimizer_and_logsoftmax_match_the_cpu() {
     let xr = random(rows * heads * hd, 9);
     let positions: Vec<i32> = vec![0, 1, 7, 100, 4095];
     let inv_freq: Vec<f32> = (0..hd / 2)
-        .map(|i| 10000f32.powf(-(2 * i) as f32 / hd as f32))
+        .map(|i| 10000f32.powf(-((2 * i) as f32) / hd as f32))
         .collect();
     let (fwd, bwd) = (
         function(&ctx, &arch, "rope", "rope_fwd"),
