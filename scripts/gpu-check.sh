@@ -6,7 +6,7 @@
 #
 # `run` puts the machine's own libnvrtc (from its PyTorch/CUDA install) on the loader's path,
 # prints the device, and runs the CUDA tests: every kernel compiles for sm_80/sm_90 and for the
-# device, and the kernels that have a CPU reference (RMSNorm, SwiGLU, AdamW, log-softmax
+# device, and the kernels that have a CPU reference (RMSNorm, SwiGLU, RoPE, AdamW, log-softmax
 # gather, prefill attention) are run on the GPU and compared. It finishes in well under a
 # minute.
 #

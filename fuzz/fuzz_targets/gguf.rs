@@ -123,6 +123,7 @@ fuzz_target!(|data: &[u8]| {
             threads: 0,
             keep_quantized,
             allow_non_finite: keep_quantized,
+            ..LoadOptions::default()
         };
         match Model::load(&path, options) {
             Ok(model) => {
