@@ -9,9 +9,9 @@
 //! echoes the customer's message back ("customer writes", or the quoted complaint) is no reply
 //! and scores 0.
 //!
-//! Data (written to OUT/data, deterministic): SFT demonstrations for some training prompts,
-//! K = 5 answers per prompt ranked by the labeller for the reward model and DPO, training
-//! prompts for PPO and GRPO, and held-out prompts (other products and problems) for the table.
+//! Data (written to OUT/data, deterministic): SFT demonstrations for a third of the training
+//! prompts, K = 5 answers ranked by the labeller for another third (the reward model and DPO),
+//! all training prompts for PPO and GRPO, and held-out prompts (other products and problems) for the table.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -170,7 +170,7 @@ fn write_data(dir: &Path) -> CliResult<DemoData> {
             // third.
             match (i + j) % 3 {
                 0 => sft.push(json!({"prompt": p, "response": answers[i % 2]})),
-                1 if prefs.len() < 8 => prefs.push(json!({"prompt": p, "responses": answers})),
+                1 => prefs.push(json!({"prompt": p, "responses": answers})),
                 _ => {}
             }
         }
