@@ -368,14 +368,7 @@ fn setup(c: &Common, default_lr: f32) -> CliResult<Setup> {
         lr: cfg.get(c.lr, "lr", default_lr)?,
         weight_decay: cfg.get(c.weight_decay, "weight_decay", 0.0)?,
         max_grad_norm: Some(cfg.get(c.max_grad_norm, "max_grad_norm", 1.0)?),
-        schedule: if total > 0 {
-            Schedule::WarmupCosine {
-                warmup_steps: warmup,
-                total_steps: total,
-            }
-        } else {
-            Schedule::Constant
-        },
+        schedule: Schedule::from_steps(warmup, total),
         ..Default::default()
     };
     let rank: usize = cfg.get(c.lora_rank, "lora_rank", 0)?;

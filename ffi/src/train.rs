@@ -197,14 +197,7 @@ pub unsafe extern "C" fn rlx_trainer_create(
             eps: p.eps,
             weight_decay: p.weight_decay,
             max_grad_norm: (p.max_grad_norm > 0.0).then_some(p.max_grad_norm),
-            schedule: if p.total_steps > 0 {
-                Schedule::WarmupCosine {
-                    warmup_steps: p.warmup_steps,
-                    total_steps: p.total_steps,
-                }
-            } else {
-                Schedule::Constant
-            },
+            schedule: Schedule::from_steps(p.warmup_steps, p.total_steps),
         };
         let threads = usize::try_from(p.threads)
             .map_err(|_| FfiError::invalid("`threads` does not fit this platform"))?;

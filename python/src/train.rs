@@ -248,14 +248,7 @@ impl PyTrainer {
             eps: eps as f32,
             weight_decay: weight_decay as f32,
             max_grad_norm: max_grad_norm.map(|m| m as f32),
-            schedule: if total_steps > 0 {
-                Schedule::WarmupCosine {
-                    warmup_steps,
-                    total_steps,
-                }
-            } else {
-                Schedule::Constant
-            },
+            schedule: Schedule::from_steps(warmup_steps, total_steps),
         };
         let lora = lora.map(|l| l.inner.clone());
         let inner = py

@@ -184,14 +184,7 @@ impl OnPolicyJob {
             lr: self.lr,
             weight_decay: self.weight_decay,
             max_grad_norm: Some(self.max_grad_norm),
-            schedule: if self.total_steps > 0 {
-                Schedule::WarmupCosine {
-                    warmup_steps: self.warmup_steps,
-                    total_steps: self.total_steps,
-                }
-            } else {
-                Schedule::Constant
-            },
+            schedule: Schedule::from_steps(self.warmup_steps, self.total_steps),
             ..Default::default()
         }
     }

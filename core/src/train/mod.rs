@@ -29,6 +29,21 @@ pub enum Schedule {
     },
 }
 
+impl Schedule {
+    /// The schedule of the `--warmup-steps` / `--total-steps` settings: warm-up + cosine when
+    /// `total_steps > 0`, else constant.
+    pub fn from_steps(warmup_steps: u64, total_steps: u64) -> Schedule {
+        if total_steps > 0 {
+            Schedule::WarmupCosine {
+                warmup_steps,
+                total_steps,
+            }
+        } else {
+            Schedule::Constant
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
     pub lr: f32,
