@@ -184,17 +184,23 @@ impl Config {
 
     /// The flag's value, else the config's `key`, else `default`.
     fn get<T: FromStr>(&self, flag: Option<T>, key: &str, default: T) -> CliResult<T> {
-        if let Some(v) = flag {
-            return Ok(v);
+        Ok(self.optional(flag, key)?.unwrap_or(default))
+    }
+
+    /// The flag's value, else the config's `key`, else none.
+    fn optional<T: FromStr>(&self, flag: Option<T>, key: &str) -> CliResult<Option<T>> {
+        if flag.is_some() {
+            return Ok(flag);
         }
         match self.table.get(key) {
-            None => Ok(default),
+            None => Ok(None),
             Some(v) => {
                 let text = match v {
                     toml::Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
                 text.parse::<T>()
+                    .map(Some)
                     .map_err(|_| format!("config key `{key}`: cannot use {v}").into())
             }
         }
@@ -207,26 +213,6 @@ impl Config {
                 .and_then(|v| v.as_str())
                 .map(PathBuf::from)
         })
-    }
-
-    /// The flag's value, else the config's `key`, else none.
-    fn optional<T: FromStr>(&self, flag: Option<T>, key: &str) -> CliResult<Option<T>> {
-        if flag.is_some() || !self.table.contains_key(key) {
-            return Ok(flag);
-        }
-        // Present in the table: parsed with `get`'s rules (the default is never used).
-        let mut parsed = None;
-        if let Some(v) = self.table.get(key) {
-            let text = match v {
-                toml::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            parsed = Some(
-                text.parse::<T>()
-                    .map_err(|_| format!("config key `{key}`: cannot use {v}"))?,
-            );
-        }
-        Ok(parsed)
     }
 
     fn flag(&self, flag: bool, key: &str) -> bool {
@@ -694,8 +680,6 @@ fn on_policy(a: OnPolicyArgs, stage: OnPolicyStage) -> CliResult {
     if let Some(address) = &a.ray {
         return distributed(&job, address, a.workers);
     }
-    // Checked before any model is loaded.
-    job.grpo_config()?;
     let mut obs = console()?;
     let r = job.run(None, &mut obs)?;
     summary(name, &r, &job.out);

@@ -246,10 +246,9 @@ impl OnPolicyJob {
         self.stage == OnPolicyStage::Ppo || self.beta > 0.0
     }
 
-    /// The starting policy as both the learner and the workers build it: loaded, a value head
-    /// for PPO (drawn from the run's seed), LoRA adapters when asked.
-    fn initial_policy(&self) -> Result<Model> {
-        let mut model = self.load(&self.model)?;
+    /// The starting policy as both the learner and the workers build it from the loaded
+    /// `model`: a value head for PPO (drawn from the run's seed), LoRA adapters when asked.
+    fn initial_policy(&self, mut model: Model) -> Result<Model> {
         if self.stage == OnPolicyStage::Ppo && model.weights().value.is_none() {
             model.add_value_head(self.seed);
         }
@@ -270,15 +269,14 @@ impl OnPolicyJob {
         Ok(rm)
     }
 
-    /// A rollout worker's models.
+    /// A rollout worker's models. The reference is the loaded model itself, sharing its weights
+    /// with the policy (a policy tensor the learner's state overwrites is copied on write).
     pub fn worker_models(&self) -> Result<WorkerModels> {
+        let base = self.load(&self.model)?;
+        let reference = self.wants_reference().then(|| base.clone());
         Ok(WorkerModels {
-            policy: self.initial_policy()?,
-            reference: if self.wants_reference() {
-                Some(self.load(&self.model)?)
-            } else {
-                None
-            },
+            policy: self.initial_policy(base)?,
+            reference,
             reward: self.reward_model()?,
         })
     }
@@ -303,7 +301,7 @@ impl OnPolicyJob {
                 self.out.display()
             )));
         }
-        let mut model = self.initial_policy()?;
+        let mut model = self.initial_policy(self.load(&self.model)?)?;
         model.set_gradient_checkpointing(self.gradient_checkpointing);
         Ok((Trainer::new(model, self.train_config())?, None))
     }
