@@ -53,7 +53,7 @@ pub fn attention(out: &mut [f32], q: &[f32], slots: &[Slot], kv: &[KvView<'_>], 
         match isa() {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: AVX2 and FMA were detected.
-            Isa::Avx2Fma | Isa::Avx512 => unsafe { head_avx2(o, &head) },
+            Isa::Avx2Fma | Isa::Avx512 => unsafe { x86_heads::head(o, &head) },
             _ => head.run(o, dot, axpy),
         }
     });
@@ -121,16 +121,176 @@ impl Head<'_> {
 /// Positions per block of the online softmax.
 const BLOCK: usize = 8;
 
-/// [`Head::run`] compiled with AVX2 and FMA, so the dot products, the exponentials and the
-/// AXPYs inline as vector code instead of a call (and an ISA check) per position.
-///
-/// # Safety
-/// AVX2 and FMA are present.
+/// The AVX2+FMA heads. Head sizes that are multiples of 8 (up to 128) take
+/// [`head_in_registers`](x86_heads::head_in_registers); others take [`Head::run`] compiled
+/// for AVX2. Both compute the same values bit for bit (a test checks it).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn head_avx2(o: &mut [f32], head: &Head<'_>) {
-    use super::simd::x86;
-    head.run(o, |a, b| x86::dot(a, b), |y, a, x| x86::axpy(y, a, x));
+mod x86_heads {
+    use std::arch::x86_64::*;
+
+    use super::super::simd::{exp, x86};
+    use super::{Head, BLOCK};
+
+    /// # Safety
+    /// AVX2 and FMA are present.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn head(o: &mut [f32], head: &Head<'_>) {
+        macro_rules! by_chunks {
+            ($($ch:literal)*) => {
+                match head.q.len() {
+                    // SAFETY: AVX2 and FMA are present (the caller's contract).
+                    $(n if n == 8 * $ch => unsafe { head_in_registers::<$ch>(o, head) },)*
+                    _ => unsafe { head_generic(o, head) },
+                }
+            };
+        }
+        by_chunks!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+    }
+
+    /// [`Head::run`] compiled with AVX2 and FMA, so the dot products, the exponentials and the
+    /// AXPYs inline as vector code instead of a call (and an ISA check) per position.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are present.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn head_generic(o: &mut [f32], head: &Head<'_>) {
+        head.run(o, |a, b| x86::dot(a, b), |y, a, x| x86::axpy(y, a, x));
+    }
+
+    /// [`Head::run`] for head size `8·CH`, with its arithmetic unchanged but fewer instructions
+    /// around it: the running output stays in registers, and a block's eight scores are
+    /// lane-summed together (the additions pair the same values as [`x86::hsum`] does for one)
+    /// and exponentiated together ([`exp`]'s operations, lane by lane).
+    ///
+    /// # Safety
+    /// AVX2 and FMA are present; `head.q.len() == 8 * CH == o.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn head_in_registers<const CH: usize>(o: &mut [f32], head: &Head<'_>) {
+        let (kv_dim, off) = (head.kv_dim, head.off);
+        assert!(head.q.len() == 8 * CH && o.len() == 8 * CH);
+        let rows = head.pos + 1;
+        assert!(
+            head.cache.k.len() >= (rows - 1) * kv_dim + off + 8 * CH
+                && head.cache.v.len() >= (rows - 1) * kv_dim + off + 8 * CH,
+            "attention: cache shorter than the positions it is asked for"
+        );
+        let (qp, kp, vp) = (
+            head.q.as_ptr(),
+            head.cache.k.as_ptr(),
+            head.cache.v.as_ptr(),
+        );
+        let mut acc = [_mm256_setzero_ps(); CH];
+        let (mut max, mut denom) = (f32::NEG_INFINITY, 0f32);
+        let scale = _mm256_set1_ps(head.scale);
+        let mut p0 = 0;
+        while p0 < rows {
+            let n = BLOCK.min(rows - p0);
+            let mut sums = [_mm256_setzero_ps(); BLOCK];
+            for c in 0..CH {
+                // SAFETY: c < CH, inside q (asserted length 8·CH).
+                let qv = unsafe { _mm256_loadu_ps(qp.add(8 * c)) };
+                for (j, sum) in sums.iter_mut().enumerate().take(n) {
+                    // SAFETY: position p0 + j < rows, inside the cache (asserted).
+                    let kv = unsafe { _mm256_loadu_ps(kp.add((p0 + j) * kv_dim + off + 8 * c)) };
+                    *sum = _mm256_fmadd_ps(qv, kv, *sum);
+                }
+            }
+            let mut scores = [f32::NEG_INFINITY; BLOCK];
+            // SAFETY: `scores` holds 8 values.
+            unsafe { _mm256_storeu_ps(scores.as_mut_ptr(), _mm256_mul_ps(hsum8(&sums), scale)) };
+            scores[n..].fill(f32::NEG_INFINITY);
+            let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if block_max > max {
+                let rescale = exp(max - block_max);
+                denom *= rescale;
+                for a in acc.iter_mut() {
+                    *a = _mm256_mul_ps(*a, _mm256_set1_ps(rescale));
+                }
+                max = block_max;
+            }
+            let mut weights = [0f32; BLOCK];
+            // SAFETY: both arrays hold 8 values.
+            unsafe {
+                let shifted = _mm256_sub_ps(_mm256_loadu_ps(scores.as_ptr()), _mm256_set1_ps(max));
+                _mm256_storeu_ps(weights.as_mut_ptr(), exp8(shifted));
+            }
+            for (j, &e) in weights.iter().enumerate().take(n) {
+                denom += e;
+                let ev = _mm256_set1_ps(e);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: position p0 + j < rows, inside the cache (asserted).
+                    let v = unsafe { _mm256_loadu_ps(vp.add((p0 + j) * kv_dim + off + 8 * c)) };
+                    *a = _mm256_fmadd_ps(ev, v, *a);
+                }
+            }
+            p0 += BLOCK;
+        }
+        let inv = _mm256_set1_ps(1.0 / denom);
+        for (c, a) in acc.iter().enumerate() {
+            // SAFETY: c < CH, inside `o` (asserted length 8·CH).
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * c), _mm256_mul_ps(*a, inv)) };
+        }
+    }
+
+    /// Lane `j` of the result is `x86::hsum(s[j])`, with the same pairs added in the same
+    /// order: halves (`i` + `i+4`), then `0+2` and `1+3`, then those two.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn hsum8(s: &[__m256; 8]) -> __m256 {
+        let halves = |a: __m256, b: __m256| {
+            _mm256_add_ps(
+                _mm256_permute2f128_ps(a, b, 0x20),
+                _mm256_permute2f128_ps(a, b, 0x31),
+            )
+        };
+        // Lower 128 bits: vector j's four half-sums; upper: vector j + 4's.
+        let (q04, q15, q26, q37) = (
+            halves(s[0], s[4]),
+            halves(s[1], s[5]),
+            halves(s[2], s[6]),
+            halves(s[3], s[7]),
+        );
+        let pairs = |a: __m256, b: __m256| {
+            _mm256_add_ps(
+                _mm256_shuffle_ps(a, b, 0b01_00_01_00),
+                _mm256_shuffle_ps(a, b, 0b11_10_11_10),
+            )
+        };
+        let (d01, d23) = (pairs(q04, q15), pairs(q26, q37));
+        _mm256_add_ps(
+            _mm256_shuffle_ps(d01, d23, 0b10_00_10_00),
+            _mm256_shuffle_ps(d01, d23, 0b11_01_11_01),
+        )
+    }
+
+    /// [`exp`] on 8 lanes: the same operations in the same order, so the same bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp8(x: __m256) -> __m256 {
+        let c = _mm256_set1_ps;
+        // `clamp` keeps a NaN; max/min return their second operand when either is NaN.
+        let x = _mm256_min_ps(c(88.72), _mm256_max_ps(c(-87.3), x));
+        let k = _mm256_add_ps(_mm256_mul_ps(x, c(std::f32::consts::LOG2_E)), c(0.5));
+        let k = _mm256_round_ps(k, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        let r = _mm256_sub_ps(
+            _mm256_sub_ps(x, _mm256_mul_ps(k, c(0.693_359_4))),
+            _mm256_mul_ps(k, c(-2.121_944_4e-4)),
+        );
+        let mut p = c(1.388_079e-3);
+        for coeff in [8.333_524e-3, 4.166_664_6e-2, 1.666_666_7e-1, 0.5, 1.0, 1.0] {
+            p = _mm256_add_ps(_mm256_mul_ps(p, r), c(coeff));
+        }
+        let k = _mm256_cvttps_epi32(k);
+        // k / 2 rounded toward zero, as Rust's integer division does.
+        let half_k = _mm256_srai_epi32(_mm256_add_epi32(k, _mm256_srli_epi32(k, 31)), 1);
+        let bias = _mm256_set1_epi32(127);
+        let half = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half_k, bias), 23));
+        let rest = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_sub_epi32(k, half_k), bias),
+            23,
+        ));
+        _mm256_mul_ps(_mm256_mul_ps(p, half), rest)
+    }
 }
 
 /// Gradient buffers of one sequence's keys and values for one layer, laid out like [`KvView`].
@@ -326,6 +486,98 @@ mod tests {
                 loss(&q, &k, &a)
             });
             assert!((want - *g as f64).abs() < 2e-3, "dv[{i}]: {want} vs {g}");
+        }
+    }
+
+    /// The register-resident heads change the instructions, not the arithmetic: same bits as
+    /// the generic loop for every supported head size, at positions that end mid-block and on
+    /// block edges, and with scores large enough to move the running maximum.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn register_heads_equal_the_generic_loop_bitwise() {
+        if isa() < Isa::Avx2Fma {
+            println!("skipped: no AVX2+FMA here (or RLX_ISA caps it)");
+            return;
+        }
+        for ch in [1usize, 2, 3, 8, 16] {
+            let hs = 8 * ch;
+            let (nkv, len) = (2, 37);
+            let kv_dim = nkv * hs;
+            let k: Vec<f32> = crate::backend::cpu::test_values(len * kv_dim, ch as u32)
+                .iter()
+                .map(|x| x * 6.0)
+                .collect();
+            let v = crate::backend::cpu::test_values(len * kv_dim, 100 + ch as u32);
+            let q = crate::backend::cpu::test_values(hs, 200 + ch as u32);
+            for pos in [0, 6, 7, 8, 9, 20, len - 1] {
+                let head = Head {
+                    q: &q,
+                    cache: KvView { k: &k, v: &v },
+                    off: hs,
+                    kv_dim,
+                    pos,
+                    scale: 1.0 / (hs as f32).sqrt(),
+                };
+                let (mut fast, mut generic) = (vec![0f32; hs], vec![0f32; hs]);
+                // SAFETY: AVX2 and FMA were detected; q and o have 8·ch values.
+                unsafe {
+                    x86_heads::head(&mut fast, &head);
+                    x86_heads::head_generic(&mut generic, &head);
+                }
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&fast), bits(&generic), "hs {hs} pos {pos}");
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn eight_lane_exp_and_lane_sums_equal_the_scalar_ones_bitwise() {
+        use std::arch::x86_64::*;
+        if isa() < Isa::Avx2Fma {
+            println!("skipped: no AVX2+FMA here (or RLX_ISA caps it)");
+            return;
+        }
+        let mut inputs: Vec<f32> = (0..4000).map(|i| -100.0 + i as f32 * 0.0471).collect();
+        inputs.extend([
+            -87.3,
+            88.72,
+            -0.0,
+            0.0,
+            1e-30,
+            -1e-30,
+            f32::NEG_INFINITY,
+            89.0,
+        ]);
+        inputs.resize(inputs.len().next_multiple_of(8), 1.0);
+        for chunk in inputs.chunks(8) {
+            let mut got = [0f32; 8];
+            // SAFETY: AVX2 and FMA were detected; both arrays hold 8 values.
+            unsafe {
+                _mm256_storeu_ps(
+                    got.as_mut_ptr(),
+                    x86_heads::exp8(_mm256_loadu_ps(chunk.as_ptr())),
+                )
+            };
+            for (x, g) in chunk.iter().zip(got) {
+                assert_eq!(exp(*x).to_bits(), g.to_bits(), "exp({x})");
+            }
+        }
+        let values = crate::backend::cpu::test_values(64, 9);
+        // SAFETY: AVX2 and FMA were detected; `values` holds 64 values.
+        let (vectors, sums) = unsafe {
+            let vectors: [__m256; 8] =
+                std::array::from_fn(|j| _mm256_loadu_ps(values.as_ptr().add(8 * j)));
+            let mut sums = [0f32; 8];
+            _mm256_storeu_ps(sums.as_mut_ptr(), x86_heads::hsum8(&vectors));
+            (vectors, sums)
+        };
+        for (v, s) in vectors.iter().zip(sums) {
+            // SAFETY: as above.
+            assert_eq!(
+                unsafe { super::super::simd::x86::hsum(*v) }.to_bits(),
+                s.to_bits()
+            );
         }
     }
 
