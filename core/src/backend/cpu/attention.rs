@@ -299,37 +299,45 @@ pub struct KvGrad<'a> {
     pub dv: &'a mut [f32],
 }
 
-/// Softmax weights of token `t`, head `h` over positions `0..=pos`, recomputed as the forward
-/// did (max first, then the normalizer), passed one at a time to `visit(position, weight)`.
-fn for_each_weight(
+/// Softmax weights of one (token, head) over positions `0..=pos`, recomputed as the forward
+/// did (max first, then the normalizer), written to `weights[..=pos]`.
+fn softmax_weights(
+    weights: &mut [f32],
     qh: &[f32],
     cache: KvView<'_>,
     off: usize,
     kv_dim: usize,
-    pos: usize,
     hs: usize,
-    mut visit: impl FnMut(usize, f32),
 ) {
     let scale = 1.0 / (hs as f32).sqrt();
-    // Each score once; exponentiated in place, then normalised.
-    let mut weights: Vec<f32> = (0..=pos)
-        .map(|p| dot(qh, &cache.k[p * kv_dim + off..][..hs]) * scale)
-        .collect();
+    for (p, w) in weights.iter_mut().enumerate() {
+        *w = dot(qh, &cache.k[p * kv_dim + off..][..hs]) * scale;
+    }
     let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut z = 0f32;
     for w in weights.iter_mut() {
-        *w = (*w - max).exp();
+        *w = exp(*w - max);
         z += *w;
     }
-    for (p, w) in weights.into_iter().enumerate() {
-        visit(p, w / z);
+    let inv = 1.0 / z;
+    for w in weights.iter_mut() {
+        *w *= inv;
     }
 }
+
+/// Above this many cached values, [`attention_backward`] recomputes each (token, head)'s
+/// softmax weights in its second pass instead of keeping them from the first (long sequences:
+/// the cache grows with the square of the length).
+const CACHED_WEIGHTS_LIMIT: usize = 1 << 24;
 
 /// Backward of [`attention`]. `out` is the forward's output. Writes `dq (T, NH·HS)`; accumulates
 /// into `dkv[seq]` (same layout as the caches). `dq` is computed in parallel per (token, head);
 /// key/value gradients in parallel per (sequence, KV head), each accumulated in token order, so
 /// nothing depends on the thread count.
+///
+/// Each (token, head) needs its softmax weights `p_j` and score gradients
+/// `dL/ds_j = p_j (do·v_j − do·o)`; the first pass computes them and, while they fit in
+/// [`CACHED_WEIGHTS_LIMIT`], keeps them for the second (the same values either way).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dq: &mut [f32],
@@ -341,34 +349,98 @@ pub fn attention_backward(
     kv: &[KvView<'_>],
     heads: Heads,
 ) {
+    backward_with_cache_limit(
+        dq,
+        dkv,
+        dout,
+        out,
+        q,
+        slots,
+        kv,
+        heads,
+        CACHED_WEIGHTS_LIMIT,
+    )
+}
+
+/// [`attention_backward`] with the cache limit as a parameter (tests run both ways).
+#[allow(clippy::too_many_arguments)]
+fn backward_with_cache_limit(
+    dq: &mut [f32],
+    dkv: &mut [KvGrad<'_>],
+    dout: &[f32],
+    out: &[f32],
+    q: &[f32],
+    slots: &[Slot],
+    kv: &[KvView<'_>],
+    heads: Heads,
+    cache_limit: usize,
+) {
     let Heads { nh, nkv, hs } = heads;
     let group = nh / nkv;
     let kv_dim = nkv * hs;
     let scale = 1.0 / (hs as f32).sqrt();
-    // For (token, head) `i`, calls `visit(position, p_j, dL/ds_j)` with
-    // dL/ds_j = p_j (do·v_j − do·o).
-    let terms = |i: usize, visit: &mut dyn FnMut(usize, f32, f32)| {
+    // Fills `w` and `ds` (length pos + 1) for (token, head) `i`.
+    let terms = |i: usize, w: &mut [f32], ds: &mut [f32]| {
         let (t, h) = (i / nh, i % nh);
-        let slot = slots[t];
-        let cache = kv[slot.seq];
+        let cache = kv[slots[t].seq];
         let at = t * nh * hs + h * hs;
         let (qh, doh, oh) = (&q[at..at + hs], &dout[at..at + hs], &out[at..at + hs]);
         let off = (h / group) * hs;
+        softmax_weights(w, qh, cache, off, kv_dim, hs);
         let d_o = dot(doh, oh);
-        for_each_weight(qh, cache, off, kv_dim, slot.pos, hs, |p, w| {
-            let ds = w * (dot(doh, &cache.v[p * kv_dim + off..][..hs]) - d_o);
-            visit(p, w, ds);
-        });
+        for (p, (d, wp)) in ds.iter_mut().zip(w.iter()).enumerate() {
+            *d = wp * (dot(doh, &cache.v[p * kv_dim + off..][..hs]) - d_o);
+        }
     };
-    dq.par_chunks_mut(hs).enumerate().for_each(|(i, dqh)| {
-        let (t, h) = (i / nh, i % nh);
-        let cache = kv[slots[t].seq];
-        let off = (h / group) * hs;
-        dqh.fill(0.0);
-        terms(i, &mut |p, _, ds| {
-            axpy(dqh, ds * scale, &cache.k[p * kv_dim + off..][..hs])
-        });
-    });
+    let lens: Vec<usize> = (0..slots.len() * nh)
+        .map(|i| slots[i / nh].pos + 1)
+        .collect();
+    let mut starts = Vec::with_capacity(lens.len() + 1);
+    starts.push(0usize);
+    for len in &lens {
+        starts.push(starts[starts.len() - 1] + len);
+    }
+    let total = starts[lens.len()];
+    let cached = total <= cache_limit;
+    let (mut w_all, mut ds_all) = if cached {
+        (vec![0f32; total], vec![0f32; total])
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    {
+        // One disjoint (weights, score gradients) pair per (token, head), or none.
+        let mut pieces: Vec<(&mut [f32], &mut [f32])> = Vec::with_capacity(lens.len());
+        if cached {
+            let (mut w_rest, mut ds_rest) = (&mut w_all[..], &mut ds_all[..]);
+            for &len in &lens {
+                let (w, w_tail) = std::mem::take(&mut w_rest).split_at_mut(len);
+                let (ds, ds_tail) = std::mem::take(&mut ds_rest).split_at_mut(len);
+                pieces.push((w, ds));
+                (w_rest, ds_rest) = (w_tail, ds_tail);
+            }
+        }
+        let dq_of = |i: usize, dqh: &mut [f32], w: &mut [f32], ds: &mut [f32]| {
+            let (t, h) = (i / nh, i % nh);
+            let cache = kv[slots[t].seq];
+            let off = (h / group) * hs;
+            terms(i, w, ds);
+            dqh.fill(0.0);
+            for (p, d) in ds.iter().enumerate() {
+                axpy(dqh, d * scale, &cache.k[p * kv_dim + off..][..hs]);
+            }
+        };
+        if cached {
+            dq.par_chunks_mut(hs)
+                .zip(pieces.into_par_iter())
+                .enumerate()
+                .for_each(|(i, (dqh, (w, ds)))| dq_of(i, dqh, w, ds));
+        } else {
+            dq.par_chunks_mut(hs).enumerate().for_each(|(i, dqh)| {
+                let (mut w, mut ds) = (vec![0f32; lens[i]], vec![0f32; lens[i]]);
+                dq_of(i, dqh, &mut w, &mut ds);
+            });
+        }
+    }
     // Key/value gradients: several tokens write the same cache rows, so each (sequence, KV
     // head) — whose rows' columns no other pair touches — is one task that visits its tokens,
     // and the query heads sharing the KV head, in order. Same sums on any thread count.
@@ -383,16 +455,29 @@ pub fn attention_backward(
             (SendPtr(g.dk.as_mut_ptr()), SendPtr(g.dv.as_mut_ptr()), len)
         })
         .collect();
+    let (w_all, ds_all) = (&w_all, &ds_all);
     (0..dkv.len() * nkv).into_par_iter().for_each(|task| {
         let (seq, kh) = (task / nkv, task % nkv);
         let (dk, dv, len) = grads[seq];
         let off = kh * hs;
+        let (mut w_scratch, mut ds_scratch) = (Vec::new(), Vec::new());
         for &t in &tokens_of[seq] {
             for h in kh * group..(kh + 1) * group {
                 let i = t * nh + h;
                 let at = t * nh * hs + h * hs;
                 let (qh, doh) = (&q[at..at + hs], &dout[at..at + hs]);
-                terms(i, &mut |p, w, ds| {
+                let (w, ds): (&[f32], &[f32]) = if cached {
+                    (
+                        &w_all[starts[i]..starts[i + 1]],
+                        &ds_all[starts[i]..starts[i + 1]],
+                    )
+                } else {
+                    w_scratch.resize(lens[i], 0.0);
+                    ds_scratch.resize(lens[i], 0.0);
+                    terms(i, &mut w_scratch, &mut ds_scratch);
+                    (&w_scratch, &ds_scratch)
+                };
+                for (p, (&wp, &d)) in w.iter().zip(ds).enumerate() {
                     let row = p * kv_dim + off;
                     assert!(
                         row + hs <= len,
@@ -406,9 +491,9 @@ pub fn attention_backward(
                             std::slice::from_raw_parts_mut(dv.get().add(row), hs),
                         )
                     };
-                    axpy(dk_row, ds * scale, qh);
-                    axpy(dv_row, w, doh);
-                });
+                    axpy(dk_row, d * scale, qh);
+                    axpy(dv_row, wp, doh);
+                }
             }
         }
     });
@@ -461,6 +546,27 @@ mod tests {
             &[KvView { k: &k, v: &v }],
             heads,
         );
+        // Recomputing the weights in the second pass gives the same bits as keeping them.
+        let mut dq2 = vec![0f32; len * qd];
+        let (mut dk2, mut dv2) = (vec![0f32; len * kvd], vec![0f32; len * kvd]);
+        backward_with_cache_limit(
+            &mut dq2,
+            &mut [KvGrad {
+                dk: &mut dk2,
+                dv: &mut dv2,
+            }],
+            &r,
+            &out,
+            &q,
+            &slots,
+            &[KvView { k: &k, v: &v }],
+            heads,
+            0,
+        );
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&dq), bits(&dq2));
+        assert_eq!(bits(&dk), bits(&dk2));
+        assert_eq!(bits(&dv), bits(&dv2));
         let eps = 1e-3f32;
         let fd = |f: &dyn Fn(f32) -> f64| (f(eps) - f(-eps)) / (2.0 * eps as f64);
         for (i, g) in dq.iter().enumerate() {
