@@ -114,8 +114,8 @@ struct ModelArgs {
     /// Load weights that hold NaN or infinite values (refused by default).
     #[arg(long)]
     allow_non_finite: bool,
-    /// Where to run: cpu, cuda or cuda:N (CUDA devices are checked, then refused: running a
-    /// model on CUDA is not built yet).
+    /// Where to run: cpu, cuda or cuda:N. On CUDA, generate/logprobs run on the device (f32
+    /// weights; not yet verified on a GPU); training commands refuse a CUDA device.
     #[arg(long, default_value = "cpu")]
     device: rlx::Device,
 }

@@ -70,6 +70,22 @@ impl Model {
         for p in prompts {
             self.check_tokens(p.as_ref(), params.max_new_tokens)?;
         }
+        #[cfg(feature = "cuda")]
+        if let Some(g) = self.cuda()? {
+            let stop: Vec<u32> = params
+                .stop_token_ids
+                .clone()
+                .unwrap_or_else(|| self.eos_token_ids().to_vec());
+            let prompts: Vec<&[u32]> = prompts.iter().map(|p| p.as_ref()).collect();
+            return g.generate(
+                &prompts,
+                params,
+                streams,
+                on_token,
+                &stop,
+                params.logprob_temperature(),
+            );
+        }
         let cfg = self.config();
         // KV caches (K and V per layer per position) and one row of logits per sequence.
         let positions: usize = prompts

@@ -4,6 +4,9 @@
 //   (blocks of `block_size` positions; a sequence's blocks are listed in its row of
 //   `block_tables`). One block of 4 warps per (sequence, query head); each warp keeps an online
 //   softmax over its positions, the warps merge at the end. head_dim ≤ 256.
+//   attention_decode_paged_f32 / kv_cache_append_f32: the same over an f32 cache. The model
+//   forward of the CUDA backend uses them with one "row" per token of a packed batch (prefill
+//   and decode alike) and one block of `capacity` positions per sequence (a contiguous cache).
 //
 // attention_prefill_fwd / attention_prefill_bwd: FlashAttention-style tiles over packed
 //   variable-length sequences (`cu_seqlens`): scores live in shared memory one tile at a time,
@@ -18,11 +21,20 @@
 #define TILE 16
 #define TILE_DMAX 128
 
-extern "C" __global__ void attention_decode_paged(const float* q, const bf16_t* k_cache,
-                                                  const bf16_t* v_cache, const int* block_tables,
-                                                  const int* context_lens, float* out, int hq,
-                                                  int hkv, int head_dim, int block_size,
-                                                  int max_blocks, float scale) {
+__device__ __forceinline__ float kv_load(const bf16_t* p, long long i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ float kv_load(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ void kv_store(bf16_t* p, long long i, float x) { p[i] = f32_to_bf16(x); }
+__device__ __forceinline__ void kv_store(float* p, long long i, float x) { p[i] = x; }
+
+// The body of attention_decode_paged (bf16 cache) and attention_decode_paged_f32 (f32 cache).
+// Row `b` of `q` attends to positions 0..context_lens[b]-1 of the blocks listed in row b of
+// `block_tables`. Launch: grid (rows, hq), block exactly DECODE_WARPS × 32 = 128 threads.
+template <typename T>
+__device__ __forceinline__ void attention_decode(const float* q, const T* k_cache,
+                                                 const T* v_cache, const int* block_tables,
+                                                 const int* context_lens, float* out, int hq,
+                                                 int hkv, int head_dim, int block_size,
+                                                 int max_blocks, float scale) {
     __shared__ float m_s[DECODE_WARPS], l_s[DECODE_WARPS];
     __shared__ float acc_s[DECODE_WARPS][DECODE_DMAX];
     int b = blockIdx.x, h = blockIdx.y;
@@ -44,7 +56,7 @@ extern "C" __global__ void attention_decode_paged(const float* q, const bf16_t* 
         float s = 0.0f;
         for (int i = 0; i < per_lane; ++i) {
             int d = lane + 32 * i;
-            if (d < head_dim) s += qr[i] * bf16_to_f32(k_cache[row + d]);
+            if (d < head_dim) s += qr[i] * kv_load(k_cache, row + d);
         }
         s = warp_sum(s) * scale;
         float m_new = fmaxf(m, s);
@@ -52,7 +64,7 @@ extern "C" __global__ void attention_decode_paged(const float* q, const bf16_t* 
         l = l * corr + w;
         for (int i = 0; i < per_lane; ++i) {
             int d = lane + 32 * i;
-            float v = d < head_dim ? bf16_to_f32(v_cache[row + d]) : 0.0f;
+            float v = d < head_dim ? kv_load(v_cache, row + d) : 0.0f;
             acc[i] = acc[i] * corr + w * v;
         }
         m = m_new;
@@ -79,18 +91,55 @@ extern "C" __global__ void attention_decode_paged(const float* q, const bf16_t* 
     }
 }
 
-// Writes a new token's K and V (f32) into its slot of the paged bf16 cache.
-extern "C" __global__ void kv_cache_append(const float* k, const float* v, bf16_t* k_cache,
-                                           bf16_t* v_cache, const int* slots, int n_tokens,
-                                           int hkv, int head_dim) {
+extern "C" __global__ void attention_decode_paged(const float* q, const bf16_t* k_cache,
+                                                  const bf16_t* v_cache, const int* block_tables,
+                                                  const int* context_lens, float* out, int hq,
+                                                  int hkv, int head_dim, int block_size,
+                                                  int max_blocks, float scale) {
+    attention_decode<bf16_t>(q, k_cache, v_cache, block_tables, context_lens, out, hq, hkv,
+                             head_dim, block_size, max_blocks, scale);
+}
+
+// The same over an f32 cache (what the model forward of the CUDA backend uses today).
+extern "C" __global__ void attention_decode_paged_f32(const float* q, const float* k_cache,
+                                                      const float* v_cache,
+                                                      const int* block_tables,
+                                                      const int* context_lens, float* out,
+                                                      int hq, int hkv, int head_dim,
+                                                      int block_size, int max_blocks,
+                                                      float scale) {
+    attention_decode<float>(q, k_cache, v_cache, block_tables, context_lens, out, hq, hkv,
+                            head_dim, block_size, max_blocks, scale);
+}
+
+// Writes token t's K and V rows (f32, [n_tokens, hkv * head_dim]) into cache slot slots[t]
+// (a cache is [slots, hkv * head_dim]). Launch: grid n_tokens, any block size.
+template <typename T>
+__device__ __forceinline__ void cache_append(const float* k, const float* v, T* k_cache,
+                                             T* v_cache, const int* slots, int n_tokens, int hkv,
+                                             int head_dim) {
     int t = blockIdx.x;
     if (t >= n_tokens) return;
     long long dst = (long long)slots[t] * hkv * head_dim;
     long long src = (long long)t * hkv * head_dim;
     for (int i = threadIdx.x; i < hkv * head_dim; i += blockDim.x) {
-        k_cache[dst + i] = f32_to_bf16(k[src + i]);
-        v_cache[dst + i] = f32_to_bf16(v[src + i]);
+        kv_store(k_cache, dst + i, k[src + i]);
+        kv_store(v_cache, dst + i, v[src + i]);
     }
+}
+
+// Into the paged bf16 cache.
+extern "C" __global__ void kv_cache_append(const float* k, const float* v, bf16_t* k_cache,
+                                           bf16_t* v_cache, const int* slots, int n_tokens,
+                                           int hkv, int head_dim) {
+    cache_append<bf16_t>(k, v, k_cache, v_cache, slots, n_tokens, hkv, head_dim);
+}
+
+// Into an f32 cache.
+extern "C" __global__ void kv_cache_append_f32(const float* k, const float* v, float* k_cache,
+                                               float* v_cache, const int* slots, int n_tokens,
+                                               int hkv, int head_dim) {
+    cache_append<float>(k, v, k_cache, v_cache, slots, n_tokens, hkv, head_dim);
 }
 
 // Dynamic shared memory: Q, K, V, O tiles [TILE][head_dim], S [TILE][TILE], m, l, corr [TILE].

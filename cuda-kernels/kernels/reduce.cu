@@ -1,5 +1,6 @@
 // Reductions the other kernels and the optimizer need: a sum of squares (gradient norm),
-// accumulated into one f32 with atomics; scaling; conversions between f32 and bf16.
+// accumulated into one f32 with atomics; scaling; conversions between f32 and bf16; and the
+// bias add after a linear layer's cuBLAS product.
 
 extern "C" __global__ void sum_squares(const float* x, long long n, float* out) {
     __shared__ float scratch[32];
@@ -33,4 +34,12 @@ extern "C" __global__ void bf16_to_f32_kernel(const bf16_t* x, float* y, long lo
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x)
         y[i] = bf16_to_f32(x[i]);
+}
+
+// y[r, j] += b[j] for `rows` rows of `n` values (a linear layer's bias).
+extern "C" __global__ void add_bias_rows(float* y, const float* b, long long rows, int n) {
+    long long total = rows * (long long)n;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x)
+        y[i] += b[i % n];
 }

@@ -62,7 +62,9 @@ pub const ALL: &[Module] = &[
         source: include_str!("../kernels/attention.cu"),
         kernels: &[
             "attention_decode_paged",
+            "attention_decode_paged_f32",
             "kv_cache_append",
+            "kv_cache_append_f32",
             "attention_prefill_fwd",
             "attention_bwd_delta",
             "attention_prefill_bwd",
@@ -92,6 +94,7 @@ pub const ALL: &[Module] = &[
             "add_in_place",
             "f32_to_bf16_kernel",
             "bf16_to_f32_kernel",
+            "add_bias_rows",
         ],
     },
 ];

@@ -43,9 +43,9 @@ pub struct rlx_model_params {
     /// Non-zero: accept weights holding NaN or infinite values. 0 (the default): such a file is
     /// refused with RLX_FORMAT naming the first such tensor.
     pub allow_non_finite: u8,
-    /// Where the model runs: NULL or "cpu" (the default), "cuda" or "cuda:N". A CUDA device is
-    /// checked (driver, device present) and then refused with RLX_UNSUPPORTED: running a model
-    /// on CUDA is not built yet.
+    /// Where the model runs: NULL or "cpu" (the default), "cuda" or "cuda:N". On CUDA, logits,
+    /// log-probs and generation run on the device (f32 weights; not yet verified on a GPU); a
+    /// missing driver, device, NVRTC or cuBLAS is RLX_UNSUPPORTED, and so is training on it.
     pub device: *const c_char,
 }
 
@@ -113,7 +113,7 @@ pub(crate) fn path_from(c: &CStr) -> FfiResult<PathBuf> {
 /// in the folder cannot be read); RLX_FORMAT (malformed config or weights); RLX_UNSUPPORTED (an
 /// architecture or dtype rlx does not run); RLX_TOKENIZER (tokenizer.json is malformed);
 /// RLX_INVALID_ARGUMENT (the thread pool cannot be created, or an unknown `device`);
-/// RLX_UNSUPPORTED also for a CUDA `device` (no driver or device, or CUDA not built yet).
+/// RLX_UNSUPPORTED also for a CUDA `device` (no driver, device, NVRTC or cuBLAS).
 ///
 /// # Safety
 /// `path` is NULL or a NUL-terminated string; `params` is NULL or points to an

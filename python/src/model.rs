@@ -134,8 +134,9 @@ impl PyModel {
     /// `threads`: worker threads for this model's calls; 0 = one per CPU core.
     /// `allow_non_finite`: accept weights holding NaN/inf (refused with ModelFormatError
     /// otherwise).
-    /// `device`: "cpu" (default), "cuda" or "cuda:N"; a CUDA device is checked and then
-    /// refused with UnsupportedError (running a model on CUDA is not built yet).
+    /// `device`: "cpu" (default), "cuda" or "cuda:N"; on CUDA, logits, log-probs and
+    /// generation run on the device (f32 weights; not yet verified on a GPU); a missing driver,
+    /// device, NVRTC or cuBLAS raises UnsupportedError, and so does training on such a model.
     #[staticmethod]
     #[pyo3(signature = (path, threads = 0, allow_non_finite = false, device = "cpu"))]
     fn load(

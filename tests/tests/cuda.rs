@@ -1,17 +1,19 @@
 //! The CUDA side. Without a GPU: every kernel compiles through NVRTC for sm_80 and sm_90
 //! (skipped with a message when libnvrtc is absent, failed when `RLX_REQUIRE_NVRTC=1`, as CI
-//! sets), compile errors come back as errors with NVRTC's log, and asking for `cuda:N` is a
-//! clear error. With a GPU: kernels run and match CPU references (skipped, with the reason,
-//! when no device is present).
+//! sets), compile errors come back as errors with NVRTC's log, and asking for `cuda:N` without
+//! a driver (or a device that does not exist) is a clear error. With a GPU (each test skipped,
+//! with the reason, when no device is present): kernels run and match CPU references, and a
+//! model loaded on `cuda:0` gives the CPU model's logits, log-probs and greedy tokens within
+//! the tolerances stated at each test, samples valid tokens, and refuses training clearly.
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 use rlx::backend::cuda;
-use rlx::{Device, LoadOptions, Model};
+use rlx::{Device, LoadOptions, Model, SamplingParams, TrainConfig, Trainer};
 use rlx_cuda_kernels::{Module, ALL};
-use rlx_tests::fixture;
+use rlx_tests::{fixture, tiny_llama_gguf};
 
 fn nvrtc_or_skip(test: &str) -> bool {
     if cuda::nvrtc_available() {
@@ -57,26 +59,37 @@ fn a_kernel_that_does_not_compile_is_an_error_with_the_log() {
 }
 
 #[test]
-fn devices_parse_and_cuda_is_refused_clearly() {
+fn devices_parse_and_a_missing_driver_or_device_is_a_clear_error() {
     assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
     assert_eq!("cuda".parse::<Device>().unwrap(), Device::Cuda(0));
     assert_eq!("cuda:3".parse::<Device>().unwrap(), Device::Cuda(3));
     for bad in ["gpu", "cuda:", "cuda:-1", "cuda:x", ""] {
         assert!(bad.parse::<Device>().is_err(), "{bad}");
     }
-    let loaded = Model::load(
-        fixture("llama-f32"),
-        LoadOptions {
-            device: Device::Cuda(0),
-            ..Default::default()
-        },
-    );
-    let e = match loaded {
-        Ok(_) => panic!("a model cannot run on CUDA yet"),
-        Err(e) => e.to_string(),
+    let on = |device: Device| -> String {
+        match Model::load(
+            fixture("llama-f32"),
+            LoadOptions {
+                device,
+                ..Default::default()
+            },
+        ) {
+            Ok(_) => panic!("{device} cannot be usable here"),
+            Err(e) => e.to_string(),
+        }
     };
+    // No machine has 100 devices: without a driver the error names the driver, with one it
+    // says the device does not exist.
+    let e = on(Device::Cuda(99));
     assert!(e.starts_with("CUDA: "), "{e}");
-    eprintln!("loading on cuda:0 here: {e}");
+    if cuda::driver_available() {
+        assert!(e.contains("cuda:99 does not exist"), "{e}");
+    } else {
+        assert!(e.contains("no CUDA driver found"), "{e}");
+        let e0 = on(Device::Cuda(0));
+        assert!(e0.contains("no CUDA driver found"), "{e0}");
+        eprintln!("loading on cuda:0 without a driver: {e0}");
+    }
 }
 
 /// The first device and its architecture (`sm_XY`), or None with the reason printed.
@@ -402,4 +415,252 @@ fn gpu_prefill_attention_matches_the_cpu() {
         }
     }
     assert_close(&got, &want, 1e-4, "prefill attention");
+}
+
+// ---- A model on the GPU against the same model on the CPU. ----
+
+/// Tolerance of the model-level comparisons: weights, activations and products are f32 on
+/// both sides, but summation orders differ (cuBLAS vs the CPU's fixed order, f32 vs f64 norm
+/// and softmax sums, RoPE angles in f32), so values agree to about 1e-5 relative on these tiny
+/// models; 1e-3 (|gpu − cpu| ≤ 1e-3 · (1 + |cpu|)) leaves a wide margin.
+const MODEL_TOL: f32 = 1e-3;
+
+/// The model of fixture `name` on the CPU and on cuda:0, or None (printed) without a GPU.
+fn cpu_and_gpu(test: &str, path: &std::path::Path) -> Option<(Model, Model)> {
+    gpu(test)?;
+    let cpu = Model::load(path, LoadOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    let gpu = Model::load(
+        path,
+        LoadOptions {
+            device: Device::Cuda(0),
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("loading {} on cuda:0: {e}", path.display()));
+    assert_eq!(gpu.device(), Device::Cuda(0));
+    assert_eq!(cpu.device(), Device::Cpu);
+    Some((cpu, gpu))
+}
+
+/// Sequences of several lengths (1, 5, 23, 60) with ids spread over the vocabulary.
+fn sequences(vocab: usize) -> Vec<Vec<u32>> {
+    [1usize, 5, 23, 60]
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            (0..n)
+                .map(|i| ((i * 37 + s * 101 + 3) % vocab) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn gpu_model_logits_and_logprobs_match_the_cpu() {
+    for name in ["llama-f32", "gpt2-f32", "qwen2-f32", "llama-bf16"] {
+        let test = format!("gpu_model_logits_and_logprobs_match_the_cpu ({name})");
+        let Some((cpu, gpu)) = cpu_and_gpu(&test, &fixture(name)) else {
+            return;
+        };
+        let seqs = sequences(cpu.config().vocab_size);
+        for seq in &seqs {
+            let (want, got) = (cpu.logits(seq).unwrap(), gpu.logits(seq).unwrap());
+            assert_close(
+                &got,
+                &want,
+                MODEL_TOL,
+                &format!("{name} logits (len {})", seq.len()),
+            );
+        }
+        // Several sequences packed into one forward, at temperatures 1 and 0.7.
+        for temperature in [1.0f32, 0.7] {
+            let want = cpu.logprobs(&seqs, temperature).unwrap();
+            let got = gpu.logprobs(&seqs, temperature).unwrap();
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_close(
+                    g,
+                    w,
+                    MODEL_TOL,
+                    &format!("{name} log-probs seq {i} T={temperature}"),
+                );
+            }
+        }
+        eprintln!("{name}: logits and log-probs on cuda:0 match the cpu within {MODEL_TOL}");
+    }
+}
+
+#[test]
+fn gpu_model_from_a_quantized_gguf_matches_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    std::fs::write(&path, tiny_llama_gguf().build()).unwrap();
+    let Some((cpu, gpu)) = cpu_and_gpu("gpu_model_from_a_quantized_gguf_matches_the_cpu", &path)
+    else {
+        return;
+    };
+    let ids = [1u32, 5, 9, 30, 2, 7, 7, 11];
+    assert_close(
+        &gpu.logits(&ids).unwrap(),
+        &cpu.logits(&ids).unwrap(),
+        MODEL_TOL,
+        "gguf logits",
+    );
+}
+
+#[test]
+fn gpu_greedy_generation_gives_the_cpu_tokens() {
+    for name in ["llama-f32", "gpt2-f32", "qwen2-f32"] {
+        let test = format!("gpu_greedy_generation_gives_the_cpu_tokens ({name})");
+        let Some((cpu, gpu)) = cpu_and_gpu(&test, &fixture(name)) else {
+            return;
+        };
+        let prompts: Vec<Vec<u32>> = sequences(cpu.config().vocab_size)[..3].to_vec();
+        let params = SamplingParams {
+            stop_token_ids: Some(vec![]),
+            ..SamplingParams::greedy(8)
+        };
+        let want = cpu.generate(&prompts, &params, None).unwrap();
+        let got = gpu.generate(&prompts, &params, None).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.tokens, w.tokens, "{name} prompt {i}: greedy tokens");
+            assert_eq!(g.finish_reason, w.finish_reason, "{name} prompt {i}");
+            assert_close(
+                &g.logprobs,
+                &w.logprobs,
+                MODEL_TOL,
+                &format!("{name} prompt {i} lp"),
+            );
+        }
+        // With a repetition penalty the logits go to the host and the CPU sampler picks.
+        let penalised = SamplingParams {
+            repetition_penalty: 1.3,
+            ..params.clone()
+        };
+        let want = cpu.generate(&prompts, &penalised, None).unwrap();
+        let got = gpu.generate(&prompts, &penalised, None).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g.tokens, w.tokens,
+                "{name} prompt {i}: penalised greedy tokens"
+            );
+        }
+        // And the generated log-probs are what `logprobs` computes for the same tokens.
+        let plain = gpu.generate(&prompts, &params, None).unwrap();
+        let full: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(&plain)
+            .map(|(p, g)| p.iter().chain(&g.tokens).copied().collect())
+            .collect();
+        let scored = gpu.logprobs(&full, 1.0).unwrap();
+        for ((p, g), s) in prompts.iter().zip(&plain).zip(&scored) {
+            assert_close(
+                &g.logprobs,
+                &s[p.len() - 1..],
+                MODEL_TOL,
+                "generate vs logprobs",
+            );
+        }
+    }
+}
+
+#[test]
+fn gpu_sampled_generation_gives_valid_reproducible_tokens() {
+    let Some((cpu, gpu)) = cpu_and_gpu(
+        "gpu_sampled_generation_gives_valid_reproducible_tokens",
+        &fixture("llama-f32"),
+    ) else {
+        return;
+    };
+    let vocab = cpu.config().vocab_size;
+    let prompts: Vec<Vec<u32>> = sequences(vocab)[..3].to_vec();
+    for (top_k, top_p) in [(0usize, 1.0f32), (20, 1.0), (0, 0.8), (50, 0.9)] {
+        let params = SamplingParams {
+            temperature: 0.9,
+            top_k,
+            top_p,
+            seed: 7,
+            stop_token_ids: Some(vec![]),
+            ..SamplingParams::greedy(12)
+        };
+        let a = gpu.generate(&prompts, &params, None).unwrap();
+        let b = gpu.generate(&prompts, &params, None).unwrap();
+        for (g, h) in a.iter().zip(&b) {
+            assert_eq!(g.tokens.len(), 12);
+            assert!(
+                g.tokens.iter().all(|&t| (t as usize) < vocab),
+                "{:?}",
+                g.tokens
+            );
+            assert!(
+                g.logprobs.iter().all(|&l| l.is_finite() && l <= 1e-6),
+                "{:?}",
+                g.logprobs
+            );
+            assert_eq!(g.tokens, h.tokens, "same seed, same tokens");
+        }
+        // Each log-prob is the CPU's log-prob of the sampled token (at temperature 0.9).
+        let full: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(&a)
+            .map(|(p, g)| p.iter().chain(&g.tokens).copied().collect())
+            .collect();
+        let want = cpu.logprobs(&full, 0.9).unwrap();
+        for ((p, g), w) in prompts.iter().zip(&a).zip(&want) {
+            assert_close(
+                &g.logprobs,
+                &w[p.len() - 1..],
+                MODEL_TOL,
+                "sampled log-probs",
+            );
+        }
+    }
+    // A streaming callback sees every token and can stop a sequence.
+    let mut seen = 0;
+    let mut cb = |_seq: usize, _tok: u32, _lp: f32| {
+        seen += 1;
+        seen < 3
+    };
+    let params = SamplingParams {
+        temperature: 1.0,
+        stop_token_ids: Some(vec![]),
+        ..SamplingParams::greedy(5)
+    };
+    let out = gpu.generate(&prompts[..1], &params, Some(&mut cb)).unwrap();
+    assert_eq!(out[0].tokens.len(), 3);
+    assert_eq!(out[0].finish_reason, rlx::FinishReason::Cancelled);
+}
+
+#[test]
+fn gpu_model_refuses_training_and_stale_weights_clearly() {
+    let Some((_cpu, gpu)) = cpu_and_gpu(
+        "gpu_model_refuses_training_and_stale_weights_clearly",
+        &fixture("llama-f32"),
+    ) else {
+        return;
+    };
+    let not_yet = |e: rlx::Error| {
+        let e = e.to_string();
+        assert!(
+            e.starts_with("CUDA: ") && e.contains("not supported on cuda yet"),
+            "{e}"
+        );
+    };
+    let seqs = vec![vec![1u32, 2, 3, 4]];
+    let masks = vec![vec![false, true, true, true]];
+    not_yet(gpu.sft_gradients(&seqs, &masks).unwrap_err());
+    match Trainer::new(gpu.clone(), TrainConfig::default()) {
+        Ok(_) => panic!("a trainer over a CUDA model must be refused"),
+        Err(e) => not_yet(e),
+    }
+    let mut m = gpu.clone();
+    not_yet(m.attach_lora(&rlx::LoraConfig::new(4, 8.0)).unwrap_err());
+    // Weights changed on the host: the device copy is stale, so CUDA calls refuse.
+    let mut m = gpu.clone();
+    let _ = m.weights_mut();
+    let e = m.logits(&[1, 2, 3]).unwrap_err().to_string();
+    assert!(e.contains("changed on the host"), "{e}");
+    // The original is untouched, and a LoRA-free model's frozen reference still runs there.
+    assert!(gpu.logits(&[1, 2, 3]).is_ok());
+    assert!(gpu.without_lora().logits(&[1, 2, 3]).is_ok());
 }

@@ -1,5 +1,6 @@
-//! Compute backends: the CPU backend runs every model; the CUDA side (feature `cuda`) so far
-//! finds the driver and NVRTC and compiles the kernels, but runs no model yet.
+//! Compute backends: the CPU backend runs everything; the CUDA side (feature `cuda`) finds the
+//! driver, NVRTC and cuBLAS, compiles the kernels, and runs a model's inference (logits,
+//! log-probs, generation) on a device — compiled, not yet run on a GPU.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -46,19 +47,14 @@ impl std::fmt::Display for Device {
 }
 
 impl Device {
-    /// Ok when a model can run here. For `cuda:N` the driver and the device are checked first,
-    /// so the error says what is missing; then that models do not run on CUDA yet.
+    /// Ok when a model can run here. For `cuda:N` the driver and the device are checked, so
+    /// the error says what is missing (NVRTC and cuBLAS are checked when the model is copied
+    /// to the device).
     pub fn check_usable(self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
             #[cfg(feature = "cuda")]
-            Device::Cuda(n) => {
-                cuda::check_device(n)?;
-                Err(Error::Cuda(format!(
-                    "cuda:{n} is present, but running a model on CUDA is not built yet (the \
-                     kernels compile; the backend that launches them does not exist); use cpu"
-                )))
-            }
+            Device::Cuda(n) => cuda::check_device(n),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda(_) => Err(Error::Cuda(
                 "this build of rlx has no CUDA support (crate feature `cuda`)".into(),

@@ -442,6 +442,7 @@ impl Model {
         masks: &[Vec<bool>],
         objective: &mut TokenObjective<'_>,
     ) -> Result<(f64, Gradients)> {
+        self.require_cpu("training (gradients)")?;
         if sequences.is_empty() {
             return Err(Error::invalid("empty batch"));
         }

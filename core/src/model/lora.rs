@@ -224,6 +224,7 @@ impl Model {
     /// Attaches fresh LoRA adapters (`A` Kaiming-uniform as PEFT draws it, `B = 0`) and freezes
     /// the base weights. Errors leave the model unchanged.
     pub fn attach_lora(&mut self, config: &LoraConfig) -> Result<()> {
+        self.require_cpu("LoRA")?;
         if self.weights().lora.is_some() {
             return Err(Error::invalid("this model already has LoRA adapters"));
         }
@@ -276,6 +277,7 @@ impl Model {
     /// Folds every adapter into its base weight (`W += s·B·A`) and removes the adapters, for
     /// export as a plain model.
     pub fn merge_lora(&mut self) -> Result<()> {
+        self.require_cpu("LoRA")?;
         if self.weights().lora.is_none() {
             return Err(Error::invalid("this model has no LoRA adapters to merge"));
         }
@@ -356,6 +358,7 @@ impl Model {
     /// `adapter_model.safetensors`) saved for this architecture. Errors leave the model
     /// unchanged.
     pub fn load_lora_adapter(&mut self, dir: &Path) -> Result<()> {
+        self.require_cpu("LoRA")?;
         if self.weights().lora.is_some() {
             return Err(Error::invalid("this model already has LoRA adapters"));
         }
@@ -445,6 +448,16 @@ impl Model {
 }
 
 fn strip(model: &mut Model) {
+    // Nothing to strip: leave the weights untouched (asking for them mutably would mark a
+    // CUDA model's device copy stale).
+    let w = model.weights();
+    let attached = w.lora.is_some()
+        || w.layers
+            .iter()
+            .any(|l| l.linears().iter().any(|lin| lin.lora.is_some()));
+    if !attached {
+        return;
+    }
     let w = model.weights_mut();
     for layer in &mut w.layers {
         for lin in layer.linears_mut() {

@@ -18,6 +18,7 @@ use crate::backend::cpu::matmul::matmul;
 use crate::backend::cpu::quant_matmul::quant_matmul;
 use crate::backend::cpu::rope;
 use crate::backend::cpu::softmax::log_prob_of;
+use crate::backend::Device;
 use crate::chat::{ChatTemplate, Message};
 use crate::config::{generation_eos_ids, ModelConfig};
 use crate::error::{Error, Result};
@@ -55,8 +56,11 @@ pub struct LoadOptions {
     /// Off by default: a model file with them is refused at load with an error naming the first
     /// such tensor, instead of producing NaN log-probs later.
     pub allow_non_finite: bool,
-    /// Where the model runs (`cpu` by default). `cuda:N` is checked (driver, device) and then
-    /// refused: the CUDA backend runs no model yet.
+    /// Where the model runs (`cpu` by default). With `cuda:N` (crate feature `cuda`) the
+    /// driver, device, NVRTC and cuBLAS are checked, the weights are copied to the device as
+    /// f32 (GGUF blocks are dequantized: `keep_quantized` does not apply), and `logits`,
+    /// `logprobs` and `generate` run there; training, LoRA and reward/value heads return an
+    /// error on such a model. The CUDA path has not yet been run on a GPU.
     pub device: crate::backend::Device,
 }
 
@@ -88,6 +92,14 @@ pub struct Model {
     source: PathBuf,
     /// Recompute each layer's activations in the backward pass instead of keeping them.
     gradient_checkpointing: bool,
+    /// The weights on a CUDA device (`LoadOptions::device = cuda:N`); inference dispatches
+    /// there when present.
+    #[cfg(feature = "cuda")]
+    cuda: Option<Arc<crate::backend::cuda::CudaModel>>,
+    /// Set once mutable weights were handed out after a CUDA upload: the device copy may be
+    /// stale, so CUDA calls refuse to run.
+    #[cfg(feature = "cuda")]
+    cuda_stale: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -121,9 +133,11 @@ impl Model {
         options.device.check_usable()?;
         let pool = build_pool(options.threads)?;
         if dir.is_file() {
-            let model = Self::load_gguf(dir, pool, options.keep_quantized)?;
+            // The CUDA backend takes f32 weights: dequantize at load.
+            let keep_quantized = options.keep_quantized && options.device == Device::Cpu;
+            let model = Self::load_gguf(dir, pool, keep_quantized)?;
             model.check_finite(&options)?;
-            return Ok(model);
+            return model.place(options.device);
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let load = || -> Result<ModelWeights> {
@@ -166,9 +180,75 @@ impl Model {
             pool,
             source: dir.to_path_buf(),
             gradient_checkpointing: false,
+            #[cfg(feature = "cuda")]
+            cuda: None,
+            #[cfg(feature = "cuda")]
+            cuda_stale: false,
         };
         model.check_finite(&options)?;
-        Ok(model)
+        model.place(options.device)
+    }
+
+    /// Copies the weights to `device` when it is a CUDA device (checked by
+    /// `Device::check_usable` before loading).
+    fn place(self, device: Device) -> Result<Model> {
+        match device {
+            Device::Cpu => Ok(self),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let gpu = crate::backend::cuda::CudaModel::new(
+                    n,
+                    &self.config,
+                    &self.weights,
+                    self.rope_inv_freq.as_deref(),
+                )?;
+                Ok(Model {
+                    cuda: Some(Arc::new(gpu)),
+                    ..self
+                })
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(Error::Cuda(
+                "this build of rlx has no CUDA support (crate feature `cuda`)".into(),
+            )),
+        }
+    }
+
+    /// Where this model's inference runs.
+    pub fn device(&self) -> Device {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.cuda {
+            return Device::Cuda(g.ordinal());
+        }
+        Device::Cpu
+    }
+
+    /// The CUDA copy of the model, when it was loaded on a CUDA device; an error when its
+    /// weights were changed on the host since.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda(&self) -> Result<Option<&crate::backend::cuda::CudaModel>> {
+        match &self.cuda {
+            Some(g) if self.cuda_stale => Err(Error::Cuda(format!(
+                "the weights of this model were changed on the host after it was loaded on \
+                 cuda:{}; changing weights (training, LoRA, new heads) is not supported on \
+                 cuda yet: load the model on cpu",
+                g.ordinal()
+            ))),
+            Some(g) => Ok(Some(g)),
+            None => Ok(None),
+        }
+    }
+
+    /// An error naming `what` when this model runs on CUDA, where only inference (logits,
+    /// log-probs, generation) is built.
+    pub(crate) fn require_cpu(&self, what: &str) -> Result<()> {
+        match self.device() {
+            Device::Cpu => Ok(()),
+            Device::Cuda(n) => Err(Error::Cuda(format!(
+                "{what} is not supported on cuda yet (this model is loaded on cuda:{n}); load \
+                 it on cpu"
+            ))),
+        }
     }
 
     /// Refuses weights holding NaN or infinite values unless the options allow them.
@@ -236,6 +316,10 @@ impl Model {
             pool,
             source: path.to_path_buf(),
             gradient_checkpointing: false,
+            #[cfg(feature = "cuda")]
+            cuda: None,
+            #[cfg(feature = "cuda")]
+            cuda_stale: false,
         })
     }
 
@@ -247,8 +331,13 @@ impl Model {
         &self.weights
     }
 
-    /// Mutable weights (training). Mapped tensors are copied on first write.
+    /// Mutable weights (training). Mapped tensors are copied on first write. On a model loaded
+    /// on CUDA the device copy is not updated, so its CUDA calls return an error afterwards.
     pub fn weights_mut(&mut self) -> &mut ModelWeights {
+        #[cfg(feature = "cuda")]
+        if self.cuda.is_some() {
+            self.cuda_stale = true;
+        }
         &mut self.weights
     }
 
@@ -357,6 +446,10 @@ impl Model {
     pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.require_lm_head()?;
         self.check_tokens(tokens, 0)?;
+        #[cfg(feature = "cuda")]
+        if let Some(g) = self.cuda()? {
+            return g.logits(tokens);
+        }
         self.install(|| {
             let mut cache = [KvCache::new(&self.config, tokens.len())?];
             let slots: Vec<Slot> = (0..tokens.len()).map(|pos| Slot { seq: 0, pos }).collect();
@@ -382,6 +475,11 @@ impl Model {
         self.require_lm_head()?;
         for seq in sequences {
             self.check_tokens(seq.as_ref(), 0)?;
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(g) = self.cuda()? {
+            let seqs: Vec<&[u32]> = sequences.iter().map(|s| s.as_ref()).collect();
+            return g.logprobs(&seqs, temperature);
         }
         self.install(|| {
             let mut out: Vec<Vec<f32>> = Vec::with_capacity(sequences.len());

@@ -70,6 +70,7 @@ impl Model {
     /// The value head's estimate at every position of each sequence (`value[t]` is the
     /// state after reading tokens `..=t`).
     pub fn values<S: AsRef<[u32]> + Sync>(&self, sequences: &[S]) -> Result<Vec<Vec<f32>>> {
+        self.require_cpu("the value head")?;
         let head = self.weights().value.as_ref().ok_or_else(|| {
             Error::invalid("this model has no value head (call add_value_head or load one)")
         })?;
@@ -128,6 +129,7 @@ impl Model {
 
     /// The scalar reward of each sequence (score head at its last token).
     pub fn reward_scores<S: AsRef<[u32]> + Sync>(&self, sequences: &[S]) -> Result<Vec<f32>> {
+        self.require_cpu("reward scoring")?;
         let score = self.score_head()?;
         self.install(|| {
             let c = self.config().hidden_size;
@@ -148,6 +150,7 @@ impl Model {
         rejected: &[S],
         margin: f32,
     ) -> Result<(PairStats, Gradients)> {
+        self.require_cpu("reward-model training")?;
         if chosen.is_empty() || chosen.len() != rejected.len() {
             return Err(Error::invalid(format!(
                 "{} chosen and {} rejected sequences: need equal, non-zero counts",

@@ -156,6 +156,9 @@ struct Pending {
 
 impl Trainer {
     pub fn new(mut model: Model, config: TrainConfig) -> Result<Self> {
+        // Training runs on the host weights only; a CUDA model would train a copy the device
+        // never sees.
+        model.require_cpu("training")?;
         config.validate()?;
         // Gradients and updates are f32; a model loaded with quantized blocks trains on their
         // f32 values.

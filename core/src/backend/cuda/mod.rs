@@ -1,13 +1,20 @@
-//! The CUDA side (crate feature `cuda`): finding the driver and NVRTC at run time, and compiling
-//! the kernels of `rlx-cuda-kernels` for a device's compute capability, cached per process.
+//! The CUDA side (crate feature `cuda`): finding the driver, NVRTC and cuBLAS at run time,
+//! compiling the kernels of `rlx-cuda-kernels` for a device's compute capability (cached per
+//! process), and running a model on a device ([`CudaModel`]).
 //!
 //! Libraries are loaded dynamically (cudarc's `dynamic-loading`): a build needs no CUDA, and a
-//! machine without a driver or NVRTC gets an error, never an abort. cudarc panics when a library
-//! is missing, so every entry point here probes for it first.
+//! machine without a driver, NVRTC or cuBLAS gets an error, never an abort. cudarc panics when
+//! a library is missing, so every entry point here probes for it first.
 //!
-//! Status: kernels compile (checked in CI for sm_80 and sm_90); running a model on the GPU
-//! (cuBLAS products, kernel launches, device memory) is not built yet, so loading a model on
-//! `cuda:N` returns an error saying so after checking that the device exists.
+//! - `mod.rs` (here): probes, device checks, `compile` (PTX per module and architecture).
+//! - `gpu.rs`: one device: context, stream, cuBLAS handle, loaded kernels, and a launch method
+//!   per kernel whose arguments follow the kernel's C signature; the cuBLAS GEMM wrapper.
+//! - `model.rs`: [`CudaModel`]: the weights on the device (f32) and the forward pass, logits,
+//!   log-probs and generation.
+//!
+//! Status: kernels compile (checked in CI for sm_80 and sm_90). The model code is compiled
+//! and type-checked but has NOT yet run on a GPU; `tests/tests/cuda.rs` holds the checks
+//! against the CPU that a GPU machine runs (`scripts/gpu-check.sh`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -15,6 +22,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use rlx_cuda_kernels::Module;
 
 use crate::error::{Error, Result};
+
+mod gpu;
+mod model;
+
+pub use model::CudaModel;
 
 fn cuda_error(message: impl Into<String>) -> Error {
     Error::Cuda(message.into())
@@ -32,6 +44,12 @@ pub fn nvrtc_available() -> bool {
 pub fn driver_available() -> bool {
     // SAFETY: only tries to dlopen the library by name; no symbol is called.
     unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether cuBLAS (libcublas) can be loaded.
+pub fn cublas_available() -> bool {
+    // SAFETY: only tries to dlopen the library by name; no symbol is called.
+    unsafe { cudarc::cublas::sys::is_culib_present() }
 }
 
 /// The number of CUDA devices, or why there are none to use.
