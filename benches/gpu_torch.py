@@ -10,7 +10,11 @@ cache. The same four measurements as gpu_bench, timed the same way:
 
 - decode tok/s, batch 1 and 32: (time of 129 greedy tokens − time of 1) per new token,
 - prefill tok/s: one 512-token prompt to its first token,
-- log-prob tok/s: 8 × 256 tokens → log-softmax gathered at the next token.
+- log-prob tok/s: 8 × 256 tokens → log-softmax gathered at the next token,
+- training tok/s (f32 only): one SFT step on 4 × 256 tokens — forward without a cache, mean
+  cross-entropy over every next token, backward, clip_grad_norm_(1.0), torch.optim.AdamW
+  (lr 1e-5, no weight decay, as gpu_bench's Trainer) — the best of 3 after a warm-up step;
+  the first step's loss is compared with rlx's.
 
 In f32 (TF32 off: rlx's products are full f32) and, for context, bf16. It also checks rlx's
 logits of one 64-token sequence against this forward (f32).
@@ -116,6 +120,31 @@ class Llama:
             x = x + (F.silu(g) * u) @ self.w[p + "mlp.down_proj.weight"].T
         return self.norm(x, self.w["model.norm.weight"])
 
+    def forward_train(self, ids):
+        """Hidden states [B, T, C] after the final norm of whole sequences (no cache), with
+        autograd: what a training step differentiates."""
+        bsz, t = ids.shape
+        x = self.w["model.embed_tokens.weight"][ids]
+        pos = torch.arange(t, device=self.device)
+        groups = self.h // self.hkv
+        for l in range(self.layers):
+            p = f"model.layers.{l}."
+            h = self.norm(x, self.w[p + "input_layernorm.weight"])
+            q = (h @ self.w[p + "self_attn.q_proj.weight"].T).view(bsz, t, self.h, self.hd)
+            k = (h @ self.w[p + "self_attn.k_proj.weight"].T).view(bsz, t, self.hkv, self.hd)
+            v = (h @ self.w[p + "self_attn.v_proj.weight"].T).view(bsz, t, self.hkv, self.hd)
+            q, k = self.rope(q, pos), self.rope(k, pos)
+            keys = k.transpose(1, 2).repeat_interleave(groups, dim=1)
+            vals = v.transpose(1, 2).repeat_interleave(groups, dim=1)
+            att = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, is_causal=True)
+            att = att.transpose(1, 2).reshape(bsz, t, self.h * self.hd)
+            x = x + att @ self.w[p + "self_attn.o_proj.weight"].T
+            h = self.norm(x, self.w[p + "post_attention_layernorm.weight"])
+            g = h @ self.w[p + "mlp.gate_proj.weight"].T
+            u = h @ self.w[p + "mlp.up_proj.weight"].T
+            x = x + (F.silu(g) * u) @ self.w[p + "mlp.down_proj.weight"].T
+        return self.norm(x, self.w["model.norm.weight"])
+
     def logits(self, hidden):
         return (hidden @ self.head.T).float()
 
@@ -178,6 +207,31 @@ def measure(model):
     return res
 
 
+def measure_train(folder, tokens):
+    """One SFT step as gpu_bench times it: (first step's loss, tokens/s of the best of 3)."""
+    dev = torch.device("cuda:0")
+    model = Llama(folder, torch.float32, dev)
+    params = list(model.w.values())  # the tied head is the embedding: one tensor
+    for t in params:
+        t.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    seqs = torch.tensor(tokens, device=dev)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model.logits(model.forward_train(seqs)[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, model.vocab), seqs[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return loss
+
+    first = step().item()
+    best = best_of(3, step)
+    n = seqs.shape[0] * seqs.shape[1]
+    return first, n / best
+
+
 def main():
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/rlx-gpu-bench")
     rlx = json.loads((out / "results.json").read_text())
@@ -209,6 +263,15 @@ def main():
     del f32
     torch.cuda.empty_cache()
     bf16 = measure(Llama(out / "model", torch.bfloat16, dev))
+    torch.cuda.empty_cache()
+    train_row = None
+    if "train_sft_4x256_tok_s" in rlx:
+        loss, t32["train_sft_4x256_tok_s"] = measure_train(out / "model", rlx["train_tokens"])
+        print(
+            f"SFT step 4 × 256, first loss: rlx {rlx['train_first_loss']:.6f}, torch {loss:.6f} "
+            f"(|diff| {abs(rlx['train_first_loss'] - loss):.3g})"
+        )
+        train_row = ("SFT step, 4 × 256", "train_sft_4x256_tok_s")
 
     rows = [
         ("decode, batch 1", "decode_b1_tok_s"),
@@ -221,6 +284,12 @@ def main():
     for label, key in rows:
         r, a, b = rlx[key], t32[key], bf16[key]
         print(f"{label:<22}{r:>12.0f}{a:>12.0f}{r / a:>8.2f}{b:>12.0f}{r / b:>8.2f}")
+    if train_row:
+        label, key = train_row
+        r, a = rlx[key], t32[key]
+        print(f"{label:<22}{r:>12.0f}{a:>12.0f}{r / a:>8.2f}{'-':>12}{'-':>8}")
+        print("training: rlx computes gradients on the GPU and runs AdamW on the host (the")
+        print("  gradients go to the host and the new weights back each step); torch all on the GPU")
     print("ratio = rlx ÷ torch (> 1: rlx is faster); rlx keeps f32 weights on the GPU")
 
 

@@ -9,11 +9,13 @@
 # loader's path, prints the device, and runs the CUDA tests: every kernel compiles for
 # sm_80/sm_90 and for the device; the kernels with a CPU reference run on the GPU and are
 # compared; and a model loaded on cuda:0 is compared with the CPU model (logits, log-probs,
-# greedy tokens, sampling, training refused). Then it times rlx on the GPU (tests/examples/
-# gpu_bench.rs: a SmolLM2-135M-shaped Llama with random f32 weights: decode tok/s at batch 1
-# and 32, prefill of 512 tokens, log-probs of 8 × 256) and the same model in the machine's
-# PyTorch (benches/gpu_torch.py, f32 and bf16), checks rlx's logits against PyTorch's, and
-# prints the ratio table. Every step has a time limit; the whole run stays under 8 minutes.
+# greedy tokens, sampling, gradients and SFT trainer steps, LoRA and heads refused). Then it
+# times rlx on the GPU (tests/examples/gpu_bench.rs: a SmolLM2-135M-shaped Llama with random
+# f32 weights: decode tok/s at batch 1 and 32, prefill of 512 tokens, log-probs of 8 × 256,
+# one SFT training step on 4 × 256) and the same model in the machine's PyTorch
+# (benches/gpu_torch.py, f32 and bf16; training f32), checks rlx's logits and first training
+# loss against PyTorch's, and prints the ratio table. Every step has a time limit (120 + 150 +
+# 180 s); the whole run stays under 8 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,7 +75,7 @@ PY
     echo
     if [ -x "$bench" ]; then
         out=$(mktemp -d)
-        if timeout 120 "$bench" "$out" cuda:0; then
+        if timeout 150 "$bench" "$out" cuda:0; then
             timeout 180 python3 benches/gpu_torch.py "$out" || status=$?
         else
             status=1

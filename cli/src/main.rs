@@ -115,7 +115,8 @@ struct ModelArgs {
     #[arg(long)]
     allow_non_finite: bool,
     /// Where to run: cpu, cuda or cuda:N. On CUDA, generate/logprobs run on the device (f32
-    /// weights; not yet verified on a GPU); training commands refuse a CUDA device.
+    /// weights; not yet verified on a GPU); sft/dpo/grpo compute full fine-tuning gradients
+    /// there (AdamW on the host; not yet verified either); LoRA, rm and ppo refuse it.
     #[arg(long, default_value = "cpu")]
     device: rlx::Device,
 }

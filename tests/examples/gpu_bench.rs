@@ -5,7 +5,10 @@
 //! - decode tokens/s at batch 1 and batch 32 (16-token prompts; greedy; the time of 129 new
 //!   tokens minus the time of 1, so prefill is excluded),
 //! - prefill tokens/s of one 512-token prompt (first token included),
-//! - log-prob tokens/s of 8 sequences × 256 tokens.
+//! - log-prob tokens/s of 8 sequences × 256 tokens,
+//! - training tokens/s: one SFT step (mean cross-entropy over every next token, gradients on
+//!   the device, global-norm clipping and AdamW on the host, the new weights copied back to
+//!   the device) on 4 sequences × 256 tokens; the best of 3 steps after one warm-up step.
 //!
 //! Writes into OUT (default `/tmp/rlx-gpu-bench`): `model/` (the checkpoint, which
 //! `benches/gpu_torch.py` loads into its PyTorch reference), `results.json`, and
@@ -18,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use rlx::{Device, LoadOptions, Model, SamplingParams};
+use rlx::{Device, LoadOptions, Model, SamplingParams, TrainConfig, Trainer};
 use serde_json::json;
 
 const HIDDEN: usize = 576;
@@ -209,6 +212,27 @@ fn run() -> Res<()> {
     let logprobs = 2048.0 / best_of(5, || model.logprobs(&seqs, 1.0))?;
     eprintln!("gpu_bench: prefill 512: {prefill:.0} tok/s; log-probs 8×256: {logprobs:.0} tok/s");
 
+    // Training: one SFT step over 4 × 256 tokens (the trainer takes the model; last).
+    let train_seqs: Vec<Vec<u32>> = (0..4)
+        .map(|s| (0..256).map(|i| token(i, 20 + s)).collect())
+        .collect();
+    let masks: Vec<Vec<bool>> = train_seqs
+        .iter()
+        .map(|s| (0..s.len()).map(|i| i > 0).collect())
+        .collect();
+    let config = TrainConfig {
+        lr: 1e-5,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(model, config)?;
+    let first = trainer.sft_step(&train_seqs, &masks)?;
+    let step_s = best_of(3, || trainer.sft_step(&train_seqs, &masks))?;
+    let train = 1024.0 / step_s;
+    eprintln!(
+        "gpu_bench: SFT step 4×256: {step_s:.3} s ({train:.0} tok/s); first loss {:.5}",
+        first.loss
+    );
+
     let results = json!({
         "device": device.to_string(),
         "load_s": load_s,
@@ -216,6 +240,10 @@ fn run() -> Res<()> {
         "decode_b32_tok_s": decode_b32,
         "prefill512_tok_s": prefill,
         "logprobs_8x256_tok_s": logprobs,
+        "train_sft_4x256_tok_s": train,
+        "train_step_s": step_s,
+        "train_first_loss": first.loss,
+        "train_tokens": train_seqs,
         "logits_tokens": seq,
         "greedy_prompt": prompt,
         "greedy_tokens": greedy_tokens,

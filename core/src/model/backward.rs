@@ -442,6 +442,9 @@ impl Model {
         masks: &[Vec<bool>],
         objective: &mut TokenObjective<'_>,
     ) -> Result<(f64, Gradients)> {
+        #[cfg(feature = "cuda")]
+        self.require_cuda_trainable()?;
+        #[cfg(not(feature = "cuda"))]
         self.require_cpu("training (gradients)")?;
         if sequences.is_empty() {
             return Err(Error::invalid("empty batch"));
@@ -469,6 +472,13 @@ impl Model {
         }
         if rows.is_empty() {
             return Err(Error::invalid("the masks select no tokens"));
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = self.cuda()? {
+            let lens: Vec<usize> = sequences.iter().map(|s| s.as_ref().len()).collect();
+            let selected: Vec<(usize, u32, usize)> =
+                rows.iter().map(|r| (r.row, r.target, r.seq)).collect();
+            return gpu.token_objective_gradients(self, &tokens, &lens, &selected, objective);
         }
         self.install(|| self.objective_backward(sequences, &tokens, &slots, &rows, objective))
     }

@@ -59,8 +59,9 @@ pub struct LoadOptions {
     /// Where the model runs (`cpu` by default). With `cuda:N` (crate feature `cuda`) the
     /// driver, device, NVRTC and cuBLAS are checked, the weights are copied to the device as
     /// f32 (GGUF blocks are dequantized: `keep_quantized` does not apply), and `logits`,
-    /// `logprobs` and `generate` run there; training, LoRA and reward/value heads return an
-    /// error on such a model. The CUDA path has not yet been run on a GPU.
+    /// `logprobs` and `generate` run there, as do the gradients of full fine-tuning (SFT, DPO,
+    /// GRPO; AdamW stays on the host, see [`Model::sync_device`]); LoRA and reward/value heads
+    /// return an error on such a model. The CUDA path has not yet been run on a GPU.
     pub device: crate::backend::Device,
 }
 
@@ -230,8 +231,8 @@ impl Model {
         match &self.cuda {
             Some(g) if self.cuda_stale => Err(Error::Cuda(format!(
                 "the weights of this model were changed on the host after it was loaded on \
-                 cuda:{}; changing weights (training, LoRA, new heads) is not supported on \
-                 cuda yet: load the model on cpu",
+                 cuda:{}; call Model::sync_device to copy them to the device (the Trainer does \
+                 after each step)",
                 g.ordinal()
             ))),
             Some(g) => Ok(Some(g)),
@@ -249,6 +250,56 @@ impl Model {
                  it on cpu"
             ))),
         }
+    }
+
+    /// On a CUDA model, refuses what the device backward does not build: LoRA adapters and
+    /// reward (score) or value heads (full fine-tuning of the base weights only).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn require_cuda_trainable(&self) -> Result<()> {
+        let Device::Cuda(n) = self.device() else {
+            return Ok(());
+        };
+        let w = &self.weights;
+        let what = if w.base_frozen() {
+            "LoRA training"
+        } else if w.score.is_some() {
+            "training a reward (score) head"
+        } else if w.value.is_some() {
+            "training a value head"
+        } else {
+            return Ok(());
+        };
+        Err(Error::Cuda(format!(
+            "{what} is not supported on cuda yet (this model is loaded on cuda:{n}); load it on \
+             cpu"
+        )))
+    }
+
+    /// Copies the host weights to the device after they changed (an optimizer step, any
+    /// `weights_mut` use), so CUDA calls run again; nothing to do on the CPU or when nothing
+    /// changed. The device copy is overwritten in place when this model alone holds it;
+    /// when clones share it (a reference model), this model gets its own device copy (a new
+    /// upload, once) and the clones keep the old weights, as they do on the host.
+    pub fn sync_device(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if self.cuda_stale {
+            if let Some(gpu) = self.cuda.as_mut() {
+                match Arc::get_mut(gpu) {
+                    Some(g) => g.refresh(&self.weights)?,
+                    None => {
+                        let fresh = crate::backend::cuda::CudaModel::new(
+                            gpu.ordinal(),
+                            &self.config,
+                            &self.weights,
+                            self.rope_inv_freq.as_deref(),
+                        )?;
+                        *gpu = Arc::new(fresh);
+                    }
+                }
+            }
+            self.cuda_stale = false;
+        }
+        Ok(())
     }
 
     /// Refuses weights holding NaN or infinite values unless the options allow them.

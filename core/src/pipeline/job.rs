@@ -408,7 +408,12 @@ pub fn policy_state(policy: &mut Model) -> Result<Vec<u8>> {
                 .map_err(|e| Error::invalid(format!("policy state `{n}`: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize(views, None).map_err(|e| Error::invalid(format!("policy state: {e}")))
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|e| Error::invalid(format!("policy state: {e}")))?;
+    drop(params);
+    // Nothing changed, but `weights_mut` marked a CUDA copy stale; this clears it (a copy).
+    policy.sync_device()?;
+    Ok(bytes)
 }
 
 /// Replaces the policy's trainable tensors with those of [`policy_state`] bytes. The names and
@@ -447,5 +452,7 @@ pub fn load_policy_state(policy: &mut Model, state: &[u8]) -> Result<()> {
     for ((_, t, _), values) in params.iter_mut().zip(staged) {
         t.as_mut_slice().copy_from_slice(&values);
     }
-    Ok(())
+    drop(params);
+    // A policy on CUDA gets the new weights on the device too.
+    policy.sync_device()
 }

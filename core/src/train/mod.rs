@@ -156,9 +156,10 @@ struct Pending {
 
 impl Trainer {
     pub fn new(mut model: Model, config: TrainConfig) -> Result<Self> {
-        // Training runs on the host weights only; a CUDA model would train a copy the device
-        // never sees.
-        model.require_cpu("training")?;
+        // On CUDA: gradients on the device (full fine-tuning only), AdamW on the host, the
+        // changed weights copied back to the device after each step (`Model::sync_device`).
+        #[cfg(feature = "cuda")]
+        model.require_cuda_trainable()?;
         config.validate()?;
         // Gradients and updates are f32; a model loaded with quantized blocks trains on their
         // f32 values.
@@ -169,6 +170,7 @@ impl Trainer {
             .iter()
             .map(|(n, t, _)| (n.clone(), t.as_slice().len()))
             .unzip();
+        model.sync_device()?;
         Ok(Trainer {
             names,
             m: sizes
@@ -417,6 +419,8 @@ impl Trainer {
                 });
         }
         self.step += 1;
+        // A model on CUDA gets the new weights on the device before its next forward.
+        self.model.sync_device()?;
         Ok(StepStats {
             loss,
             grad_norm,

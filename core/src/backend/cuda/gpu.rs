@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 
 /// Threads per block of the row kernels (norms, log-softmax): a multiple of 32, as the block
 /// reductions of `common.cuh` require.
-const ROW_THREADS: u32 = 256;
+pub(super) const ROW_THREADS: u32 = 256;
 /// `attention_decode_paged*` keeps per-warp state for exactly 4 warps.
 const DECODE_THREADS: u32 = 128;
 /// `sample_rows` sizes its shared arrays for 1024 threads.
@@ -29,9 +29,9 @@ const SAMPLE_THREADS: u32 = 1024;
 const ELEMENT_THREADS: u32 = 256;
 
 /// A null pointer argument (`0` as a 64-bit device address) for the kernels' optional outputs.
-const NULL: u64 = 0;
+pub(super) const NULL: u64 = 0;
 
-fn driver(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
+pub(super) fn driver(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
     move |e| cuda_error(format!("{what}: {e}"))
 }
 
@@ -40,12 +40,12 @@ pub(crate) fn int(n: usize, what: &str) -> Result<i32> {
     i32::try_from(n).map_err(|_| cuda_error(format!("{what} = {n} exceeds the kernels' int range")))
 }
 
-fn long(n: usize, what: &str) -> Result<i64> {
+pub(super) fn long(n: usize, what: &str) -> Result<i64> {
     i64::try_from(n).map_err(|_| cuda_error(format!("{what} = {n} exceeds the kernels' range")))
 }
 
 /// Grid of a grid-stride elementwise kernel over `n` values.
-fn elementwise(n: usize) -> LaunchConfig {
+pub(super) fn elementwise(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(ELEMENT_THREADS as usize).clamp(1, 1 << 20) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
@@ -55,7 +55,7 @@ fn elementwise(n: usize) -> LaunchConfig {
 }
 
 /// One block per row (`rows` ≥ 1, checked by the callers through [`int`]).
-fn per_row(rows: usize, threads: u32) -> LaunchConfig {
+pub(super) fn per_row(rows: usize, threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows.max(1) as u32, 1, 1),
         block_dim: (threads, 1, 1),
@@ -65,7 +65,7 @@ fn per_row(rows: usize, threads: u32) -> LaunchConfig {
 
 /// Errors unless `buf` holds at least `n` values (cudarc asserts on short copies; rlx must
 /// return an error instead, and a kernel must never run past a buffer).
-fn need<T>(buf: &impl DeviceSlice<T>, n: usize, what: &str) -> Result<()> {
+pub(super) fn need<T>(buf: &impl DeviceSlice<T>, n: usize, what: &str) -> Result<()> {
     if buf.len() < n {
         return Err(cuda_error(format!(
             "internal: buffer {what} holds {} values, {n} needed",
@@ -122,13 +122,17 @@ pub(crate) struct Gpu {
     arch: &'static str,
     name: String,
     // Field order is drop order: cuBLAS handle and kernels before the context they live in.
-    blas: CudaBlas,
+    pub(super) blas: CudaBlas,
     k: Kernels,
-    stream: Arc<CudaStream>,
-    ctx: Arc<CudaContext>,
+    pub(super) stream: Arc<CudaStream>,
+    pub(super) ctx: Arc<CudaContext>,
 }
 
-fn load_module(ctx: &Arc<CudaContext>, arch: &str, name: &str) -> Result<Arc<CudaModule>> {
+pub(super) fn load_module(
+    ctx: &Arc<CudaContext>,
+    arch: &str,
+    name: &str,
+) -> Result<Arc<CudaModule>> {
     let module = rlx_cuda_kernels::module(name)
         .ok_or_else(|| cuda_error(format!("internal: no kernel module {name}")))?;
     let ptx = compile(module, arch)?;
@@ -136,7 +140,7 @@ fn load_module(ctx: &Arc<CudaContext>, arch: &str, name: &str) -> Result<Arc<Cud
         .map_err(|e| cuda_error(format!("loading module {name} for {arch}: {e}")))
 }
 
-fn function(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
+pub(super) fn function(module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
     module
         .load_function(name)
         .map_err(|e| cuda_error(format!("kernel {name}: {e}")))

@@ -11,6 +11,9 @@
 //!   per kernel whose arguments follow the kernel's C signature; the cuBLAS GEMM wrapper.
 //! - `model.rs`: [`CudaModel`]: the weights on the device (f32) and the forward pass, logits,
 //!   log-probs and generation.
+//! - `backward.rs` (a child module of `model.rs`): the training backward (gradients of any
+//!   objective of per-token log-probs, copied to the host) and the re-upload of changed
+//!   weights after an optimizer step.
 //!
 //! Status: kernels compile (checked in CI for sm_80 and sm_90). The model code is compiled
 //! and type-checked but has NOT yet run on a GPU; `tests/tests/cuda.rs` holds the checks

@@ -41,6 +41,10 @@ use crate::model::{Linear, Mlp, ModelWeights, Norm};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tensor::Tensor;
 
+// The training backward: a child module, so it reaches the device weights.
+#[path = "backward.rs"]
+mod backward;
+
 /// Tokens packed into one forward when scoring many sequences (as the CPU path).
 const PACK_TOKENS: usize = 2048;
 /// LM-head rows per chunk when scoring: bounds the logits buffer to `LOGIT_ROWS × V`.
@@ -180,12 +184,17 @@ impl Plan {
 
 /// A model on a CUDA device. Calls are serialised (one stream, one cuBLAS handle).
 pub struct CudaModel {
+    // First field, so dropped first: `Gpu`'s Drop synchronizes its stream, which makes the
+    // context current on the dropping thread (any thread: Python may drop a model anywhere);
+    // cudarc frees the buffers below without binding it.
     gpu: Gpu,
     cfg: ModelConfig,
     w: DWeights,
     has_lm_head: bool,
     inv_freq: Option<CudaSlice<f32>>,
     lock: Mutex<()>,
+    /// The backward's kernels, loaded on the first gradient call.
+    bwd: std::sync::OnceLock<backward::Kernels>,
 }
 
 impl std::fmt::Debug for CudaModel {
@@ -328,6 +337,7 @@ impl CudaModel {
             w,
             inv_freq,
             lock: Mutex::new(()),
+            bwd: std::sync::OnceLock::new(),
         })
     }
 
