@@ -191,25 +191,17 @@ macro_rules! forward_kernels {
                 let rows = r.r1 - r.r0;
                 // SAFETY (all tile calls below): every tile reads rows r.r0..r.r1 of x and c0..c1 of w,
                 // inside the lengths asserted by `matmul`, and writes only inside `r`.
-                if rows >= MR {
+                if rows >= 2 {
+                    // Tiles of MR rows, then one tile of the remaining rows: every row block
+                    // reads each weight row once per tile, so a remainder of 4 rows costs one
+                    // more pass over the weights, not four (batched decode is memory-bound).
                     let mut c = r.c0;
                     while c < r.c1 {
                         let cols = (r.c1 - c).min(NR);
                         let mut row = r.r0;
                         while row < r.r1 {
-                            let take = if r.r1 - row >= MR { MR } else { 1 };
-                            unsafe {
-                                match (take == MR, cols) {
-                                    (true, 4) => tile::<MR, 4>(out, x, w, bias, n, k, row, c),
-                                    (true, 3) => tile::<MR, 3>(out, x, w, bias, n, k, row, c),
-                                    (true, 2) => tile::<MR, 2>(out, x, w, bias, n, k, row, c),
-                                    (true, _) => tile::<MR, 1>(out, x, w, bias, n, k, row, c),
-                                    (false, 4) => tile::<1, 4>(out, x, w, bias, n, k, row, c),
-                                    (false, 3) => tile::<1, 3>(out, x, w, bias, n, k, row, c),
-                                    (false, 2) => tile::<1, 2>(out, x, w, bias, n, k, row, c),
-                                    (false, _) => tile::<1, 1>(out, x, w, bias, n, k, row, c),
-                                }
-                            }
+                            let take = (r.r1 - row).min(MR);
+                            unsafe { tile_rows(take, cols, out, x, w, bias, n, k, row, c) };
                             row += take;
                         }
                         c += cols;
@@ -226,6 +218,46 @@ macro_rules! forward_kernels {
                             c += 1;
                         }
                     }
+                }
+            }
+
+            /// [`tile`] with its shape chosen at run time: `rows` ≤ MR, `cols` ≤ 4.
+            ///
+            /// # Safety
+            /// As [`tile`] for a `rows` × `cols` tile.
+            #[allow(clippy::too_many_arguments)]
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn tile_rows(
+                rows: usize,
+                cols: usize,
+                out: *mut f32,
+                x: &[f32],
+                w: &[f32],
+                bias: *const f32,
+                n: usize,
+                k: usize,
+                row: usize,
+                col: usize,
+            ) {
+                macro_rules! by_cols {
+                    ($r:literal) => {
+                        match cols {
+                            4 => unsafe { tile::<$r, 4>(out, x, w, bias, n, k, row, col) },
+                            3 => unsafe { tile::<$r, 3>(out, x, w, bias, n, k, row, col) },
+                            2 => unsafe { tile::<$r, 2>(out, x, w, bias, n, k, row, col) },
+                            _ => unsafe { tile::<$r, 1>(out, x, w, bias, n, k, row, col) },
+                        }
+                    };
+                }
+                match rows.min(MR) {
+                    1 => by_cols!(1),
+                    2 => by_cols!(2),
+                    3 => by_cols!(3),
+                    4 if MR >= 4 => by_cols!(4),
+                    5 if MR >= 5 => by_cols!(5),
+                    _ if MR >= 6 => by_cols!(6),
+                    _ => by_cols!(4),
                 }
             }
 
@@ -425,6 +457,13 @@ mod tests {
         let w = values(n * k, 5);
         let mut full = vec![0f32; rows * n];
         matmul(&mut full, &x, &w, None, rows, n, k);
+        // Every tile height, including the remainder tiles of 2..MR-1 rows.
+        for few in 2..=13 {
+            let mut part = vec![0f32; few * n];
+            matmul(&mut part, &x, &w, None, few, n, k);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&part), bits(&full[..few * n]), "{few} rows");
+        }
         let one = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()

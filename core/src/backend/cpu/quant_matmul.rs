@@ -351,18 +351,27 @@ macro_rules! x86_kernels {
                     let cols = (r.c1 - c).min(NC);
                     let mut t = r.r0;
                     while t < r.r1 {
-                        let take = if r.r1 - t >= MR { MR } else { 1 };
+                        // Tiles of MR rows, then one tile of the rest: each tile reads the
+                        // weights once, so the remainder costs one pass, not one per row.
+                        let take = (r.r1 - t).min(MR);
+                        macro_rules! by_cols {
+                            ($r:literal) => {
+                                match cols {
+                                    4 => tile::<TY, $r, 4>(out, x, w, bias, t, c),
+                                    3 => tile::<TY, $r, 3>(out, x, w, bias, t, c),
+                                    2 => tile::<TY, $r, 2>(out, x, w, bias, t, c),
+                                    _ => tile::<TY, $r, 1>(out, x, w, bias, t, c),
+                                }
+                            };
+                        }
                         // SAFETY: rows t..t+take and columns c..c+cols lie in the rectangle.
                         unsafe {
-                            match (take == MR, cols) {
-                                (true, 4) => tile::<TY, MR, 4>(out, x, w, bias, t, c),
-                                (true, 3) => tile::<TY, MR, 3>(out, x, w, bias, t, c),
-                                (true, 2) => tile::<TY, MR, 2>(out, x, w, bias, t, c),
-                                (true, _) => tile::<TY, MR, 1>(out, x, w, bias, t, c),
-                                (false, 4) => tile::<TY, 1, 4>(out, x, w, bias, t, c),
-                                (false, 3) => tile::<TY, 1, 3>(out, x, w, bias, t, c),
-                                (false, 2) => tile::<TY, 1, 2>(out, x, w, bias, t, c),
-                                (false, _) => tile::<TY, 1, 1>(out, x, w, bias, t, c),
+                            match take {
+                                1 => by_cols!(1),
+                                2 => by_cols!(2),
+                                3 if MR >= 3 => by_cols!(3),
+                                _ if MR >= 4 => by_cols!(4),
+                                _ => by_cols!(2),
                             }
                         }
                         t += take;
@@ -775,7 +784,7 @@ mod tests {
             };
             // Few rows run the in-register tiles, many rows the f32 panel.
             for &level in levels {
-                for take in [1, 2, 5, rows] {
+                for take in [1, 2, 3, 5, 6, rows] {
                     let mut out = vec![0f32; take * n];
                     quant_matmul_on(level, &mut out, &x, w, Some(&bias), take);
                     assert_eq!(out, want[..take * n], "{ty:?} on {level:?}, {take} rows");
