@@ -35,6 +35,45 @@ pub struct Generation {
 /// `false` stops that sequence.
 pub type StreamCallback<'a> = dyn FnMut(usize, u32, f32) -> bool + 'a;
 
+/// One sampled token of one sequence, recorded the same way by every backend.
+pub(crate) struct TokenStep {
+    pub seq: usize,
+    pub token: u32,
+    pub logprob: f32,
+}
+
+impl TokenStep {
+    /// Appends the token to the sequence's output and history, tells the stream callback, and
+    /// decides how the sequence goes on: a stop token ends it (`Stop`), a callback returning
+    /// false cancels it, reaching `max_new_tokens` ends it at `Length` (the default reason).
+    /// Returns whether it keeps generating.
+    pub fn record(
+        self,
+        out: &mut Generation,
+        history: &mut Vec<u32>,
+        stop: &[u32],
+        params: &SamplingParams,
+        on_token: Option<&mut StreamCallback<'_>>,
+    ) -> bool {
+        history.push(self.token);
+        out.tokens.push(self.token);
+        out.logprobs.push(self.logprob);
+        let keep_going = match on_token {
+            Some(cb) => cb(self.seq, self.token, self.logprob),
+            None => true,
+        };
+        if stop.contains(&self.token) {
+            out.finish_reason = FinishReason::Stop;
+            false
+        } else if !keep_going {
+            out.finish_reason = FinishReason::Cancelled;
+            false
+        } else {
+            out.tokens.len() < params.max_new_tokens
+        }
+    }
+}
+
 impl Model {
     /// Generates a continuation for each prompt. Same `seed` ⇒ same tokens, whatever the batch.
     /// Sequence `i` draws from random stream `i` of `seed`.
@@ -169,19 +208,19 @@ impl Model {
                     let l = &logits[row * v..(row + 1) * v];
                     let tok = samplers[seq].sample(l, &history[seq], params);
                     let lp = log_prob_of(l, lp_temperature, tok as usize);
-                    history[seq].push(tok);
-                    let out = &mut outs[seq];
-                    out.tokens.push(tok);
-                    out.logprobs.push(lp);
-                    let keep_going = match on_token.as_deref_mut() {
-                        Some(cb) => cb(seq, tok, lp),
-                        None => true,
+                    let step = TokenStep {
+                        seq,
+                        token: tok,
+                        logprob: lp,
                     };
-                    if stop.contains(&tok) {
-                        out.finish_reason = FinishReason::Stop;
-                    } else if !keep_going {
-                        out.finish_reason = FinishReason::Cancelled;
-                    } else if out.tokens.len() < params.max_new_tokens {
+                    let out = &mut outs[seq];
+                    if step.record(
+                        out,
+                        &mut history[seq],
+                        &stop,
+                        params,
+                        on_token.as_deref_mut(),
+                    ) {
                         still.push(seq);
                     }
                 }

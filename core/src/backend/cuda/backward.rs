@@ -537,40 +537,6 @@ impl Gpu {
             .map_err(driver("layernorm_bwd"))
     }
 
-    /// The transpose of RoPE, in place on the gradient `dx` = `[n_tokens, heads, head_dim]`.
-    #[allow(clippy::too_many_arguments)]
-    fn rope_bwd(
-        &self,
-        k: &Kernels,
-        dx: &mut CudaSlice<f32>,
-        positions: &CudaSlice<i32>,
-        inv_freq: &CudaSlice<f32>,
-        n_tokens: usize,
-        heads: usize,
-        head_dim: usize,
-    ) -> Result<()> {
-        need(dx, n_tokens * heads * head_dim, "rope dx")?;
-        need(positions, n_tokens, "positions")?;
-        need(inv_freq, head_dim / 2, "inv_freq")?;
-        let (t_arg, h_arg, d_arg) = (
-            int(n_tokens, "tokens")?,
-            int(heads, "heads")?,
-            int(head_dim, "head_dim")?,
-        );
-        let mut l = self.stream.launch_builder(&k.rope_bwd);
-        l.arg(dx)
-            .arg(positions)
-            .arg(inv_freq)
-            .arg(&t_arg)
-            .arg(&h_arg)
-            .arg(&d_arg);
-        // SAFETY: rope_bwd(float* dx, const int* positions, const float* inv_freq,
-        // int n_tokens, int heads, int head_dim); one block per token; sizes checked above.
-        unsafe { l.launch(per_row(n_tokens, ROW_THREADS)) }
-            .map(drop)
-            .map_err(driver("rope_bwd"))
-    }
-
     /// `d_gate`, `d_up` of `out = silu(gate) · up` over `n` values.
     #[allow(clippy::too_many_arguments)]
     fn swiglu_bwd(
@@ -1549,8 +1515,22 @@ impl CudaModel {
                 hd,
             )?;
             if let Some(inv) = &self.inv_freq {
-                g.rope_bwd(k, &mut dq, &positions_d, inv, t, hq, hd)?;
-                g.rope_bwd(k, &mut dk, &positions_d, inv, t, hkv, hd)?;
+                g.rope_with(
+                    &k.rope_bwd,
+                    "rope_bwd",
+                    &mut dq,
+                    &positions_d,
+                    inv,
+                    (t, hq, hd),
+                )?;
+                g.rope_with(
+                    &k.rope_bwd,
+                    "rope_bwd",
+                    &mut dk,
+                    &positions_d,
+                    inv,
+                    (t, hkv, hd),
+                )?;
             }
             let h1 = &lt.n1.y;
             self.linear_bwd(&layer.q, &mut gl.q, &mut dh, &dq, h1, &ones, t, false)?;

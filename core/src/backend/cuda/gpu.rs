@@ -485,6 +485,22 @@ impl Gpu {
         heads: usize,
         head_dim: usize,
     ) -> Result<()> {
+        let shape = (n_tokens, heads, head_dim);
+        self.rope_with(&self.k.rope_fwd, "rope_fwd", x, positions, inv_freq, shape)
+    }
+
+    /// Launches `rope_fwd` or `rope_bwd` (the transpose), which share one signature:
+    /// `(float* x, const int* positions, const float* inv_freq, int n_tokens, int heads,
+    /// int head_dim)`, in place on `x` = `[n_tokens, heads, head_dim]`, one block per token.
+    pub(super) fn rope_with(
+        &self,
+        kernel: &CudaFunction,
+        name: &'static str,
+        x: &mut CudaSlice<f32>,
+        positions: &CudaSlice<i32>,
+        inv_freq: &CudaSlice<f32>,
+        (n_tokens, heads, head_dim): (usize, usize, usize),
+    ) -> Result<()> {
         need(x, n_tokens * heads * head_dim, "rope x")?;
         need(positions, n_tokens, "positions")?;
         need(inv_freq, head_dim / 2, "inv_freq")?;
@@ -493,18 +509,17 @@ impl Gpu {
             int(heads, "heads")?,
             int(head_dim, "head_dim")?,
         );
-        let mut l = self.stream.launch_builder(&self.k.rope_fwd);
+        let mut l = self.stream.launch_builder(kernel);
         l.arg(x)
             .arg(positions)
             .arg(inv_freq)
             .arg(&t_arg)
             .arg(&h_arg)
             .arg(&d_arg);
-        // SAFETY: rope_fwd(float* x, const int* positions, const float* inv_freq,
-        // int n_tokens, int heads, int head_dim); one block per token.
+        // SAFETY: the signature above (both kernels); sizes checked above; one block per token.
         unsafe { l.launch(per_row(n_tokens, ROW_THREADS)) }
             .map(drop)
-            .map_err(driver("rope_fwd"))
+            .map_err(driver(name))
     }
 
     /// `out = silu(gate) · up` over `n` values.

@@ -36,7 +36,7 @@ use crate::backend::cpu::attention::Slot;
 use crate::backend::cpu::softmax::log_prob_of;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::generate::{FinishReason, Generation, StreamCallback};
+use crate::generate::{FinishReason, Generation, StreamCallback, TokenStep};
 use crate::model::{Linear, Mlp, ModelWeights, Norm};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tensor::Tensor;
@@ -731,20 +731,20 @@ impl CudaModel {
                 }
             };
             let mut still = Vec::with_capacity(rows);
-            for (&seq, &(tok, lp)) in active.iter().zip(&picked) {
-                history[seq].push(tok);
-                let out = &mut outs[seq];
-                out.tokens.push(tok);
-                out.logprobs.push(lp);
-                let keep_going = match on_token.as_deref_mut() {
-                    Some(cb) => cb(seq, tok, lp),
-                    None => true,
+            for (&seq, &(token, logprob)) in active.iter().zip(&picked) {
+                let step = TokenStep {
+                    seq,
+                    token,
+                    logprob,
                 };
-                if stop.contains(&tok) {
-                    out.finish_reason = FinishReason::Stop;
-                } else if !keep_going {
-                    out.finish_reason = FinishReason::Cancelled;
-                } else if out.tokens.len() < params.max_new_tokens {
+                let out = &mut outs[seq];
+                if step.record(
+                    out,
+                    &mut history[seq],
+                    stop,
+                    params,
+                    on_token.as_deref_mut(),
+                ) {
                     still.push(seq);
                 }
             }
