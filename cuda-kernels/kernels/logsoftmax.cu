@@ -1,8 +1,9 @@
 // After the LM head's GEMM (cuBLAS): per row of `vocab` logits, at temperature `temp`,
 // logsumexp, the target token's log-prob and the entropy, one block per row — the logits
 // are read twice and no probability matrix is written. `targets[r] < 0` marks a row with no
-// target (its log-prob is 0). The backward of Σ_r w_r · logp_r writes
-//   d_logits[r, j] = w_r / temp · (1[j = target] − softmax_j).
+// target (its log-prob is 0). The backward of Σ_r (w_r · logp_r + e_r · H_r) writes
+//   d_logits[r, j] = (w_r · (1[j = target] − p_j) − e_r · p_j · (log p_j + H_r)) / temp
+// (the entropy part only when `entropy` and `d_entropy` are both given).
 
 extern "C" __global__ void logsoftmax_gather_fwd(const float* logits, const int* targets,
                                                  float* logp, float* lse_out, float* entropy,
@@ -36,6 +37,7 @@ extern "C" __global__ void logsoftmax_gather_fwd(const float* logits, const int*
 
 extern "C" __global__ void logsoftmax_gather_bwd(const float* logits, const int* targets,
                                                  const float* lse, const float* d_logp,
+                                                 const float* entropy, const float* d_entropy,
                                                  float* d_logits, int rows, int vocab,
                                                  float temp) {
     int r = blockIdx.x;
@@ -43,10 +45,14 @@ extern "C" __global__ void logsoftmax_gather_bwd(const float* logits, const int*
     const float* x = logits + (long long)r * vocab;
     float* dx = d_logits + (long long)r * vocab;
     int t = targets[r];
-    float w = (t >= 0 && t < vocab) ? d_logp[r] / temp : 0.0f;
     float inv_t = 1.0f / temp, l = lse[r];
+    float w = (t >= 0 && t < vocab) ? d_logp[r] : 0.0f;
+    // With an entropy term (both pointers set): dH/dz_j = -p_j (log p_j + H), z = x / temp.
+    float de = (entropy && d_entropy) ? d_entropy[r] : 0.0f;
+    float h = (entropy && d_entropy) ? entropy[r] : 0.0f;
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        float p = expf(x[j] * inv_t - l);
-        dx[j] = w * ((j == t ? 1.0f : 0.0f) - p);
+        float lp = x[j] * inv_t - l;
+        float p = expf(lp);
+        dx[j] = inv_t * (w * ((j == t ? 1.0f : 0.0f) - p) - de * p * (lp + h));
     }
 }

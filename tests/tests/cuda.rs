@@ -633,9 +633,9 @@ fn gpu_sampled_generation_gives_valid_reproducible_tokens() {
 }
 
 #[test]
-fn gpu_model_refuses_lora_heads_and_stale_weights_clearly() {
+fn gpu_model_refuses_lora_and_stale_weights_clearly() {
     let Some((_cpu, gpu)) = cpu_and_gpu(
-        "gpu_model_refuses_lora_heads_and_stale_weights_clearly",
+        "gpu_model_refuses_lora_and_stale_weights_clearly",
         &fixture("llama-f32"),
     ) else {
         return;
@@ -647,38 +647,9 @@ fn gpu_model_refuses_lora_heads_and_stale_weights_clearly() {
             "{e}"
         );
     };
-    let seqs = vec![vec![1u32, 2, 3, 4]];
-    let masks = vec![vec![false, true, true, true]];
     // LoRA (training or attaching) stays an error on CUDA.
     let mut m = gpu.clone();
     not_yet(m.attach_lora(&rlx::LoraConfig::new(4, 8.0)).unwrap_err());
-    // A value head (PPO) or score head (reward model) is refused by the device backward.
-    let mut m = gpu.clone();
-    m.add_value_head(1);
-    m.sync_device().unwrap();
-    not_yet(m.sft_gradients(&seqs, &masks).unwrap_err());
-    match Trainer::new(m, TrainConfig::default()) {
-        Ok(_) => panic!("a trainer over a CUDA model with a value head must be refused"),
-        Err(e) => not_yet(e),
-    }
-    // An entropy term in the objective has no device kernel yet.
-    let e = gpu
-        .token_objective_gradients(&seqs, &masks, &mut |out: &rlx::model::TokenOutputs| {
-            Ok((
-                0.0,
-                rlx::model::TokenOutputGrads {
-                    logp: out.logp.iter().map(|l| vec![0.0; l.len()]).collect(),
-                    entropy: Some(out.logp.iter().map(|l| vec![1.0; l.len()]).collect()),
-                    value: None,
-                },
-            ))
-        })
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("entropy") && e.contains("not supported on cuda yet"),
-        "{e}"
-    );
     // Weights changed on the host: the device copy is stale, so CUDA calls refuse until
     // `sync_device` copies them over.
     let mut m = gpu.clone();
@@ -875,5 +846,118 @@ fn gpu_sft_trainer_steps_match_the_cpu() {
             &format!("{name} untouched clone"),
         );
         eprintln!("{name}: 2 SFT steps on cuda:0 match the cpu");
+    }
+}
+
+/// An objective of log-probs, entropies and values (PPO's shape): Σ sin(i+1)·logp_i
+/// + 0.1·Σ H_i + ½·Σ (v_i − 1)², with the outputs it saw recorded.
+fn ppo_like_objective(
+    seen: &mut Vec<rlx::model::TokenOutputs>,
+) -> impl FnMut(&rlx::model::TokenOutputs) -> rlx::Result<(f64, rlx::model::TokenOutputGrads)> + '_
+{
+    move |out: &rlx::model::TokenOutputs| {
+        seen.push(out.clone());
+        let weights =
+            |l: &Vec<f64>| -> Vec<f64> { (0..l.len()).map(|i| ((i + 1) as f64).sin()).collect() };
+        let values = out.value.clone().unwrap_or_default();
+        let mut loss = 0.0;
+        for (l, e) in out.logp.iter().zip(&out.entropy) {
+            loss += l.iter().zip(weights(l)).map(|(a, b)| a * b).sum::<f64>();
+            loss += 0.1 * e.iter().sum::<f64>();
+        }
+        for v in &values {
+            loss += 0.5 * v.iter().map(|x| (x - 1.0) * (x - 1.0)).sum::<f64>();
+        }
+        Ok((
+            loss,
+            rlx::model::TokenOutputGrads {
+                logp: out.logp.iter().map(weights).collect(),
+                entropy: Some(out.entropy.iter().map(|e| vec![0.1; e.len()]).collect()),
+                value: out.value.as_ref().map(|vs| {
+                    vs.iter()
+                        .map(|v| v.iter().map(|x| x - 1.0).collect())
+                        .collect()
+                }),
+            },
+        ))
+    }
+}
+
+#[test]
+fn gpu_value_head_entropy_and_reward_model_match_the_cpu() {
+    for name in ["llama-f32", "gpt2-f32"] {
+        let test = format!("gpu_value_head_entropy_and_reward_model_match_the_cpu ({name})");
+        let Some((mut cpu, mut gpu)) = cpu_and_gpu(&test, &fixture(name)) else {
+            return;
+        };
+        let (seqs, masks) = training_batch(cpu.config().vocab_size);
+        // PPO's policy: a value head on the trunk, an entropy bonus.
+        cpu.add_value_head(7);
+        gpu.add_value_head(7);
+        gpu.sync_device().unwrap();
+        let (want_v, got_v) = (cpu.values(&seqs).unwrap(), gpu.values(&seqs).unwrap());
+        for (w, g) in want_v.iter().zip(&got_v) {
+            assert_close(g, w, MODEL_TOL, &format!("{name} values"));
+        }
+        let mut seen = Vec::new();
+        let (want_loss, want) = cpu
+            .token_objective_gradients(&seqs, &masks, &mut ppo_like_objective(&mut seen))
+            .unwrap();
+        let (got_loss, got) = gpu
+            .token_objective_gradients(&seqs, &masks, &mut ppo_like_objective(&mut seen))
+            .unwrap();
+        assert!(
+            (got_loss - want_loss).abs() <= 1e-4 * (1.0 + want_loss.abs()),
+            "{name}: loss {got_loss} vs {want_loss}"
+        );
+        assert!(got.value.is_some() && want.value.is_some());
+        assert_grads_close(&got, &want, &format!("{name} logp + entropy + value"));
+        let f32s = |x: &[Vec<f64>]| -> Vec<f32> { x.iter().flatten().map(|&v| v as f32).collect() };
+        assert_close(
+            &f32s(&seen[1].entropy),
+            &f32s(&seen[0].entropy),
+            MODEL_TOL,
+            &format!("{name} entropies"),
+        );
+        assert_close(
+            &f32s(seen[1].value.as_deref().unwrap()),
+            &f32s(seen[0].value.as_deref().unwrap()),
+            MODEL_TOL,
+            &format!("{name} values seen by the objective"),
+        );
+
+        // The reward model: a score head at the last token, the pairwise loss.
+        let chosen = seqs.clone();
+        let Some((mut cpu, mut gpu)) = cpu_and_gpu(&test, &fixture(name)) else {
+            return;
+        };
+        cpu.add_score_head(3);
+        gpu.add_score_head(3);
+        gpu.sync_device().unwrap();
+        let rejected: Vec<Vec<u32>> = chosen
+            .iter()
+            .map(|s| s.iter().rev().copied().collect())
+            .collect();
+        let (want_s, got_s) = (
+            cpu.reward_scores(&chosen).unwrap(),
+            gpu.reward_scores(&chosen).unwrap(),
+        );
+        assert_close(&got_s, &want_s, MODEL_TOL, &format!("{name} reward scores"));
+        let (want_p, want) = cpu.reward_pair_gradients(&chosen, &rejected, 0.1).unwrap();
+        let (got_p, got) = gpu.reward_pair_gradients(&chosen, &rejected, 0.1).unwrap();
+        assert!(
+            (got_p.loss - want_p.loss).abs() <= 1e-4 * (1.0 + want_p.loss.abs()),
+            "{name}: pair loss {} vs {}",
+            got_p.loss,
+            want_p.loss
+        );
+        assert_eq!(got_p.accuracy, want_p.accuracy);
+        assert!(got.score.is_some());
+        assert_grads_close(&got, &want, &format!("{name} reward pairs"));
+        // A reward-model trainer runs on the device too.
+        let mut rm = Trainer::new(gpu, TrainConfig::default()).unwrap();
+        let (step, _) = rm.rm_step(&chosen, &rejected, 0.0).unwrap();
+        assert!(!step.skipped && step.loss.is_finite());
+        eprintln!("{name}: value head, entropy and reward model on cuda:0 match the cpu");
     }
 }

@@ -252,26 +252,19 @@ impl Model {
         }
     }
 
-    /// On a CUDA model, refuses what the device backward does not build: LoRA adapters and
-    /// reward (score) or value heads (full fine-tuning of the base weights only).
+    /// On a CUDA model, refuses what the device backward does not build: LoRA adapters (a
+    /// frozen base). Score and value heads train (they run on the host, see `reward.rs`).
     #[cfg(feature = "cuda")]
     pub(crate) fn require_cuda_trainable(&self) -> Result<()> {
         let Device::Cuda(n) = self.device() else {
             return Ok(());
         };
-        let w = &self.weights;
-        let what = if w.base_frozen() {
-            "LoRA training"
-        } else if w.score.is_some() {
-            "training a reward (score) head"
-        } else if w.value.is_some() {
-            "training a value head"
-        } else {
+        if !self.weights.base_frozen() {
             return Ok(());
-        };
+        }
         Err(Error::Cuda(format!(
-            "{what} is not supported on cuda yet (this model is loaded on cuda:{n}); load it on \
-             cpu"
+            "LoRA training is not supported on cuda yet (this model is loaded on cuda:{n}); \
+             load it on cpu"
         )))
     }
 
@@ -491,6 +484,21 @@ impl Model {
             }
         }
         Ok(())
+    }
+
+    /// Each sequence checked by [`Model::check_tokens`], as slices.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn checked_sequences<'a, S: AsRef<[u32]>>(
+        &self,
+        sequences: &'a [S],
+    ) -> Result<Vec<&'a [u32]>> {
+        sequences
+            .iter()
+            .map(|s| {
+                let s = s.as_ref();
+                self.check_tokens(s, 0).map(|_| s)
+            })
+            .collect()
     }
 
     /// Full logits `(T, V)` of one sequence, row `t` predicting token `t + 1`.

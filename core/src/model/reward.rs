@@ -70,7 +70,6 @@ impl Model {
     /// The value head's estimate at every position of each sequence (`value[t]` is the
     /// state after reading tokens `..=t`).
     pub fn values<S: AsRef<[u32]> + Sync>(&self, sequences: &[S]) -> Result<Vec<Vec<f32>>> {
-        self.require_cpu("the value head")?;
         let head = self.weights().value.as_ref().ok_or_else(|| {
             Error::invalid("this model has no value head (call add_value_head or load one)")
         })?;
@@ -79,6 +78,20 @@ impl Model {
             .as_ref()
             .and_then(|b| b.as_slice().first().copied())
             .unwrap_or(0.0);
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = self.cuda()? {
+            // Backbone on the device, the one-row head on the host (as below).
+            let c = self.config().hidden_size;
+            return Ok(gpu
+                .hidden_states(&self.checked_sequences(sequences)?)?
+                .iter()
+                .map(|h| {
+                    h.chunks_exact(c)
+                        .map(|x| dot(x, head.w.as_slice()) + bias)
+                        .collect()
+                })
+                .collect());
+        }
         self.install(|| {
             let c = self.config().hidden_size;
             let mut s = Scratch::default();
@@ -129,8 +142,22 @@ impl Model {
 
     /// The scalar reward of each sequence (score head at its last token).
     pub fn reward_scores<S: AsRef<[u32]> + Sync>(&self, sequences: &[S]) -> Result<Vec<f32>> {
-        self.require_cpu("reward scoring")?;
         let score = self.score_head()?;
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = self.cuda()? {
+            let c = self.config().hidden_size;
+            return gpu
+                .hidden_states(&self.checked_sequences(sequences)?)?
+                .iter()
+                .map(|h| {
+                    let last = h
+                        .len()
+                        .checked_sub(c)
+                        .ok_or_else(|| Error::invalid("empty sequence"))?;
+                    Ok(dot(&h[last..], score.as_slice()))
+                })
+                .collect();
+        }
         self.install(|| {
             let c = self.config().hidden_size;
             let mut s = Scratch::default();
@@ -150,7 +177,8 @@ impl Model {
         rejected: &[S],
         margin: f32,
     ) -> Result<(PairStats, Gradients)> {
-        self.require_cpu("reward-model training")?;
+        #[cfg(feature = "cuda")]
+        self.require_cuda_trainable()?;
         if chosen.is_empty() || chosen.len() != rejected.len() {
             return Err(Error::invalid(format!(
                 "{} chosen and {} rejected sequences: need equal, non-zero counts",
@@ -167,9 +195,39 @@ impl Model {
             .map(AsRef::as_ref)
             .chain(rejected.iter().map(AsRef::as_ref))
             .collect();
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = self.cuda()? {
+            // Backbone forward and backward on the device; the score head and the loss on
+            // the host, on the downloaded final hidden states (the same arithmetic as below).
+            let all = self.checked_sequences(&all)?;
+            let lens: Vec<usize> = all.iter().map(|s| s.len()).collect();
+            let last: Vec<usize> = lens
+                .iter()
+                .scan(0, |end, &n| {
+                    *end += n;
+                    Some(*end - 1)
+                })
+                .collect();
+            let tokens: Vec<u32> = all.concat();
+            let mut stats = None;
+            let grads = gpu.hidden_objective_gradients(self, &tokens, &lens, &mut |h| {
+                let mut dhf = vec![0f32; h.len()];
+                let mut dscore = vec![0f32; score.as_slice().len()];
+                stats = Some(pair_objective(
+                    h,
+                    &last,
+                    score.as_slice(),
+                    margin,
+                    &mut dhf,
+                    Some(&mut dscore),
+                ));
+                Ok((dhf, Some(dscore)))
+            })?;
+            let stats = stats.ok_or_else(|| Error::Cuda("internal: no pair statistics".into()))?;
+            return Ok((stats, grads));
+        }
         self.install(|| {
             let c = self.config().hidden_size;
-            let pairs = chosen.len();
             let mut s = Scratch::default();
             let mut tape = Tape {
                 checkpointed: self.gradient_checkpointing(),
@@ -181,49 +239,71 @@ impl Model {
                 caches,
                 last,
             } = self.packed_forward(&all, &mut s, Some(&mut tape))?;
-            let rewards: Vec<f32> = last
-                .iter()
-                .map(|&r| dot(&s.h[r * c..(r + 1) * c], score.as_slice()))
-                .collect();
             let mut grads = Gradients::zeros(self);
             let mut dhf = vec![0f32; tokens.len() * c];
-            let (mut loss, mut correct) = (0f64, 0usize);
-            for p in 0..pairs {
-                let delta = rewards[p] as f64 - rewards[pairs + p] as f64 - margin as f64;
-                // −log σ(Δ) = softplus(−Δ), computed stably.
-                loss += if delta > 0.0 {
-                    (-delta).exp().ln_1p()
-                } else {
-                    -delta + delta.exp().ln_1p()
-                };
-                correct += usize::from(rewards[p] > rewards[pairs + p]);
-                let d_delta = (-1.0 / (1.0 + delta.exp()) / pairs as f64) as f32;
-                for (seq, dr) in [(p, d_delta), (pairs + p, -d_delta)] {
-                    let r = last[seq];
-                    let h = &s.h[r * c..(r + 1) * c];
-                    let dh = &mut dhf[r * c..(r + 1) * c];
-                    for (d, w) in dh.iter_mut().zip(score.as_slice()) {
-                        *d += dr * w;
-                    }
-                    if let Some(ds) = grads.score.as_mut() {
-                        let scaled: Vec<f32> = h.iter().map(|v| dr * v).collect();
-                        add(ds, &scaled);
-                    }
-                }
-            }
+            let stats = pair_objective(
+                &s.h,
+                &last,
+                score.as_slice(),
+                margin,
+                &mut dhf,
+                grads.score.as_deref_mut(),
+            );
             self.backbone_backward(&tokens, &slots, &caches, &tape, &dhf, &mut grads);
-            Ok((
-                PairStats {
-                    loss: loss / pairs as f64,
-                    accuracy: correct as f64 / pairs as f64,
-                },
-                grads,
-            ))
+            Ok((stats, grads))
         })
     }
 }
 
 /// `n` values from `N(0, std²)`, deterministic in `seed` (Box–Muller over ChaCha8).
+/// The pairwise loss `mean −log σ(r_chosen − r_rejected − margin)` over `last.len() / 2`
+/// pairs (chosen first, then rejected, in `last` order) from the final hidden states `h`
+/// (`[T, C]`, `last[i]` = sequence i's last row): adds `∂loss/∂h` into `dhf` and the score
+/// head's gradient into `dscore`; returns the loss and the pairwise accuracy.
+fn pair_objective(
+    h: &[f32],
+    last: &[usize],
+    score: &[f32],
+    margin: f32,
+    dhf: &mut [f32],
+    mut dscore: Option<&mut [f32]>,
+) -> PairStats {
+    let c = score.len();
+    let pairs = last.len() / 2;
+    let rewards: Vec<f32> = last
+        .iter()
+        .map(|&r| dot(&h[r * c..(r + 1) * c], score))
+        .collect();
+    let (mut loss, mut correct) = (0f64, 0usize);
+    for p in 0..pairs {
+        let delta = rewards[p] as f64 - rewards[pairs + p] as f64 - margin as f64;
+        // −log σ(Δ) = softplus(−Δ), computed stably.
+        loss += if delta > 0.0 {
+            (-delta).exp().ln_1p()
+        } else {
+            -delta + delta.exp().ln_1p()
+        };
+        correct += usize::from(rewards[p] > rewards[pairs + p]);
+        let d_delta = (-1.0 / (1.0 + delta.exp()) / pairs as f64) as f32;
+        for (seq, dr) in [(p, d_delta), (pairs + p, -d_delta)] {
+            let r = last[seq];
+            let hr = &h[r * c..(r + 1) * c];
+            let dh = &mut dhf[r * c..(r + 1) * c];
+            for (d, w) in dh.iter_mut().zip(score) {
+                *d += dr * w;
+            }
+            if let Some(ds) = dscore.as_deref_mut() {
+                let scaled: Vec<f32> = hr.iter().map(|v| dr * v).collect();
+                add(ds, &scaled);
+            }
+        }
+    }
+    PairStats {
+        loss: loss / pairs as f64,
+        accuracy: correct as f64 / pairs as f64,
+    }
+}
+
 fn normal_values(seed: u64, n: usize, std: f64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut uniform = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;

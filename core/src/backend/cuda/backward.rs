@@ -40,6 +40,7 @@ use super::super::gpu::{
     driver, elementwise, function, int, load_module, long, need, per_row, Gpu, NULL, ROW_THREADS,
 };
 use super::{CudaModel, DLinear, DMlp, DNorm, LOGIT_ROWS};
+use crate::backend::cpu::simd::dot;
 use crate::error::{Error, Result};
 use crate::model::{Gradients, Linear, Mlp, Model, ModelWeights, Norm, TokenObjective};
 use crate::model::{TokenOutputGrads, TokenOutputs};
@@ -213,6 +214,39 @@ struct DGrads {
     layers: Vec<GLayer>,
     final_norm: GNorm,
     lm_head: Option<CudaSlice<f32>>,
+}
+
+/// What a taped forward leaves for the backward.
+struct Taped {
+    layers: Vec<LayerTape>,
+    /// The final norm's input and tape (its output `nf.y` is the LM head's input).
+    x_final: CudaSlice<f32>,
+    nf: NormTape,
+    ids: CudaSlice<i32>,
+    positions: CudaSlice<i32>,
+    tiles: Tiles,
+    t: usize,
+}
+
+/// Gradients of the heads that run on the host (score: `C` values; value: `C` weights and
+/// the bias).
+#[derive(Default)]
+struct HeadGrads {
+    score: Option<Vec<f32>>,
+    value: Option<(Vec<f32>, f32)>,
+}
+
+/// An objective of the final hidden states `[T, C]` (on the host): returns `∂loss/∂H` and the
+/// score head's gradient when it has one.
+pub(crate) type HiddenObjective<'a> =
+    dyn FnMut(&[f32]) -> Result<(Vec<f32>, Option<Vec<f32>>)> + 'a;
+
+/// The value head's bias (0 without one).
+fn value_bias(head: &Linear) -> f64 {
+    head.b
+        .as_ref()
+        .and_then(|b| b.as_slice().first().copied())
+        .unwrap_or(0.0) as f64
 }
 
 /// One column-major SGEMM (cuBLAS's convention): `C[m, n] = op(A)[m, k] · op(B)[k, n]`, `op`
@@ -790,17 +824,17 @@ impl Gpu {
             .map_err(driver("logsoftmax_gather_fwd"))
     }
 
-    /// `d_logits[r, j] = d_logp[r] · (1[j = target] − softmax_j)` at temperature 1 (0 for rows
-    /// without a target).
+    /// `d_logits[r, j] = d_logp[r] · (1[j = target] − p_j) − d_H[r] · p_j · (log p_j + H[r])`
+    /// at temperature 1 (no log-prob part for rows without a target; the entropy part only
+    /// with `entropy` = (H, d_H) per row).
     #[allow(clippy::too_many_arguments)]
     fn logsoftmax_bwd(
         &self,
         k: &Kernels,
         d_logits: &mut CudaSlice<f32>,
-        logits: &CudaSlice<f32>,
-        targets: &CudaSlice<i32>,
-        lse: &CudaSlice<f32>,
+        (logits, targets, lse): (&CudaSlice<f32>, &CudaSlice<i32>, &CudaSlice<f32>),
         d_logp: &CudaSlice<f32>,
+        entropy: Option<(&CudaSlice<f32>, &CudaSlice<f32>)>,
         rows: usize,
         vocab: usize,
     ) -> Result<()> {
@@ -809,19 +843,22 @@ impl Gpu {
         need(targets, rows, "targets")?;
         need(lse, rows, "lse")?;
         need(d_logp, rows, "d_logp")?;
+        if let Some((h, dh)) = entropy {
+            need(h, rows, "entropy")?;
+            need(dh, rows, "d_entropy")?;
+        }
         let (r_arg, v_arg, temp) = (int(rows, "rows")?, int(vocab, "vocab")?, 1.0f32);
         let mut l = self.stream.launch_builder(&k.logsoftmax_gather_bwd);
-        l.arg(logits)
-            .arg(targets)
-            .arg(lse)
-            .arg(d_logp)
-            .arg(d_logits)
-            .arg(&r_arg)
-            .arg(&v_arg)
-            .arg(&temp);
+        l.arg(logits).arg(targets).arg(lse).arg(d_logp);
+        match entropy {
+            Some((h, dh)) => l.arg(h).arg(dh),
+            None => l.arg(&NULL).arg(&NULL),
+        };
+        l.arg(d_logits).arg(&r_arg).arg(&v_arg).arg(&temp);
         // SAFETY: logsoftmax_gather_bwd(const float* logits, const int* targets,
-        // const float* lse, const float* d_logp, float* d_logits, int rows, int vocab,
-        // float temp); one block per row; sizes checked above.
+        // const float* lse, const float* d_logp, const float* entropy,
+        // const float* d_entropy, float* d_logits, int rows, int vocab, float temp); one
+        // block per row; entropy and d_entropy both set or both null; sizes checked above.
         unsafe { l.launch(per_row(rows, ROW_THREADS)) }
             .map(drop)
             .map_err(driver("logsoftmax_gather_bwd"))
@@ -999,9 +1036,13 @@ impl CudaModel {
         match (&mut w.lm_head, &weights.lm_head) {
             (Some(d), Some(s)) => tensor(d, s, "lm_head")?,
             (None, None) => {}
-            _ => return Err(cuda_error("LM head added or removed on the host")),
+            // `add_score_head` drops the LM head (a reward model).
+            (Some(_), None) => w.lm_head = None,
+            (None, Some(_)) => return Err(cuda_error("LM head added on the host")),
         }
-        g.sync()
+        g.sync()?;
+        self.has_lm_head = self.w.lm_head.is_some() || self.cfg.tie_word_embeddings;
+        Ok(())
     }
 
     fn norm_fwd(
@@ -1255,29 +1296,20 @@ impl CudaModel {
         Ok((tapes, x, nf))
     }
 
-    /// The gradient of `objective` (of the selected tokens' log-probs and entropies) with
-    /// respect to every weight, on the device; the same contract as the CPU path
-    /// (`Model::token_objective_gradients`, which checked the inputs): `seq_lens` are the
-    /// packed sequences' lengths, `selected` the (row, target, sequence) of each selected
-    /// token in order, `targets[r]` the target of row `r` or −1.
-    pub(crate) fn token_objective_gradients(
+    /// Checks and uploads a packed batch and runs the taped forward. `extra` is what the
+    /// caller will allocate besides (logit chunks), counted in the memory check.
+    fn taped_forward(
         &self,
-        model: &Model,
+        k: &Kernels,
         tokens: &[u32],
         seq_lens: &[usize],
-        selected: &[(usize, u32, usize)],
-        objective: &mut TokenObjective<'_>,
-    ) -> Result<(f64, Gradients)> {
+        extra: u64,
+    ) -> Result<Taped> {
         let cfg = &self.cfg;
         let (t, c, v) = (tokens.len(), cfg.hidden_size, cfg.vocab_size);
         let (qd, kvd, f) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
         let (hq, hkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         check_heads(hq, hkv, hd)?;
-        if !self.has_lm_head {
-            return Err(Error::invalid(
-                "this reward model has no LM head: it cannot give token probabilities",
-            ));
-        }
         if seq_lens.iter().sum::<usize>() != t || seq_lens.is_empty() {
             return Err(cuda_error(
                 "internal: sequence lengths do not cover the tokens",
@@ -1301,31 +1333,18 @@ impl CudaModel {
             }
             ids.push(tok as i32);
         }
-        let mut targets = vec![-1i32; t];
-        for &(row, target, seq) in selected {
-            let slot = targets
-                .get_mut(row)
-                .filter(|_| seq < seq_lens.len())
-                .ok_or_else(|| cuda_error("internal: selected row out of range"))?;
-            *slot = target as i32;
-        }
-        let n_seq = seq_lens.len();
-
-        let guard = self.enter()?;
-        let k = self.bwd_kernels()?;
         let g = &self.gpu;
         // The activations kept for the backward, the gradients (the size of the weights), the
-        // backward's working buffers and two chunks of logits: refuse before allocating them
+        // backward's working buffers and the caller's extra: refuse before allocating them
         // when the device cannot hold them.
         let per_layer = 4 * c + 2 * qd + 2 * kvd + 3 * f + hq + 4;
-        let weights = self.parameter_count();
         let needed = crate::memory::f32_bytes(&[t, cfg.num_layers, per_layer])
-            .saturating_add(crate::memory::f32_bytes(&[weights]))
+            .saturating_add(crate::memory::f32_bytes(&[self.parameter_count()]))
             .saturating_add(crate::memory::f32_bytes(&[
                 t,
-                4 * c + 3 * f + 3 * qd + 3 * kvd + hq,
+                5 * c + 3 * f + 3 * qd + 3 * kvd + hq,
             ]))
-            .saturating_add(crate::memory::f32_bytes(&[2, LOGIT_ROWS.min(t), v]));
+            .saturating_add(extra);
         let (free, _) = g.memory()?;
         if needed > free as u64 {
             return Err(Error::OutOfMemory {
@@ -1338,14 +1357,62 @@ impl CudaModel {
         let positions_d = g.upload(&positions)?;
         let (cu, tile_seq, tile_start) = tile_lists(seq_lens);
         let tiles = Tiles {
-            n_seqs: n_seq,
+            n_seqs: seq_lens.len(),
             n_tiles: tile_seq.len(),
             cu_seqlens: g.upload(&cu)?,
             tile_seq: g.upload(&tile_seq)?,
             tile_start: g.upload(&tile_start)?,
         };
-        let (tapes, x_final, nf) = self.forward_taped(k, &ids_d, &positions_d, &tiles, t)?;
-        let hf = &nf.y;
+        let (layers, x_final, nf) = self.forward_taped(k, &ids_d, &positions_d, &tiles, t)?;
+        Ok(Taped {
+            layers,
+            x_final,
+            nf,
+            ids: ids_d,
+            positions: positions_d,
+            tiles,
+            t,
+        })
+    }
+
+    /// The gradient of `objective` (of the selected tokens' log-probs, entropies and, with a
+    /// value head, values) with respect to every weight, on the device; the same contract as
+    /// the CPU path (`Model::token_objective_gradients`, which checked the inputs): `seq_lens`
+    /// are the packed sequences' lengths, `selected` the (row, target, sequence) of each
+    /// selected token in order. The value head (one row of `C` weights) runs on the host on
+    /// the downloaded final hidden states, as the CPU computes it.
+    pub(crate) fn token_objective_gradients(
+        &self,
+        model: &Model,
+        tokens: &[u32],
+        seq_lens: &[usize],
+        selected: &[(usize, u32, usize)],
+        objective: &mut TokenObjective<'_>,
+    ) -> Result<(f64, Gradients)> {
+        let cfg = &self.cfg;
+        let (t, c, v) = (tokens.len(), cfg.hidden_size, cfg.vocab_size);
+        if !self.has_lm_head {
+            return Err(Error::invalid(
+                "this reward model has no LM head: it cannot give token probabilities",
+            ));
+        }
+        let mut targets = vec![-1i32; t];
+        for &(row, target, seq) in selected {
+            let slot = targets
+                .get_mut(row)
+                .filter(|_| seq < seq_lens.len())
+                .ok_or_else(|| cuda_error("internal: selected row out of range"))?;
+            *slot = target as i32;
+        }
+        let n_seq = seq_lens.len();
+        let value_head = model.weights().value.as_ref();
+
+        let guard = self.enter()?;
+        let k = self.bwd_kernels()?;
+        let g = &self.gpu;
+        let logit_bytes = crate::memory::f32_bytes(&[2, LOGIT_ROWS.min(t), v]);
+        let taped = self.taped_forward(k, tokens, seq_lens, logit_bytes)?;
+        let hf = &taped.nf.y;
 
         // Pass 1: log-probs, log-sum-exps and entropies of every row, in chunks.
         let head = self.w.lm_head.as_ref().unwrap_or(&self.w.tok_emb);
@@ -1375,33 +1442,48 @@ impl CudaModel {
             )?;
             all_logp.extend(g.download(&logp, rows)?);
             all_ent.extend(g.download(&ent, rows)?);
-            chunks.push((r0, rows, targets_d, lse));
+            chunks.push((r0, rows, targets_d, lse, ent));
             r0 += rows;
         }
+        // The value head reads the final hidden states on the host.
+        let hf_host = match value_head {
+            Some(_) => Some(g.download(hf, t * c)?),
+            None => None,
+        };
         let mut out = TokenOutputs {
             logp: vec![Vec::new(); n_seq],
             entropy: vec![Vec::new(); n_seq],
-            value: None,
+            value: value_head.map(|_| vec![Vec::new(); n_seq]),
         };
         for &(row, _, seq) in selected {
             out.logp[seq].push(all_logp[row] as f64);
             out.entropy[seq].push(all_ent[row] as f64);
+        }
+        if let (Some(values), Some(vh), Some(h)) = (out.value.as_mut(), value_head, &hf_host) {
+            let bias = value_bias(vh);
+            for &(row, _, seq) in selected {
+                let x = &h[row * c..(row + 1) * c];
+                values[seq].push(dot(x, vh.w.as_slice()) as f64 + bias);
+            }
         }
         // The objective runs on the host without holding the device (it may use the model).
         drop(guard);
         let (loss, d) = objective(&out)?;
         let _guard = self.enter()?;
         check_output_grads(&d, &out)?;
-        if d.entropy.iter().flatten().flatten().any(|&e| e != 0.0) {
-            return Err(cuda_error(
-                "an entropy term in the objective is not supported on cuda yet (set its \
-                 coefficient to 0 or train on cpu)",
-            ));
-        }
         let mut d_logp = vec![0f32; t];
+        let mut d_ent = d.entropy.as_ref().map(|_| vec![0f32; t]);
+        let mut d_value = d.value.as_ref().map(|_| vec![0f32; t]);
         let mut taken = vec![0usize; n_seq];
         for &(row, _, seq) in selected {
-            d_logp[row] = d.logp[seq][taken[seq]] as f32;
+            let i = taken[seq];
+            d_logp[row] = d.logp[seq][i] as f32;
+            if let (Some(de), Some(src)) = (d_ent.as_mut(), d.entropy.as_ref()) {
+                de[row] = src[seq][i] as f32;
+            }
+            if let (Some(dv), Some(src)) = (d_value.as_mut(), d.value.as_ref()) {
+                dv[row] = src[seq][i] as f32;
+            }
             taken[seq] += 1;
         }
 
@@ -1409,20 +1491,23 @@ impl CudaModel {
         let mut grads = self.zero_grads()?;
         let mut dhf = g.zeros::<f32>(t * c)?;
         let mut d_logits = g.zeros::<f32>(chunk * v)?;
-        for (r0, rows, targets_d, lse) in &chunks {
+        for (r0, rows, targets_d, lse, ent) in &chunks {
             let (r0, rows) = (*r0, *rows);
             let x = hf
                 .try_slice(r0 * c..(r0 + rows) * c)
                 .ok_or_else(|| cuda_error("internal: LM head rows out of range"))?;
             g.gemm(&mut logits, &x, head, rows, v, c)?;
             let d_logp_d = g.upload(&d_logp[r0..r0 + rows])?;
+            let d_ent_d = match &d_ent {
+                Some(de) => Some(g.upload(&de[r0..r0 + rows])?),
+                None => None,
+            };
             g.logsoftmax_bwd(
                 k,
                 &mut d_logits,
-                &logits,
-                targets_d,
-                lse,
+                (&logits, targets_d, lse),
                 &d_logp_d,
+                d_ent_d.as_ref().map(|de| (ent, de)),
                 rows,
                 v,
             )?;
@@ -1434,8 +1519,83 @@ impl CudaModel {
             g.linear_dw(dhead, &d_logits, &x, rows, v, c)?;
         }
         drop((logits, d_logits));
+        // The value head's part of dH, and its own gradient, on the host.
+        let mut head_grads = HeadGrads::default();
+        if let (Some(dv), Some(vh), Some(h)) = (&d_value, value_head, &hf_host) {
+            let mut dh_value = vec![0f32; t * c];
+            let mut gw = vec![0f32; c];
+            let mut gb = 0f32;
+            for &(row, _, _) in selected {
+                let dvalue = dv[row];
+                let x = &h[row * c..(row + 1) * c];
+                for (dh, &wv) in dh_value[row * c..(row + 1) * c]
+                    .iter_mut()
+                    .zip(vh.w.as_slice())
+                {
+                    *dh += dvalue * wv;
+                }
+                for (gw, &hv) in gw.iter_mut().zip(x) {
+                    *gw += dvalue * hv;
+                }
+                gb += dvalue;
+            }
+            let dh_value = g.upload(&dh_value)?;
+            g.add(&mut dhf, &dh_value, t * c)?;
+            head_grads.value = Some((gw, gb));
+        }
+        self.backbone_backward(k, &taped, &dhf, &mut grads)?;
+        let host = self.download_grads(model, &grads, head_grads)?;
+        Ok((loss, host))
+    }
 
-        // The layers in reverse.
+    /// The gradient of an objective of the final hidden states (reward-model training):
+    /// `objective` receives the final-normed hidden states `[T, C]` of the packed sequences
+    /// on the host and returns `∂loss/∂H` (same shape) and the gradient of the score head,
+    /// if it trains one; the backbone's backward runs on the device.
+    pub(crate) fn hidden_objective_gradients(
+        &self,
+        model: &Model,
+        tokens: &[u32],
+        seq_lens: &[usize],
+        objective: &mut HiddenObjective<'_>,
+    ) -> Result<Gradients> {
+        let (t, c) = (tokens.len(), self.cfg.hidden_size);
+        let guard = self.enter()?;
+        let k = self.bwd_kernels()?;
+        let taped = self.taped_forward(k, tokens, seq_lens, 0)?;
+        let hf = self.gpu.download(&taped.nf.y, t * c)?;
+        drop(guard);
+        let (dhf, score) = objective(&hf)?;
+        if dhf.len() != t * c {
+            return Err(cuda_error("internal: hidden-state gradient shape"));
+        }
+        let _guard = self.enter()?;
+        let dhf = self.gpu.upload(&dhf)?;
+        let mut grads = self.zero_grads()?;
+        self.backbone_backward(k, &taped, &dhf, &mut grads)?;
+        let heads = HeadGrads { score, value: None };
+        self.download_grads(model, &grads, heads)
+    }
+
+    /// Runs the layers in reverse from `dhf` (the gradient of the final-normed hidden states),
+    /// accumulating every backbone weight's gradient into `grads`.
+    fn backbone_backward(
+        &self,
+        k: &Kernels,
+        taped: &Taped,
+        dhf: &CudaSlice<f32>,
+        grads: &mut DGrads,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let g = &self.gpu;
+        let t = taped.t;
+        let (c, qd, kvd, f) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        let (hq, hkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let ones = g.upload(&vec![1f32; t])?;
         let mut dx = g.zeros::<f32>(t * c)?;
         self.norm_bwd(
@@ -1443,9 +1603,9 @@ impl CudaModel {
             &self.w.final_norm,
             &mut grads.final_norm,
             &mut dx,
-            &dhf,
-            &x_final,
-            &nf,
+            dhf,
+            &taped.x_final,
+            &taped.nf,
             t,
         )?;
         let mut d_act = g.zeros::<f32>(t * f)?;
@@ -1459,7 +1619,7 @@ impl CudaModel {
             .w
             .layers
             .iter()
-            .zip(&tapes)
+            .zip(&taped.layers)
             .zip(grads.layers.iter_mut())
             .rev()
         {
@@ -1509,7 +1669,7 @@ impl CudaModel {
                 (&mut dq, &mut dk, &mut dv),
                 (&lt.q, &lt.k, &lt.v),
                 (&d_att, &lt.lse, &delta),
-                &tiles,
+                &taped.tiles,
                 t,
                 (hq, hkv),
                 hd,
@@ -1519,7 +1679,7 @@ impl CudaModel {
                     &k.rope_bwd,
                     "rope_bwd",
                     &mut dq,
-                    &positions_d,
+                    &taped.positions,
                     inv,
                     (t, hq, hd),
                 )?;
@@ -1527,7 +1687,7 @@ impl CudaModel {
                     &k.rope_bwd,
                     "rope_bwd",
                     &mut dk,
-                    &positions_d,
+                    &taped.positions,
                     inv,
                     (t, hkv, hd),
                 )?;
@@ -1554,20 +1714,33 @@ impl CudaModel {
             &mut grads.tok_emb,
             grads.pos_emb.as_mut(),
             &dx,
-            &ids_d,
-            &positions_d,
+            &taped.ids,
+            &taped.positions,
             t,
             c,
-        )?;
-        let host = self.download_grads(model, &grads)?;
-        Ok((loss, host))
+        )
     }
 
     /// The device gradients in the CPU path's `Gradients` (zeros for what the device does not
     /// train, which `token_objective_gradients`' caller refused already).
-    fn download_grads(&self, model: &Model, d: &DGrads) -> Result<Gradients> {
+    fn download_grads(&self, model: &Model, d: &DGrads, heads: HeadGrads) -> Result<Gradients> {
         let g = &self.gpu;
         let mut h = Gradients::zeros(model);
+        if let (Some(src), Some(dst)) = (heads.score, h.score.as_mut()) {
+            if src.len() != dst.len() {
+                return Err(cuda_error("internal: score head gradient shape"));
+            }
+            *dst = src;
+        }
+        if let (Some((w, b)), Some(dst)) = (heads.value, h.value.as_mut()) {
+            if w.len() != dst.w.len() {
+                return Err(cuda_error("internal: value head gradient shape"));
+            }
+            dst.w = w;
+            if let Some(db) = dst.b.as_mut().and_then(|b| b.first_mut()) {
+                *db = b;
+            }
+        }
         g.fetch_into(&d.tok_emb, &mut h.tok_emb)?;
         if let (Some(dp), Some(hp)) = (&d.pos_emb, h.pos_emb.as_mut()) {
             g.fetch_into(dp, hp)?;
@@ -1617,7 +1790,11 @@ fn check_output_grads(d: &TokenOutputGrads, out: &TokenOutputs) -> Result<()> {
     let same_shape = |g: &[Vec<f64>]| {
         g.len() == out.logp.len() && g.iter().zip(&out.logp).all(|(a, b)| a.len() == b.len())
     };
-    if !same_shape(&d.logp) || !d.entropy.as_deref().is_none_or(same_shape) || d.value.is_some() {
+    if !same_shape(&d.logp)
+        || !d.entropy.as_deref().is_none_or(same_shape)
+        || !d.value.as_deref().is_none_or(same_shape)
+        || (d.value.is_some() && out.value.is_none())
+    {
         return Err(Error::invalid(
             "the objective returned gradients of the wrong shape",
         ));

@@ -595,6 +595,42 @@ impl CudaModel {
         Ok(out)
     }
 
+    /// The final-normed hidden states of each sequence (`len × C` values, row-major), on the
+    /// host: the input of the score and value heads, which are one row of `C` weights and run
+    /// on the host. Sequences are packed up to `PACK_TOKENS` tokens per forward.
+    pub(crate) fn hidden_states(&self, sequences: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let c = self.cfg.hidden_size;
+        let mut out = Vec::with_capacity(sequences.len());
+        let mut start = 0;
+        while start < sequences.len() {
+            let mut end = start + 1;
+            let mut total = sequences[start].len();
+            while end < sequences.len() && total + sequences[end].len() <= PACK_TOKENS {
+                total += sequences[end].len();
+                end += 1;
+            }
+            let group = &sequences[start..end];
+            let _guard = self.enter()?;
+            let cap = group.iter().map(|s| s.len()).max().unwrap_or(1);
+            let mut cache = self.cache(group.len(), cap)?;
+            let mut tokens = Vec::with_capacity(total);
+            let mut slots = Vec::with_capacity(total);
+            for (i, seq) in group.iter().enumerate() {
+                tokens.extend_from_slice(seq);
+                slots.extend((0..seq.len()).map(|pos| Slot { seq: i, pos }));
+            }
+            let h = self.forward(&tokens, &slots, &mut cache)?;
+            let all = self.gpu.download(&h, total * c)?;
+            let mut offset = 0;
+            for seq in group {
+                out.push(all[offset * c..(offset + seq.len()) * c].to_vec());
+                offset += seq.len();
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
     /// Generation on the device: one packed prefill of every prompt, then one decode step per
     /// new token for the sequences still running. The caller validated the parameters, the
     /// prompts (non-empty, in the vocabulary, room for `max_new_tokens`) and `streams`.
