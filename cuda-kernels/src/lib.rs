@@ -91,6 +91,7 @@ pub const ALL: &[Module] = &[
         kernels: &[
             "sum_squares",
             "scale_in_place",
+            "axpy_in_place",
             "add_in_place",
             "f32_to_bf16_kernel",
             "bf16_to_f32_kernel",

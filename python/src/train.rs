@@ -205,7 +205,7 @@ impl PyTrainer {
     ) -> PyResult<StepStats> {
         let t = self.trainer(py)?;
         py.detach(|| {
-            let (loss, grads) = compute(t.model())?;
+            let (loss, grads) = t.gradients_with(compute)?;
             t.apply(loss, grads)
         })
         .map_err(|e| to_py_err(py, e))

@@ -694,6 +694,33 @@ fn assert_grads_close(got: &rlx::model::Gradients, want: &rlx::model::Gradients,
     }
 }
 
+/// Weights of two trainers' models after the same steps: AdamW moves each value by at most
+/// ~lr per step, and a gradient value near 0 may change sign between the devices (flipping
+/// that value's step), so: every |Δ| ≤ 2 steps' worth (4·lr), and all but 1% of values
+/// within lr/10.
+fn assert_weights_close(gpu: &Model, cpu: &Model, lr: f32, what: &str) {
+    let (mut mc, mut mg) = (cpu.clone(), gpu.clone());
+    let (pc, pg) = (
+        mc.weights_mut().named_params_mut(),
+        mg.weights_mut().named_params_mut(),
+    );
+    assert_eq!(pc.len(), pg.len());
+    let (mut total, mut far) = (0usize, 0usize);
+    for ((name_c, c, _), (name_g, g, _)) in pc.iter().zip(pg.iter()) {
+        assert_eq!(name_c, name_g);
+        for (a, b) in g.as_slice().iter().zip(c.as_slice()) {
+            let d = (a - b).abs();
+            assert!(d <= 4.0 * lr, "{what} {name_c}: {a} vs {b}");
+            total += 1;
+            far += usize::from(d > lr / 10.0);
+        }
+    }
+    assert!(
+        far * 100 <= total,
+        "{what}: {far} of {total} weights differ by > lr/10"
+    );
+}
+
 /// Packed training sequences: lengths 5, 23 and 40 (attention tiles of 16 rows: one partial,
 /// several, a sequence ending mid-tile), every third token unselected.
 fn training_batch(vocab: usize) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
@@ -801,29 +828,7 @@ fn gpu_sft_trainer_steps_match_the_cpu() {
                 want.grad_norm
             );
         }
-        // Weights after the steps: AdamW moves each value by at most ~lr per step, and a
-        // gradient value near 0 may change sign between the devices (flipping that value's
-        // step), so: every |Δ| ≤ 2 steps' worth (4·lr), and all but 1% of values within lr/10.
-        let (mut mc, mut mg) = (on_cpu.model().clone(), on_gpu.model().clone());
-        let (pc, pg) = (
-            mc.weights_mut().named_params_mut(),
-            mg.weights_mut().named_params_mut(),
-        );
-        assert_eq!(pc.len(), pg.len());
-        let (mut total, mut far) = (0usize, 0usize);
-        for ((name_c, c, _), (name_g, g, _)) in pc.iter().zip(pg.iter()) {
-            assert_eq!(name_c, name_g);
-            for (a, b) in g.as_slice().iter().zip(c.as_slice()) {
-                let d = (a - b).abs();
-                assert!(d <= 4.0 * lr, "{name} {name_c}: {a} vs {b}");
-                total += 1;
-                far += usize::from(d > lr / 10.0);
-            }
-        }
-        assert!(
-            far * 100 <= total,
-            "{name}: {far} of {total} weights differ by > lr/10"
-        );
+        assert_weights_close(on_gpu.model(), on_cpu.model(), lr, name);
         // The device copy was refreshed after each step: the GPU model's logits are the
         // trained CPU model's, and they moved.
         let after = on_gpu.model().logits(&probe).unwrap();
@@ -960,4 +965,86 @@ fn gpu_value_head_entropy_and_reward_model_match_the_cpu() {
         assert!(!step.skipped && step.loss.is_finite());
         eprintln!("{name}: value head, entropy and reward model on cuda:0 match the cpu");
     }
+}
+
+#[test]
+fn gpu_trainer_accumulates_checkpoints_and_resumes_like_the_cpu() {
+    let name = "llama-f32";
+    let test = "gpu_trainer_accumulates_checkpoints_and_resumes_like_the_cpu";
+    let Some((cpu, gpu)) = cpu_and_gpu(test, &fixture(name)) else {
+        return;
+    };
+    let (seqs, masks) = training_batch(cpu.config().vocab_size);
+    let lr = 1e-3f32;
+    let config = TrainConfig {
+        lr,
+        weight_decay: 0.01,
+        max_grad_norm: Some(0.5),
+        ..Default::default()
+    };
+    let mut on_cpu = Trainer::new(cpu, config.clone()).unwrap();
+    let mut on_gpu = Trainer::new(gpu, config).unwrap();
+    // Two micro-batches weighted by their selected-token counts: the first through
+    // `gradients_with` (kept on the device), the second computed on the model outside it
+    // (copied to the host, then back to the device by `accumulate`).
+    let tokens = |m: &[Vec<bool>]| m.iter().flatten().filter(|&&b| b).count() as f64;
+    let (a, b) = ((&seqs[..1], &masks[..1]), (&seqs[1..], &masks[1..]));
+    for trainer in [&mut on_cpu, &mut on_gpu] {
+        let (loss, grads) = trainer
+            .gradients_with(|m| m.sft_gradients(a.0, a.1))
+            .unwrap();
+        trainer.accumulate(loss, grads, tokens(a.1)).unwrap();
+        let (loss, grads) = trainer.model().sft_gradients(b.0, b.1).unwrap();
+        trainer.accumulate(loss, grads, tokens(b.1)).unwrap();
+    }
+    let (want, got) = (on_cpu.step().unwrap(), on_gpu.step().unwrap());
+    assert!(
+        (got.loss - want.loss).abs() <= 1e-4 * (1.0 + want.loss.abs()),
+        "accumulated loss {} vs {}",
+        got.loss,
+        want.loss
+    );
+    assert!(
+        (got.grad_norm - want.grad_norm).abs() <= GRAD_TOL * want.grad_norm,
+        "accumulated grad norm {} vs {}",
+        got.grad_norm,
+        want.grad_norm
+    );
+    assert_weights_close(on_gpu.model(), on_cpu.model(), lr, "after accumulation");
+    // A checkpoint of the device trainer (moments copied from the device), resumed on the
+    // device (moments copied back): the next step still matches the CPU's.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ck");
+    on_gpu
+        .save_checkpoint(&path, &serde_json::json!({"k": 1}))
+        .unwrap();
+    let (mut resumed, extra) = Trainer::resume(
+        &path,
+        LoadOptions {
+            device: Device::Cuda(0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(extra["k"], 1);
+    assert_eq!(resumed.step_count(), 1);
+    let want = on_cpu.sft_step(&seqs, &masks).unwrap();
+    let got = resumed.sft_step(&seqs, &masks).unwrap();
+    assert!(
+        (got.grad_norm - want.grad_norm).abs() <= GRAD_TOL * want.grad_norm,
+        "resumed grad norm {} vs {}",
+        got.grad_norm,
+        want.grad_norm
+    );
+    assert_weights_close(resumed.model(), on_cpu.model(), lr, "after resuming");
+    // (`assert_weights_close` reads the host copies, which each device step refreshes.) The
+    // device weights give the CPU trainer's logits too.
+    let probe = &seqs[2];
+    assert_close(
+        &resumed.model().logits(probe).unwrap(),
+        &on_cpu.model().logits(probe).unwrap(),
+        MODEL_TOL,
+        "logits after resuming",
+    );
+    eprintln!("{name}: accumulation, checkpoint and resume on cuda:0 match the cpu");
 }

@@ -108,6 +108,10 @@ pub struct Gradients {
     pub score: Option<Vec<f32>>,
     /// PPO value head (`w` then `b`), when the model has one.
     pub value: Option<LinearGrad>,
+    /// The backbone's gradients when they stay on a CUDA device (a Trainer's own steps on a
+    /// CUDA model): the host backbone vectors above are then empty.
+    #[cfg(feature = "cuda")]
+    pub(crate) device: Option<std::sync::Arc<crate::backend::cuda::DeviceGrads>>,
 }
 
 fn zero_linear(l: &Linear, frozen: bool) -> LinearGrad {
@@ -149,8 +153,14 @@ fn zero_norm(n: &Norm, frozen: bool) -> NormGrad {
 
 impl Gradients {
     pub(crate) fn zeros(model: &Model) -> Self {
+        Self::zeros_with(model, model.weights().base_frozen())
+    }
+
+    /// Zeros, with empty backbone tensors when `skip_backbone` (a frozen base, or a backbone
+    /// whose gradients live on the device).
+    pub(crate) fn zeros_with(model: &Model, skip_backbone: bool) -> Self {
         let w = model.weights();
-        let frozen = w.base_frozen();
+        let frozen = skip_backbone;
         let zeros = |t: &crate::tensor::Tensor| {
             if frozen {
                 Vec::new()
@@ -187,11 +197,17 @@ impl Gradients {
             lm_head: w.lm_head.as_ref().filter(|_| !frozen).map(zeros),
             score: w.score.as_ref().map(|h| vec![0.0; h.as_slice().len()]),
             value: w.value.as_ref().map(|v| zero_linear(v, false)),
+            #[cfg(feature = "cuda")]
+            device: None,
         }
     }
 
     /// True when the embedding, norms, linear weights and LM head get no gradient (LoRA).
     pub fn base_frozen(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.device.is_some() {
+            return false;
+        }
         self.tok_emb.is_empty()
     }
 

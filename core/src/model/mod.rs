@@ -101,6 +101,10 @@ pub struct Model {
     /// stale, so CUDA calls refuse to run.
     #[cfg(feature = "cuda")]
     cuda_stale: bool,
+    /// Set by a Trainer around its own gradient calls on a CUDA model: the backbone's
+    /// gradients then stay on the device (`Gradients::device`) for the device optimizer.
+    #[cfg(feature = "cuda")]
+    gradients_on_device: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -185,6 +189,8 @@ impl Model {
             cuda: None,
             #[cfg(feature = "cuda")]
             cuda_stale: false,
+            #[cfg(feature = "cuda")]
+            gradients_on_device: false,
         };
         model.check_finite(&options)?;
         model.place(options.device)
@@ -295,6 +301,71 @@ impl Model {
         Ok(())
     }
 
+    /// Whether gradient calls keep the backbone's gradients on the device (a Trainer's steps).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn gradients_on_device(&self) -> bool {
+        self.gradients_on_device && self.cuda.is_some()
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn set_gradients_on_device(&mut self, on: bool) {
+        self.gradients_on_device = on;
+    }
+
+    /// The device copy for writing (the optimizer step): shared with clones (a reference
+    /// model), it is first replaced by this model's own upload, so the clones keep theirs.
+    #[cfg(feature = "cuda")]
+    fn unique_cuda<'a>(
+        cuda: &'a mut Option<Arc<crate::backend::cuda::CudaModel>>,
+        config: &ModelConfig,
+        weights: &ModelWeights,
+        rope_inv_freq: Option<&[f64]>,
+    ) -> Result<Option<&'a mut crate::backend::cuda::CudaModel>> {
+        let Some(gpu) = cuda.as_mut() else {
+            return Ok(None);
+        };
+        if Arc::get_mut(gpu).is_none() {
+            *gpu = Arc::new(crate::backend::cuda::CudaModel::new(
+                gpu.ordinal(),
+                config,
+                weights,
+                rope_inv_freq,
+            )?);
+        }
+        Ok(Arc::get_mut(gpu))
+    }
+
+    /// One AdamW step of the backbone on the device, then the new weights copied to the host
+    /// (so both copies agree and nothing is marked stale).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_adamw(
+        &mut self,
+        moments: &mut crate::backend::cuda::DeviceMoments,
+        grads: &crate::backend::cuda::DeviceGrads,
+        step: crate::backend::cuda::AdamStep,
+    ) -> Result<()> {
+        self.sync_device()?;
+        let Some(gpu) = Self::unique_cuda(
+            &mut self.cuda,
+            &self.config,
+            &self.weights,
+            self.rope_inv_freq.as_deref(),
+        )?
+        else {
+            return Err(Error::Cuda("internal: a device step on a CPU model".into()));
+        };
+        gpu.adamw(moments, grads, step)?;
+        gpu.download_weights(&mut self.weights)
+    }
+
+    /// The host tensors the device does not hold (score and value heads) for the Trainer's
+    /// host AdamW on a CUDA model: unlike `weights_mut`, this does not mark the device copy
+    /// stale. The caller writes only those tensors.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn head_weights_mut(&mut self) -> &mut ModelWeights {
+        &mut self.weights
+    }
+
     /// Refuses weights holding NaN or infinite values unless the options allow them.
     fn check_finite(&self, options: &LoadOptions) -> Result<()> {
         if options.allow_non_finite {
@@ -364,6 +435,8 @@ impl Model {
             cuda: None,
             #[cfg(feature = "cuda")]
             cuda_stale: false,
+            #[cfg(feature = "cuda")]
+            gradients_on_device: false,
         })
     }
 

@@ -56,7 +56,7 @@ fn run(
         metrics.observer().advance(first as u64);
         for b in first..per_epoch {
             let idx = &order[b * opts.batch_size..((b + 1) * opts.batch_size).min(n)];
-            let (loss, grads, weight, m) = micro(trainer.model(), idx)?;
+            let (loss, grads, weight, m) = trainer.gradients_with(|model| micro(model, idx))?;
             trainer.accumulate(loss, grads, weight)?;
             acc_metrics.push(m);
             metrics.observer().advance(1);

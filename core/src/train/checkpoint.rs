@@ -121,9 +121,9 @@ impl Trainer {
                 None => write_model_files(&self.model, tmp, SaveDtype::F32)?,
             }
             let mut moments = Vec::with_capacity(2 * self.names.len());
-            for (name, (m, v)) in self.names.iter().zip(self.m.iter().zip(&self.v)) {
-                moments.push((format!("m.{name}"), vec![m.len()], m.clone()));
-                moments.push((format!("v.{name}"), vec![v.len()], v.clone()));
+            for (name, (m, v)) in self.names.iter().zip(self.moments()?) {
+                moments.push((format!("m.{name}"), vec![m.len()], m));
+                moments.push((format!("v.{name}"), vec![v.len()], v));
             }
             crate::convert::write_safetensors_f32(&tmp.join(OPTIMIZER_FILE), moments)?;
             let state = json!({
@@ -195,11 +195,14 @@ impl Trainer {
                 ),
             ));
         }
-        for (i, name) in trainer.names.iter().enumerate() {
-            let n = trainer.m[i].len();
-            trainer.m[i] = ck.tensor(&format!("m.{name}"), &[n])?.as_slice().to_vec();
-            trainer.v[i] = ck.tensor(&format!("v.{name}"), &[n])?.as_slice().to_vec();
+        let mut moments = Vec::with_capacity(trainer.names.len());
+        for (name, &n) in trainer.names.iter().zip(&trainer.sizes) {
+            moments.push((
+                ck.tensor(&format!("m.{name}"), &[n])?.as_slice().to_vec(),
+                ck.tensor(&format!("v.{name}"), &[n])?.as_slice().to_vec(),
+            ));
         }
+        trainer.set_moments(moments)?;
         trainer.step = step;
         trainer.skipped = skipped;
         Ok((trainer, state["extra"].clone()))

@@ -139,8 +139,15 @@ pub struct Trainer {
     config: TrainConfig,
     /// Names of the trainable tensors, in `params_mut` order (keys of saved moments).
     names: Vec<String>,
+    /// Values per trainable tensor, in `names` order.
+    sizes: Vec<usize>,
+    /// AdamW's moments on the host; on a CUDA model only the heads' (the backbone's entries
+    /// are empty and its moments are in `device`).
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// On a CUDA model: the backbone's moments on the device, where its AdamW step runs.
+    #[cfg(feature = "cuda")]
+    device: Option<crate::backend::cuda::DeviceMoments>,
     step: u64,
     skipped: u64,
     pending: Option<Pending>,
@@ -156,8 +163,9 @@ struct Pending {
 
 impl Trainer {
     pub fn new(mut model: Model, config: TrainConfig) -> Result<Self> {
-        // On CUDA: gradients on the device (full fine-tuning only), AdamW on the host, the
-        // changed weights copied back to the device after each step (`Model::sync_device`).
+        // On CUDA: gradients, the gradient norm and AdamW on the device for the backbone
+        // (full fine-tuning only), the new weights copied to the host after each step; score
+        // and value heads on the host.
         #[cfg(feature = "cuda")]
         model.require_cuda_trainable()?;
         config.validate()?;
@@ -171,22 +179,116 @@ impl Trainer {
             .map(|(n, t, _)| (n.clone(), t.as_slice().len()))
             .unzip();
         model.sync_device()?;
+        #[cfg(feature = "cuda")]
+        let device = match model.cuda()? {
+            Some(gpu) => Some(gpu.zero_moments()?),
+            None => None,
+        };
+        #[cfg(feature = "cuda")]
+        let on_device = device.as_ref().map_or(0, |d| d.tensor_count());
+        #[cfg(not(feature = "cuda"))]
+        let on_device = 0;
+        let host_moments = || -> Vec<Vec<f32>> {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    if i < on_device {
+                        Vec::new()
+                    } else {
+                        crate::backend::cpu::zeroed(n)
+                    }
+                })
+                .collect()
+        };
         Ok(Trainer {
             names,
-            m: sizes
-                .iter()
-                .map(|&n| crate::backend::cpu::zeroed(n))
-                .collect(),
-            v: sizes
-                .iter()
-                .map(|&n| crate::backend::cpu::zeroed(n))
-                .collect(),
+            m: host_moments(),
+            v: host_moments(),
+            sizes,
+            #[cfg(feature = "cuda")]
+            device,
             model,
             config,
             step: 0,
             skipped: 0,
             pending: None,
         })
+    }
+
+    /// Runs a gradient computation (`Model::sft_gradients`, `dpo_gradients`, …) on this
+    /// trainer's model for [`Trainer::accumulate`] / [`Trainer::apply`]. The same as calling
+    /// it on [`Trainer::model`], except that on a CUDA model the gradients stay on the device
+    /// (the returned `Gradients` then hold only the score/value heads' values on the host),
+    /// which saves copying them to the host and back.
+    pub fn gradients_with<T>(&mut self, f: impl FnOnce(&Model) -> Result<T>) -> Result<T> {
+        #[cfg(feature = "cuda")]
+        {
+            self.model.sync_device()?;
+            self.model.set_gradients_on_device(self.device.is_some());
+            let out = f(&self.model);
+            self.model.set_gradients_on_device(false);
+            out
+        }
+        #[cfg(not(feature = "cuda"))]
+        f(&self.model)
+    }
+
+    /// AdamW's moments of every trainable tensor (`(m, v)` in `params_mut` order), copied from
+    /// the device where they live there.
+    pub(crate) fn moments(&self) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+        #[cfg(feature = "cuda")]
+        let mut device = match (&self.device, self.model.cuda()?) {
+            (Some(d), Some(gpu)) => gpu.moments_to_host(d)?,
+            (Some(_), None) => {
+                return Err(Error::Cuda(
+                    "internal: device moments without a device".into(),
+                ))
+            }
+            _ => Vec::new(),
+        }
+        .into_iter();
+        let mut out = Vec::with_capacity(self.m.len());
+        for (m, v) in self.m.iter().zip(&self.v) {
+            #[cfg(feature = "cuda")]
+            if m.is_empty() {
+                let pair = device
+                    .next()
+                    .ok_or_else(|| Error::Cuda("internal: device moments".into()))?;
+                out.push(pair);
+                continue;
+            }
+            out.push((m.clone(), v.clone()));
+        }
+        Ok(out)
+    }
+
+    /// Replaces the moments (`moments()`'s layout; sizes checked against the model).
+    pub(crate) fn set_moments(&mut self, all: Vec<(Vec<f32>, Vec<f32>)>) -> Result<()> {
+        if all.len() != self.sizes.len()
+            || all
+                .iter()
+                .zip(&self.sizes)
+                .any(|((m, v), &n)| m.len() != n || v.len() != n)
+        {
+            return Err(Error::invalid("optimizer state does not match the model"));
+        }
+        #[cfg(feature = "cuda")]
+        let mut for_device = Vec::new();
+        for (i, (m, v)) in all.into_iter().enumerate() {
+            #[cfg(feature = "cuda")]
+            if self.m[i].is_empty() {
+                for_device.push((m, v));
+                continue;
+            }
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        #[cfg(feature = "cuda")]
+        if let (Some(d), Some(gpu)) = (self.device.as_mut(), self.model.cuda()?) {
+            gpu.moments_from_host(d, &for_device)?;
+        }
+        Ok(())
     }
 
     pub fn model(&self) -> &Model {
@@ -225,7 +327,7 @@ impl Trainer {
         sequences: &[S],
         masks: &[Vec<bool>],
     ) -> Result<StepStats> {
-        let (loss, grads) = self.model.sft_gradients(sequences, masks)?;
+        let (loss, grads) = self.gradients_with(|m| m.sft_gradients(sequences, masks))?;
         self.apply(loss, grads)
     }
 
@@ -236,7 +338,8 @@ impl Trainer {
         rejected: &[S],
         margin: f32,
     ) -> Result<(StepStats, crate::model::PairStats)> {
-        let (pair, grads) = self.model.reward_pair_gradients(chosen, rejected, margin)?;
+        let (pair, grads) =
+            self.gradients_with(|m| m.reward_pair_gradients(chosen, rejected, margin))?;
         Ok((self.apply(pair.loss, grads)?, pair))
     }
 
@@ -253,16 +356,18 @@ impl Trainer {
         beta: f64,
         kind: dpo::DpoLoss,
     ) -> Result<(StepStats, dpo::DpoStats)> {
-        let (stats, grads) = self.model.dpo_gradients(
-            chosen,
-            chosen_masks,
-            rejected,
-            rejected_masks,
-            ref_chosen,
-            ref_rejected,
-            beta,
-            kind,
-        )?;
+        let (stats, grads) = self.gradients_with(|m| {
+            m.dpo_gradients(
+                chosen,
+                chosen_masks,
+                rejected,
+                rejected_masks,
+                ref_chosen,
+                ref_rejected,
+                beta,
+                kind,
+            )
+        })?;
         Ok((self.apply(stats.loss, grads)?, stats))
     }
 
@@ -272,7 +377,7 @@ impl Trainer {
         batch: &ppo::PpoMinibatch<'_>,
         config: &ppo::PpoConfig,
     ) -> Result<(StepStats, ppo::PpoStats)> {
-        let (stats, grads) = self.model.ppo_gradients(batch, config)?;
+        let (stats, grads) = self.gradients_with(|m| m.ppo_gradients(batch, config))?;
         Ok((self.apply(stats.loss, grads)?, stats))
     }
 
@@ -282,7 +387,7 @@ impl Trainer {
         batch: &grpo::GrpoBatch<'_>,
         config: &grpo::GrpoConfig,
     ) -> Result<(StepStats, grpo::GrpoStats)> {
-        let (stats, grads) = self.model.grpo_gradients(batch, config)?;
+        let (stats, grads) = self.gradients_with(|m| m.grpo_gradients(batch, config))?;
         Ok((self.apply(stats.loss, grads)?, stats))
     }
 
@@ -295,18 +400,24 @@ impl Trainer {
                 "micro-batch weight must be positive, got {weight}"
             )));
         }
+        #[cfg(feature = "cuda")]
+        let mut grads = {
+            self.model.sync_device()?;
+            self.backbone_to_device(grads)?
+        };
+        #[cfg(not(feature = "cuda"))]
+        let mut grads = grads;
+        // The host part must match the host moments (all of them; on CUDA the heads').
         let flat = grads.flat();
-        if flat.len() != self.m.len() || flat.iter().zip(&self.m).any(|(g, m)| g.len() != m.len()) {
+        let host: Vec<&Vec<f32>> = self.m.iter().filter(|m| !m.is_empty()).collect();
+        if flat.len() != host.len() || flat.iter().zip(&host).any(|(g, m)| g.len() != m.len()) {
             return Err(Error::invalid("gradients do not match this model"));
         }
         drop(flat);
         match self.pending.as_mut() {
             None => {
-                let mut grads = grads;
                 if weight != 1.0 {
-                    for g in grads.flat_mut() {
-                        g.iter_mut().for_each(|x| *x *= weight as f32);
-                    }
+                    scale_gradients(&self.model, &mut grads, weight as f32)?;
                 }
                 self.pending = Some(Pending {
                     grads,
@@ -321,12 +432,62 @@ impl Trainer {
                         *a += weight as f32 * x;
                     }
                 }
+                #[cfg(feature = "cuda")]
+                if let (Some(acc), Some(g), Some(gpu)) = (
+                    p.grads.device.as_mut(),
+                    grads.device.as_ref(),
+                    self.model.cuda()?,
+                ) {
+                    let acc = std::sync::Arc::get_mut(acc)
+                        .ok_or_else(|| Error::Cuda("internal: shared device gradients".into()))?;
+                    gpu.grads_axpy(acc, g, weight as f32)?;
+                }
                 p.loss += loss * weight;
                 p.weight += weight;
                 p.micro_batches += 1;
             }
         }
         Ok(())
+    }
+
+    /// On a CUDA trainer: gradients whose backbone is on the host (computed outside
+    /// [`Trainer::gradients_with`]) get it copied to the device, and the host copy dropped.
+    #[cfg(feature = "cuda")]
+    fn backbone_to_device(&self, mut grads: Gradients) -> Result<Gradients> {
+        let Some(moments) = &self.device else {
+            if grads.device.is_some() {
+                return Err(Error::invalid(
+                    "gradients on a CUDA device given to a trainer of a CPU model",
+                ));
+            }
+            return Ok(grads);
+        };
+        let gpu = self
+            .model
+            .cuda()?
+            .ok_or_else(|| Error::Cuda("internal: device moments without a device".into()))?;
+        match &grads.device {
+            Some(d) if d.tensor_count() == moments.tensor_count() => Ok(grads),
+            Some(_) => Err(Error::invalid("gradients do not match this model")),
+            None => {
+                let d = gpu.upload_grads(&grads)?;
+                let mut heads = Gradients::zeros_with(&self.model, true);
+                let (src, dst) = (grads.flat(), heads.flat_mut());
+                // The host list is the device's tensors, then the heads'.
+                if src.len() != d.tensor_count() + dst.len() {
+                    return Err(Error::invalid("gradients do not match this model"));
+                }
+                for (to, from) in dst.into_iter().zip(&src[d.tensor_count()..]) {
+                    if to.len() != from.len() {
+                        return Err(Error::invalid("gradients do not match this model"));
+                    }
+                    to.copy_from_slice(from);
+                }
+                heads.device = Some(std::sync::Arc::new(d));
+                grads = heads;
+                Ok(grads)
+            }
+        }
     }
 
     /// Applies the accumulated micro-batches as one optimizer step (their weighted mean).
@@ -337,10 +498,7 @@ impl Trainer {
             .ok_or_else(|| Error::invalid("no gradients accumulated since the last step"))?;
         let mut grads = p.grads;
         if p.weight != 1.0 {
-            let inv = (1.0 / p.weight) as f32;
-            for g in grads.flat_mut() {
-                g.iter_mut().for_each(|x| *x *= inv);
-            }
+            scale_gradients(&self.model, &mut grads, (1.0 / p.weight) as f32)?;
         }
         self.update(p.loss / p.weight, grads)
     }
@@ -357,7 +515,8 @@ impl Trainer {
         // Shapes were checked by `accumulate`, the only way gradients reach here.
         let flat = grads.flat();
         // Fixed-size chunks summed in order: the same value on any number of threads.
-        let norm_sq: f64 = flat
+        #[allow(unused_mut)]
+        let mut norm_sq: f64 = flat
             .iter()
             .flat_map(|g| g.chunks(PARALLEL_CHUNK))
             .collect::<Vec<_>>()
@@ -366,6 +525,11 @@ impl Trainer {
             .collect::<Vec<f64>>()
             .iter()
             .sum();
+        drop(flat);
+        #[cfg(feature = "cuda")]
+        if let (Some(d), Some(gpu)) = (grads.device.as_ref(), self.model.cuda()?) {
+            norm_sq += gpu.grads_sum_squares(d)?;
+        }
         let grad_norm = norm_sq.sqrt();
         if !(loss.is_finite() && grad_norm.is_finite()) {
             self.skipped += 1;
@@ -382,19 +546,48 @@ impl Trainer {
             Some(max) => ((max as f64) / (grad_norm + 1e-6)).min(1.0) as f32,
             None => 1.0,
         };
-        drop(flat);
         let t = (self.step + 1) as i32;
-        let c = &self.config;
+        let c = self.config.clone();
         let bias1 = 1.0 - (c.beta1 as f64).powi(t);
-        let bias2_sqrt = (1.0 - (c.beta2 as f64).powi(t)).sqrt() as f32;
+        let bias2 = 1.0 - (c.beta2 as f64).powi(t);
+        let bias2_sqrt = bias2.sqrt() as f32;
         let step_size = (lr as f64 / bias1) as f32;
-        let grads_flat: Vec<&mut [f32]> = grads.flat_mut();
-        let params = self.model.weights_mut().params_mut();
-        for (((param, decay), g), (m, v)) in params
+        // The backbone on the device first (its weights then copied to the host).
+        #[cfg(feature = "cuda")]
+        if let (Some(moments), Some(d)) = (self.device.as_mut(), grads.device.as_ref()) {
+            let step = crate::backend::cuda::AdamStep {
+                lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                weight_decay: c.weight_decay,
+                bias1: bias1 as f32,
+                bias2: bias2 as f32,
+                grad_scale: clip,
+            };
+            self.model.device_adamw(moments, d, step)?;
+        }
+        let mut grads_flat = grads.flat_mut().into_iter();
+        // On CUDA only the heads are updated here, and the device holds no copy of them.
+        #[cfg(feature = "cuda")]
+        let weights = if self.device.is_some() {
+            self.model.head_weights_mut()
+        } else {
+            self.model.weights_mut()
+        };
+        #[cfg(not(feature = "cuda"))]
+        let weights = self.model.weights_mut();
+        let params = weights.params_mut();
+        for ((param, decay), (m, v)) in params
             .into_iter()
-            .zip(grads_flat)
             .zip(self.m.iter_mut().zip(self.v.iter_mut()))
         {
+            if m.is_empty() {
+                continue; // updated on the device
+            }
+            let g = grads_flat
+                .next()
+                .ok_or_else(|| Error::invalid("gradients do not match this model"))?;
             let p = param.as_mut_slice();
             let wd = if decay {
                 1.0 - lr * c.weight_decay
@@ -419,8 +612,6 @@ impl Trainer {
                 });
         }
         self.step += 1;
-        // A model on CUDA gets the new weights on the device before its next forward.
-        self.model.sync_device()?;
         Ok(StepStats {
             loss,
             grad_norm,
@@ -429,6 +620,22 @@ impl Trainer {
             step: self.step,
         })
     }
+}
+
+/// `grads *= a`, the host part and (on CUDA) the device part.
+fn scale_gradients(model: &Model, grads: &mut Gradients, a: f32) -> Result<()> {
+    for g in grads.flat_mut() {
+        g.iter_mut().for_each(|x| *x *= a);
+    }
+    #[cfg(feature = "cuda")]
+    if let (Some(d), Some(gpu)) = (grads.device.as_mut(), model.cuda()?) {
+        let d = std::sync::Arc::get_mut(d)
+            .ok_or_else(|| Error::Cuda("internal: shared device gradients".into()))?;
+        gpu.grads_scale(d, a)?;
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = model;
+    Ok(())
 }
 
 #[cfg(test)]

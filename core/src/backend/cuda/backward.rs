@@ -41,10 +41,17 @@ use super::super::gpu::{
 };
 use super::{CudaModel, DLinear, DMlp, DNorm, LOGIT_ROWS};
 use crate::backend::cpu::simd::dot;
+
+// The optimizer on the device: a child module, so it reaches the gradients' and weights'
+// device buffers.
+#[path = "optim.rs"]
+mod optim;
 use crate::error::{Error, Result};
 use crate::model::{Gradients, Linear, Mlp, Model, ModelWeights, Norm, TokenObjective};
 use crate::model::{TokenOutputGrads, TokenOutputs};
 use crate::tensor::Tensor;
+pub(in crate::backend::cuda) use optim::OptimKernels;
+pub(crate) use optim::{AdamStep, DeviceGrads, DeviceMoments};
 
 /// Query/key rows per tile of the prefill attention kernels (`TILE` in attention.cu).
 const TILE: usize = 16;
@@ -1544,7 +1551,7 @@ impl CudaModel {
             head_grads.value = Some((gw, gb));
         }
         self.backbone_backward(k, &taped, &dhf, &mut grads)?;
-        let host = self.download_grads(model, &grads, head_grads)?;
+        let host = self.download_grads(model, grads, head_grads)?;
         Ok((loss, host))
     }
 
@@ -1574,7 +1581,7 @@ impl CudaModel {
         let mut grads = self.zero_grads()?;
         self.backbone_backward(k, &taped, &dhf, &mut grads)?;
         let heads = HeadGrads { score, value: None };
-        self.download_grads(model, &grads, heads)
+        self.download_grads(model, grads, heads)
     }
 
     /// Runs the layers in reverse from `dhf` (the gradient of the final-normed hidden states),
@@ -1723,9 +1730,11 @@ impl CudaModel {
 
     /// The device gradients in the CPU path's `Gradients` (zeros for what the device does not
     /// train, which `token_objective_gradients`' caller refused already).
-    fn download_grads(&self, model: &Model, d: &DGrads, heads: HeadGrads) -> Result<Gradients> {
+    fn download_grads(&self, model: &Model, d: DGrads, heads: HeadGrads) -> Result<Gradients> {
         let g = &self.gpu;
-        let mut h = Gradients::zeros(model);
+        // A Trainer's own step keeps the backbone's gradients on the device.
+        let on_device = model.gradients_on_device();
+        let mut h = Gradients::zeros_with(model, on_device);
         if let (Some(src), Some(dst)) = (heads.score, h.score.as_mut()) {
             if src.len() != dst.len() {
                 return Err(cuda_error("internal: score head gradient shape"));
@@ -1740,6 +1749,10 @@ impl CudaModel {
             if let Some(db) = dst.b.as_mut().and_then(|b| b.first_mut()) {
                 *db = b;
             }
+        }
+        if on_device {
+            h.device = Some(std::sync::Arc::new(DeviceGrads::new(d)));
+            return Ok(h);
         }
         g.fetch_into(&d.tok_emb, &mut h.tok_emb)?;
         if let (Some(dp), Some(hp)) = (&d.pos_emb, h.pos_emb.as_mut()) {

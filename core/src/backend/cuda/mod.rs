@@ -30,6 +30,7 @@ mod gpu;
 mod model;
 
 pub use model::CudaModel;
+pub(crate) use model::{AdamStep, DeviceGrads, DeviceMoments};
 
 fn cuda_error(message: impl Into<String>) -> Error {
     Error::Cuda(message.into())

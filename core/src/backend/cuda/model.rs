@@ -44,6 +44,7 @@ use crate::tensor::Tensor;
 // The training backward: a child module, so it reaches the device weights.
 #[path = "backward.rs"]
 mod backward;
+pub(crate) use backward::{AdamStep, DeviceGrads, DeviceMoments};
 
 /// Tokens packed into one forward when scoring many sequences (as the CPU path).
 const PACK_TOKENS: usize = 2048;
@@ -195,6 +196,8 @@ pub struct CudaModel {
     lock: Mutex<()>,
     /// The backward's kernels, loaded on the first gradient call.
     bwd: std::sync::OnceLock<backward::Kernels>,
+    /// The optimizer's kernels, loaded on the first step on the device.
+    optim: std::sync::OnceLock<backward::OptimKernels>,
 }
 
 impl std::fmt::Debug for CudaModel {
@@ -338,6 +341,7 @@ impl CudaModel {
             inv_freq,
             lock: Mutex::new(()),
             bwd: std::sync::OnceLock::new(),
+            optim: std::sync::OnceLock::new(),
         })
     }
 
