@@ -15,6 +15,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
+use super::model::{KvBuf, KV_BLOCK};
 use super::{compile, cuda_error};
 use crate::error::{Error, Result};
 
@@ -110,6 +111,8 @@ struct Kernels {
     gelu_tanh_fwd: CudaFunction,
     attention_decode_paged_f32: CudaFunction,
     kv_cache_append_f32: CudaFunction,
+    attention_decode_paged: CudaFunction,
+    kv_cache_append: CudaFunction,
     logsoftmax_gather_fwd: CudaFunction,
     sample_rows: CudaFunction,
     add_in_place: CudaFunction,
@@ -195,6 +198,8 @@ impl Gpu {
             gelu_tanh_fwd: function(&activation, "gelu_tanh_fwd")?,
             attention_decode_paged_f32: function(&attention, "attention_decode_paged_f32")?,
             kv_cache_append_f32: function(&attention, "kv_cache_append_f32")?,
+            attention_decode_paged: function(&attention, "attention_decode_paged")?,
+            kv_cache_append: function(&attention, "kv_cache_append")?,
             logsoftmax_gather_fwd: function(&logsoftmax, "logsoftmax_gather_fwd")?,
             sample_rows: function(&sampling, "sample_rows")?,
             add_in_place: function(&reduce, "add_in_place")?,
@@ -560,16 +565,16 @@ impl Gpu {
             .map_err(driver("gelu_tanh_fwd"))
     }
 
-    /// Writes the K and V rows of `n_tokens` tokens (`[n_tokens, kv_dim]` each) into cache slots
-    /// `slots[t]` of the f32 caches (`[slots, kv_dim]`); `cache_slots` bounds the slot values,
-    /// which the caller checked.
+    /// Writes the K and V rows of `n_tokens` tokens (`[n_tokens, kv_dim]` each) into rows
+    /// `slots[t]` of the caches (`[cache_slots, kv_dim]`, f32 or bf16); every slot value is
+    /// below `cache_slots` (the caller's `Plan` checked it).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn kv_append(
         &self,
         k: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
-        k_cache: &mut CudaSlice<f32>,
-        v_cache: &mut CudaSlice<f32>,
+        k_cache: &mut KvBuf,
+        v_cache: &mut KvBuf,
         slots: &CudaSlice<i32>,
         n_tokens: usize,
         hkv: usize,
@@ -579,48 +584,52 @@ impl Gpu {
         let kvd = hkv * head_dim;
         need(k, n_tokens * kvd, "k")?;
         need(v, n_tokens * kvd, "v")?;
-        need(k_cache, cache_slots * kvd, "k cache")?;
-        need(v_cache, cache_slots * kvd, "v cache")?;
         need(slots, n_tokens, "slots")?;
+        if k_cache.len() < cache_slots * kvd || v_cache.len() < cache_slots * kvd {
+            return Err(cuda_error("internal: KV cache smaller than its slots"));
+        }
         let (t_arg, h_arg, d_arg) = (
             int(n_tokens, "tokens")?,
             int(hkv, "kv heads")?,
             int(head_dim, "head_dim")?,
         );
-        let mut l = self.stream.launch_builder(&self.k.kv_cache_append_f32);
-        l.arg(k)
-            .arg(v)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(slots)
-            .arg(&t_arg)
-            .arg(&h_arg)
-            .arg(&d_arg);
-        // SAFETY: kv_cache_append_f32(const float* k, const float* v, float* k_cache,
-        // float* v_cache, const int* slots, int n_tokens, int hkv, int head_dim); one block per
-        // token; every slot is < cache_slots (checked by the caller).
+        let (f, name) = match (&*k_cache, &*v_cache) {
+            (KvBuf::F32(_), KvBuf::F32(_)) => (&self.k.kv_cache_append_f32, "kv_cache_append_f32"),
+            (KvBuf::Bf16(_), KvBuf::Bf16(_)) => (&self.k.kv_cache_append, "kv_cache_append"),
+            _ => return Err(cuda_error("internal: K and V caches of different types")),
+        };
+        let mut l = self.stream.launch_builder(f);
+        l.arg(k).arg(v);
+        match (k_cache, v_cache) {
+            (KvBuf::F32(kc), KvBuf::F32(vc)) => l.arg(kc).arg(vc),
+            (KvBuf::Bf16(kc), KvBuf::Bf16(vc)) => l.arg(kc).arg(vc),
+            _ => return Err(cuda_error("internal: K and V caches of different types")),
+        };
+        l.arg(slots).arg(&t_arg).arg(&h_arg).arg(&d_arg);
+        // SAFETY: kv_cache_append{_f32}(const float* k, const float* v, T* k_cache,
+        // T* v_cache, const int* slots, int n_tokens, int hkv, int head_dim) with T = float or
+        // bf16_t matching the buffers; one block per token; every slot is < cache_slots and
+        // both caches hold cache_slots × kv_dim values (checked).
         unsafe { l.launch(per_row(n_tokens, ROW_THREADS)) }
             .map(drop)
-            .map_err(driver("kv_cache_append_f32"))
+            .map_err(driver(name))
     }
 
-    /// Causal attention of `rows` packed query rows (`q`: `[rows, hq, head_dim]`) against
-    /// contiguous f32 caches of `capacity` positions per sequence: row `r` reads positions
-    /// `0..context_lens[r]` of sequence `seq_of_row[r]` (its one "block" of `capacity`
-    /// positions). `out`: `[rows, hq, head_dim]`.
+    /// Causal attention of `rows` packed query rows (`q`: `[rows, hq, head_dim]`) against a
+    /// paged cache (f32 or bf16; blocks of `KV_BLOCK` positions): row `r` reads positions
+    /// `0..context_lens[r]` through the blocks listed in row `r` of `block_rows`
+    /// (`[rows, max_blocks]`). `out`: `[rows, hq, head_dim]`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention(
         &self,
         out: &mut CudaSlice<f32>,
         q: &CudaSlice<f32>,
-        k_cache: &CudaSlice<f32>,
-        v_cache: &CudaSlice<f32>,
-        seq_of_row: &CudaSlice<i32>,
+        (k_cache, v_cache): (&KvBuf, &KvBuf),
+        (block_rows, max_blocks): (&CudaSlice<i32>, usize),
         context_lens: &CudaSlice<i32>,
         rows: usize,
         heads: (usize, usize),
         head_dim: usize,
-        capacity: usize,
     ) -> Result<()> {
         let (hq, hkv) = heads;
         if head_dim > 256 || hkv == 0 || hq % hkv != 0 {
@@ -631,25 +640,36 @@ impl Gpu {
         }
         need(q, rows * hq * head_dim, "q")?;
         need(out, rows * hq * head_dim, "attention out")?;
-        need(seq_of_row, rows, "block table")?;
+        need(block_rows, rows * max_blocks, "block table")?;
         need(context_lens, rows, "context lengths")?;
-        // The caches' bounds (sequence < cache rows, position < capacity) are the caller's:
-        // `model::Plan` checks them.
+        // The caches' bounds (blocks in the pool, positions within a sequence's blocks) are
+        // the caller's: `model::Plan` checks them.
         let (hq_arg, hkv_arg, d_arg, bs_arg, mb_arg) = (
             int(hq, "heads")?,
             int(hkv, "kv heads")?,
             int(head_dim, "head_dim")?,
-            int(capacity, "cache capacity")?,
-            1i32,
+            int(KV_BLOCK, "block size")?,
+            int(max_blocks, "blocks per sequence")?,
         );
         let scale = 1.0f32 / (head_dim as f32).sqrt();
-        let mut l = self
-            .stream
-            .launch_builder(&self.k.attention_decode_paged_f32);
-        l.arg(q)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(seq_of_row)
+        let (f, name) = match (k_cache, v_cache) {
+            (KvBuf::F32(_), KvBuf::F32(_)) => (
+                &self.k.attention_decode_paged_f32,
+                "attention_decode_paged_f32",
+            ),
+            (KvBuf::Bf16(_), KvBuf::Bf16(_)) => {
+                (&self.k.attention_decode_paged, "attention_decode_paged")
+            }
+            _ => return Err(cuda_error("internal: K and V caches of different types")),
+        };
+        let mut l = self.stream.launch_builder(f);
+        l.arg(q);
+        match (k_cache, v_cache) {
+            (KvBuf::F32(kc), KvBuf::F32(vc)) => l.arg(kc).arg(vc),
+            (KvBuf::Bf16(kc), KvBuf::Bf16(vc)) => l.arg(kc).arg(vc),
+            _ => return Err(cuda_error("internal: K and V caches of different types")),
+        };
+        l.arg(block_rows)
             .arg(context_lens)
             .arg(out)
             .arg(&hq_arg)
@@ -663,15 +683,14 @@ impl Gpu {
             block_dim: (DECODE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: attention_decode_paged_f32(const float* q, const float* k_cache,
-        // const float* v_cache, const int* block_tables, const int* context_lens, float* out,
-        // int hq, int hkv, int head_dim, int block_size, int max_blocks, float scale); grid
-        // (rows, hq), exactly 4 warps per block as the kernel's shared arrays assume;
-        // head_dim ≤ 256; with max_blocks 1 and block_size = capacity, row r reads cache rows
-        // seq·capacity + p for p < context_lens[r] ≤ capacity (checked by the caller).
-        unsafe { l.launch(cfg) }
-            .map(drop)
-            .map_err(driver("attention_decode_paged_f32"))
+        // SAFETY: attention_decode_paged{_f32}(const float* q, const T* k_cache,
+        // const T* v_cache, const int* block_tables, const int* context_lens, float* out,
+        // int hq, int hkv, int head_dim, int block_size, int max_blocks, float scale) with T
+        // matching the caches; grid (rows, hq), exactly 4 warps per block as the kernel's
+        // shared arrays assume; head_dim ≤ 256; row r reads blocks block_rows[r][p / KV_BLOCK]
+        // for p < context_lens[r], all within the pool and the sequence's own blocks (checked
+        // by the caller's Plan).
+        unsafe { l.launch(cfg) }.map(drop).map_err(driver(name))
     }
 
     /// Per row of `logits` (`[rows, vocab]`): `log softmax(x / temp)[targets[r]]` (0 where

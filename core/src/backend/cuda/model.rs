@@ -100,27 +100,59 @@ struct DWeights {
     lm_head: Option<CudaSlice<f32>>,
 }
 
-/// Per-layer K and V of `seqs` sequences of `cap` positions each, and how many positions
-/// each sequence has written.
+/// Positions per block of the paged KV cache.
+pub(super) const KV_BLOCK: usize = 16;
+
+/// One layer's K or V cache: `[blocks × KV_BLOCK, kv_dim]`, f32 or bf16 (raw 16-bit patterns;
+/// `LoadOptions::device_dtype`).
+pub(super) enum KvBuf {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+impl KvBuf {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            KvBuf::F32(b) => b.len(),
+            KvBuf::Bf16(b) => b.len(),
+        }
+    }
+}
+
+/// A paged KV cache for a batch of sequences: per layer one pool of blocks of [`KV_BLOCK`]
+/// positions, each sequence owning the blocks listed in its table (enough for the capacity
+/// it asked for, allocated up front: decode never grows it), and how many positions each
+/// sequence has written. Sequences of different lengths take only their own blocks.
 struct Cache {
-    k: Vec<CudaSlice<f32>>,
-    v: Vec<CudaSlice<f32>>,
-    cap: usize,
+    k: Vec<KvBuf>,
+    v: Vec<KvBuf>,
+    tables: Vec<Vec<i32>>,
     lens: Vec<usize>,
 }
 
-/// The host-side arrays of one forward call, checked: token `i` (sequence `seqs[i]`,
-/// position `positions[i]`) goes to cache row `cache_slots[i] = seq · cap + pos` and attends
-/// to the first `context_lens[i] = pos + 1` rows of its sequence. The same checks as the CPU
-/// forward (ids in the vocabulary, positions continuing each cache, within its capacity and
-/// the model's context), which also keep every kernel index in bounds.
+impl Cache {
+    /// Block pool rows (`blocks × KV_BLOCK`).
+    fn slots(&self) -> usize {
+        self.tables.iter().map(Vec::len).sum::<usize>() * KV_BLOCK
+    }
+}
+
+/// The host-side arrays of one forward call, checked: token `i` (sequence `seq`, position
+/// `positions[i]`) goes to cache row `cache_slots[i]` (its sequence's block
+/// `pos / KV_BLOCK`, row `pos % KV_BLOCK`) and attends to the first `context_lens[i] =
+/// pos + 1` positions of its sequence, whose blocks are row `i` of `block_rows`
+/// (`[tokens, max_blocks]`, padded with block 0, which is never read past `context_lens`). The
+/// same checks as the CPU forward (ids in the vocabulary, positions continuing each cache,
+/// within its capacity and the model's context), which also keep every kernel index in
+/// bounds.
 #[derive(Debug, PartialEq)]
 struct Plan {
     ids: Vec<i32>,
     positions: Vec<i32>,
     cache_slots: Vec<i32>,
     context_lens: Vec<i32>,
-    seqs: Vec<i32>,
+    block_rows: Vec<i32>,
+    max_blocks: usize,
     /// Each sequence's length after the call.
     next_lens: Vec<usize>,
 }
@@ -130,25 +162,34 @@ impl Plan {
         tokens: &[u32],
         slots: &[Slot],
         lens: &[usize],
-        cap: usize,
+        tables: &[Vec<i32>],
         cfg: &ModelConfig,
     ) -> Result<Plan> {
         let t = tokens.len();
         if t == 0 || slots.len() != t {
             return Err(Error::invalid("one slot per token is required"));
         }
+        if tables.len() != lens.len() {
+            return Err(cuda_error("internal: one block table per sequence"));
+        }
         int(t, "tokens")?;
-        let rows = lens
-            .len()
-            .checked_mul(cap)
+        let blocks: usize = tables.iter().map(Vec::len).sum();
+        let pool = blocks
+            .checked_mul(KV_BLOCK)
             .ok_or_else(|| Error::invalid("KV cache size overflows"))?;
-        int(rows, "KV cache positions")?;
+        int(pool, "KV cache positions")?;
+        let max_blocks = tables.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let rows_len = t
+            .checked_mul(max_blocks)
+            .ok_or_else(|| Error::invalid("KV block table size overflows"))?;
+        int(rows_len, "KV block table entries")?;
         let mut plan = Plan {
             ids: Vec::with_capacity(t),
             positions: Vec::with_capacity(t),
             cache_slots: Vec::with_capacity(t),
             context_lens: Vec::with_capacity(t),
-            seqs: Vec::with_capacity(t),
+            block_rows: Vec::with_capacity(rows_len),
+            max_blocks,
             next_lens: lens.to_vec(),
         };
         for (&tok, slot) in tokens.iter().zip(slots) {
@@ -165,6 +206,8 @@ impl Plan {
             if slot.pos != *next {
                 return Err(Error::invalid("token positions must continue the cache"));
             }
+            let table = &tables[slot.seq];
+            let cap = table.len() * KV_BLOCK;
             if slot.pos >= cap || slot.pos >= cfg.max_position_embeddings {
                 return Err(Error::ContextOverflow {
                     requested: slot.pos + 1,
@@ -172,12 +215,19 @@ impl Plan {
                 });
             }
             *next += 1;
-            // All below i32::MAX: seq < lens.len() and pos < cap, and lens.len() · cap fits.
+            let block = table[slot.pos / KV_BLOCK];
+            if block < 0 || block as usize >= blocks {
+                return Err(cuda_error("internal: KV block out of the pool"));
+            }
+            // All below i32::MAX: rows < pool, which fits.
             plan.ids.push(tok as i32);
             plan.positions.push(slot.pos as i32);
-            plan.cache_slots.push((slot.seq * cap + slot.pos) as i32);
+            plan.cache_slots
+                .push((block as usize * KV_BLOCK + slot.pos % KV_BLOCK) as i32);
             plan.context_lens.push((slot.pos + 1) as i32);
-            plan.seqs.push(slot.seq as i32);
+            plan.block_rows.extend_from_slice(table);
+            plan.block_rows
+                .extend(std::iter::repeat_n(0, max_blocks - table.len()));
         }
         Ok(plan)
     }
@@ -198,6 +248,8 @@ pub struct CudaModel {
     bwd: std::sync::OnceLock<backward::Kernels>,
     /// The optimizer's kernels, loaded on the first step on the device.
     optim: std::sync::OnceLock<backward::OptimKernels>,
+    /// bf16 storage (`LoadOptions::device_dtype`): the KV cache (and, at load, the matrices).
+    bf16: bool,
 }
 
 impl std::fmt::Debug for CudaModel {
@@ -342,6 +394,7 @@ impl CudaModel {
             lock: Mutex::new(()),
             bwd: std::sync::OnceLock::new(),
             optim: std::sync::OnceLock::new(),
+            bf16: false,
         })
     }
 
@@ -367,10 +420,21 @@ impl CudaModel {
         Ok(guard)
     }
 
-    fn cache(&self, seqs: usize, cap: usize) -> Result<Cache> {
-        let cap = cap.max(1);
-        let slots = seqs
-            .checked_mul(cap)
+    /// A paged cache with room for `caps[i]` positions of sequence `i` (whole blocks).
+    fn cache(&self, caps: &[usize]) -> Result<Cache> {
+        let mut tables = Vec::with_capacity(caps.len());
+        let mut blocks = 0usize;
+        for &cap in caps {
+            let n = cap.max(1).div_ceil(KV_BLOCK);
+            let end = blocks
+                .checked_add(n)
+                .ok_or_else(|| Error::invalid("KV cache size overflows"))?;
+            int(end, "KV cache blocks")?;
+            tables.push((blocks..end).map(|b| b as i32).collect());
+            blocks = end;
+        }
+        let slots = blocks
+            .checked_mul(KV_BLOCK)
             .ok_or_else(|| Error::invalid("KV cache size overflows"))?;
         int(slots, "KV cache positions")?;
         let n = slots
@@ -379,15 +443,32 @@ impl CudaModel {
         let mut k = Vec::with_capacity(self.cfg.num_layers);
         let mut v = Vec::with_capacity(self.cfg.num_layers);
         for _ in 0..self.cfg.num_layers {
-            k.push(self.gpu.zeros::<f32>(n)?);
-            v.push(self.gpu.zeros::<f32>(n)?);
+            if self.bf16 {
+                k.push(KvBuf::Bf16(self.gpu.zeros::<u16>(n)?));
+                v.push(KvBuf::Bf16(self.gpu.zeros::<u16>(n)?));
+            } else {
+                k.push(KvBuf::F32(self.gpu.zeros::<f32>(n)?));
+                v.push(KvBuf::F32(self.gpu.zeros::<f32>(n)?));
+            }
         }
         Ok(Cache {
             k,
             v,
-            cap,
-            lens: vec![0; seqs],
+            tables,
+            lens: vec![0; caps.len()],
         })
+    }
+
+    /// Device bytes of a cache for sequences of capacities `caps` (what `cache` allocates).
+    fn cache_bytes(&self, caps: &[usize]) -> u64 {
+        let blocks: usize = caps
+            .iter()
+            .map(|&c| c.max(1).div_ceil(KV_BLOCK))
+            .fold(0usize, usize::saturating_add);
+        let per_value: u64 = if self.bf16 { 2 } else { 4 };
+        crate::memory::f32_bytes(&[blocks, KV_BLOCK, 2 * self.cfg.num_layers, self.cfg.kv_dim()])
+            / 4
+            * per_value
     }
 
     fn linear(
@@ -423,7 +504,7 @@ impl CudaModel {
     fn forward(&self, tokens: &[u32], slots: &[Slot], cache: &mut Cache) -> Result<CudaSlice<f32>> {
         let cfg = &self.cfg;
         let t = tokens.len();
-        let plan = Plan::new(tokens, slots, &cache.lens, cache.cap, cfg)?;
+        let plan = Plan::new(tokens, slots, &cache.lens, &cache.tables, cfg)?;
         let g = &self.gpu;
         let (c, qd, kvd, f) = (
             cfg.hidden_size,
@@ -432,12 +513,12 @@ impl CudaModel {
             cfg.intermediate_size,
         );
         let (hq, hkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let total_slots = cache.lens.len() * cache.cap;
+        let total_slots = cache.slots();
         let ids_d = g.upload(&plan.ids)?;
         let positions_d = g.upload(&plan.positions)?;
         let slots_d = g.upload(&plan.cache_slots)?;
         let lens_d = g.upload(&plan.context_lens)?;
-        let seqs_d = g.upload(&plan.seqs)?;
+        let rows_d = g.upload(&plan.block_rows)?;
         let mut x = g.zeros::<f32>(t * c)?;
         let mut h = g.zeros::<f32>(t * c)?;
         let mut q = g.zeros::<f32>(t * qd)?;
@@ -473,14 +554,12 @@ impl CudaModel {
             g.attention(
                 &mut att,
                 &q,
-                kc,
-                vc,
-                &seqs_d,
+                (kc, vc),
+                (&rows_d, plan.max_blocks),
                 &lens_d,
                 t,
                 (hq, hkv),
                 hd,
-                cache.cap,
             )?;
             self.linear(&mut out, &att, &layer.o, t)?;
             g.add(&mut x, &out, t * c)?;
@@ -532,7 +611,7 @@ impl CudaModel {
     pub(crate) fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let _guard = self.enter()?;
         let (n, v) = (tokens.len(), self.cfg.vocab_size);
-        let mut cache = self.cache(1, n)?;
+        let mut cache = self.cache(&[n])?;
         let slots: Vec<Slot> = (0..n).map(|pos| Slot { seq: 0, pos }).collect();
         let h = self.forward(tokens, &slots, &mut cache)?;
         let mut logits = self.gpu.zeros::<f32>(n * v)?;
@@ -561,8 +640,8 @@ impl CudaModel {
     fn logprobs_packed(&self, sequences: &[&[u32]], temperature: f32) -> Result<Vec<Vec<f32>>> {
         let _guard = self.enter()?;
         let v = self.cfg.vocab_size;
-        let cap = sequences.iter().map(|s| s.len()).max().unwrap_or(1);
-        let mut cache = self.cache(sequences.len(), cap)?;
+        let caps: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
+        let mut cache = self.cache(&caps)?;
         let mut tokens = Vec::new();
         let mut slots = Vec::new();
         // Row r predicts token r + 1 of its sequence; a sequence's last row predicts nothing.
@@ -615,8 +694,8 @@ impl CudaModel {
             }
             let group = &sequences[start..end];
             let _guard = self.enter()?;
-            let cap = group.iter().map(|s| s.len()).max().unwrap_or(1);
-            let mut cache = self.cache(group.len(), cap)?;
+            let caps: Vec<usize> = group.iter().map(|s| s.len()).collect();
+            let mut cache = self.cache(&caps)?;
             let mut tokens = Vec::with_capacity(total);
             let mut slots = Vec::with_capacity(total);
             for (i, seq) in group.iter().enumerate() {
@@ -669,16 +748,15 @@ impl CudaModel {
             .map(|&i| Sampler::new(params.seed, i))
             .collect();
         let mut history: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
-        let cap = prompts
+        let caps: Vec<usize> = prompts
             .iter()
             .map(|p| p.len().saturating_add(params.max_new_tokens))
-            .max()
-            .unwrap_or(1);
+            .collect();
         // The caches are the large allocation: refuse before making them when the device
         // cannot hold them (plus one row of logits per sequence).
-        let needed =
-            crate::memory::f32_bytes(&[n, cap, 2 * self.cfg.num_layers, self.cfg.kv_dim()])
-                .saturating_add(crate::memory::f32_bytes(&[n, v]));
+        let needed = self
+            .cache_bytes(&caps)
+            .saturating_add(crate::memory::f32_bytes(&[n, v]));
         {
             let _guard = self.enter()?;
             let (free, _) = self.gpu.memory()?;
@@ -695,7 +773,7 @@ impl CudaModel {
         // LM-head input.
         let (mut cache, mut hidden) = {
             let _guard = self.enter()?;
-            let mut cache = self.cache(n, cap)?;
+            let mut cache = self.cache(&caps)?;
             let mut tokens = Vec::new();
             let mut slots = Vec::new();
             let mut last_rows = Vec::with_capacity(n);
@@ -826,36 +904,51 @@ mod tests {
     }
 
     #[test]
-    fn plan_maps_tokens_to_cache_rows_like_the_cpu_forward() {
+    fn plan_maps_tokens_to_their_sequences_blocks() {
         let cfg = cfg();
-        // A prefill of two sequences (3 and 2 tokens) into caches of capacity 5 ...
+        // A prefill of two sequences (3 and 2 tokens), one block each ...
+        let tables = vec![vec![0], vec![1]];
         let slots = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)].map(|(seq, pos)| Slot { seq, pos });
-        let p = Plan::new(&[1, 2, 3, 4, 5], &slots, &[0, 0], 5, &cfg).unwrap();
+        let p = Plan::new(&[1, 2, 3, 4, 5], &slots, &[0, 0], &tables, &cfg).unwrap();
         assert_eq!(p.ids, [1, 2, 3, 4, 5]);
         assert_eq!(p.positions, [0, 1, 2, 0, 1]);
-        assert_eq!(p.cache_slots, [0, 1, 2, 5, 6]);
+        assert_eq!(p.cache_slots, [0, 1, 2, 16, 17]);
         assert_eq!(p.context_lens, [1, 2, 3, 1, 2]);
-        assert_eq!(p.seqs, [0, 0, 0, 1, 1]);
+        assert_eq!((p.block_rows, p.max_blocks), (vec![0, 0, 0, 1, 1], 1));
         assert_eq!(p.next_lens, [3, 2]);
         // ... then a decode step of sequence 1 only.
-        let p = Plan::new(&[9], &[Slot { seq: 1, pos: 2 }], &[3, 2], 5, &cfg).unwrap();
+        let p = Plan::new(&[9], &[Slot { seq: 1, pos: 2 }], &[3, 2], &tables, &cfg).unwrap();
         assert_eq!(
             (p.cache_slots, p.context_lens, p.next_lens),
-            (vec![7], vec![3], vec![3, 3])
+            (vec![18], vec![3], vec![3, 3])
         );
+        // A sequence over two blocks that are not adjacent in the pool: position 17 is row 1
+        // of its second block (block 2); the other sequence's row is padded with block 0.
+        let tables = vec![vec![0, 2], vec![1]];
+        let slots = [Slot { seq: 0, pos: 17 }, Slot { seq: 1, pos: 0 }];
+        let p = Plan::new(&[1, 2], &slots, &[17, 0], &tables, &cfg).unwrap();
+        assert_eq!(p.cache_slots, [33, 16]);
+        assert_eq!(p.context_lens, [18, 1]);
+        assert_eq!((p.block_rows, p.max_blocks), (vec![0, 2, 1, 0], 2));
     }
 
     #[test]
     fn plan_refuses_what_the_cpu_forward_refuses() {
         let cfg = cfg();
         let s = |seq, pos| Slot { seq, pos };
+        let one = vec![vec![0]];
+        let two = vec![vec![0, 1]];
         let e = |r: Result<Plan>| r.unwrap_err().to_string();
-        assert!(e(Plan::new(&[32], &[s(0, 0)], &[0], 4, &cfg)).contains("out of range"));
-        assert!(e(Plan::new(&[1], &[s(1, 0)], &[0], 4, &cfg)).contains("missing sequence"));
-        assert!(e(Plan::new(&[1], &[s(0, 1)], &[0], 4, &cfg)).contains("continue"));
-        assert!(e(Plan::new(&[1], &[s(0, 4)], &[4], 4, &cfg)).contains("positions"));
-        assert!(e(Plan::new(&[1], &[s(0, 24)], &[24], 30, &cfg)).contains("context length is 24"));
-        assert!(e(Plan::new(&[], &[], &[0], 4, &cfg)).contains("one slot per token"));
-        assert!(e(Plan::new(&[1, 2], &[s(0, 0)], &[0], 4, &cfg)).contains("one slot per token"));
+        assert!(e(Plan::new(&[32], &[s(0, 0)], &[0], &one, &cfg)).contains("out of range"));
+        assert!(e(Plan::new(&[1], &[s(1, 0)], &[0], &one, &cfg)).contains("missing sequence"));
+        assert!(e(Plan::new(&[1], &[s(0, 1)], &[0], &one, &cfg)).contains("continue"));
+        // Past the sequence's blocks, and past the model's context.
+        assert!(e(Plan::new(&[1], &[s(0, 16)], &[16], &one, &cfg)).contains("positions"));
+        assert!(e(Plan::new(&[1], &[s(0, 24)], &[24], &two, &cfg)).contains("context length is 24"));
+        assert!(e(Plan::new(&[], &[], &[0], &one, &cfg)).contains("one slot per token"));
+        assert!(e(Plan::new(&[1, 2], &[s(0, 0)], &[0], &one, &cfg)).contains("one slot per token"));
+        // A table naming a block outside the pool is an internal error, not a wild write.
+        let bad = vec![vec![5]];
+        assert!(e(Plan::new(&[1], &[s(0, 0)], &[0], &bad, &cfg)).contains("pool"));
     }
 }
