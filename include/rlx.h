@@ -204,10 +204,16 @@ typedef struct rlx_model_params {
   uint8_t allow_non_finite;
   /**
    * Where the model runs: NULL or "cpu" (the default), "cuda" or "cuda:N". On CUDA, logits,
-   * log-probs and generation run on the device (f32 weights; not yet verified on a GPU); a
-   * missing driver, device, NVRTC or cuBLAS is RLX_UNSUPPORTED, and so is training on it.
+   * log-probs, generation, scores and training (gradients and AdamW; not LoRA) run on the
+   * device (not yet verified on a GPU); a missing driver, device, NVRTC or cuBLAS is
+   * RLX_UNSUPPORTED.
    */
   const char *device;
+  /**
+   * On CUDA: NULL or "f32" (the default), or "bf16": the matrices and the KV cache stored
+   * as bf16 (sums stay f32; a trainer trains an f32 copy). Must be f32 on the CPU.
+   */
+  const char *device_dtype;
 } rlx_model_params;
 
 /**

@@ -114,11 +114,14 @@ struct ModelArgs {
     /// Load weights that hold NaN or infinite values (refused by default).
     #[arg(long)]
     allow_non_finite: bool,
-    /// Where to run: cpu, cuda or cuda:N. On CUDA, generate/logprobs run on the device (f32
-    /// weights; not yet verified on a GPU); sft/dpo/grpo compute full fine-tuning gradients
-    /// there (AdamW on the host; not yet verified either); LoRA, rm and ppo refuse it.
+    /// Where to run: cpu, cuda or cuda:N. On CUDA, generation, scoring and training
+    /// (gradients and AdamW) run on the device (not yet verified on a GPU); LoRA refuses it.
     #[arg(long, default_value = "cpu")]
     device: rlx::Device,
+    /// On CUDA: f32 (default) or bf16 storage of the matrices and the KV cache (sums stay
+    /// f32; training uses an f32 copy).
+    #[arg(long, default_value = "f32")]
+    device_dtype: rlx::DeviceDtype,
 }
 
 #[derive(Args)]
@@ -236,6 +239,7 @@ fn load(args: &ModelArgs) -> Result<Model, Box<dyn std::error::Error>> {
         keep_quantized: !args.dequantize,
         allow_non_finite: args.allow_non_finite,
         device: args.device,
+        device_dtype: args.device_dtype,
     };
     Ok(Model::load(&path, options)?)
 }

@@ -28,7 +28,7 @@ pub mod tokenizer_gguf;
 pub mod train;
 pub mod weights;
 
-pub use backend::Device;
+pub use backend::{Device, DeviceDtype};
 pub use chat::{ChatTemplate, Message};
 pub use config::{Architecture, Family, ModelConfig};
 pub use error::{Error, Result};

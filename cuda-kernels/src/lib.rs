@@ -3,8 +3,8 @@
 //! [`COMMON`] (bf16 conversions, warp/block reductions, counter-based random numbers) followed
 //! by its own source, so NVRTC needs no include path.
 //!
-//! Storage is f32 or bf16 (raw 16-bit patterns), accumulation always f32. Matrix products are
-//! not here: they go to cuBLAS.
+//! Storage is f32 or bf16 (raw 16-bit patterns), accumulation always f32. Matrix products of
+//! f32 weights go to cuBLAS; `matmul_bf16w` multiplies f32 activations by bf16 weights.
 
 /// One `.cu` translation unit and the kernels (`extern "C" __global__`) it defines.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +79,11 @@ pub const ALL: &[Module] = &[
         name: "sampling",
         source: include_str!("../kernels/sampling.cu"),
         kernels: &["sample_rows"],
+    },
+    Module {
+        name: "matmul",
+        source: include_str!("../kernels/matmul.cu"),
+        kernels: &["matmul_bf16w"],
     },
     Module {
         name: "adamw",

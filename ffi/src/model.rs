@@ -44,9 +44,13 @@ pub struct rlx_model_params {
     /// refused with RLX_FORMAT naming the first such tensor.
     pub allow_non_finite: u8,
     /// Where the model runs: NULL or "cpu" (the default), "cuda" or "cuda:N". On CUDA, logits,
-    /// log-probs and generation run on the device (f32 weights; not yet verified on a GPU); a
-    /// missing driver, device, NVRTC or cuBLAS is RLX_UNSUPPORTED, and so is training on it.
+    /// log-probs, generation, scores and training (gradients and AdamW; not LoRA) run on the
+    /// device (not yet verified on a GPU); a missing driver, device, NVRTC or cuBLAS is
+    /// RLX_UNSUPPORTED.
     pub device: *const c_char,
+    /// On CUDA: NULL or "f32" (the default), or "bf16": the matrices and the KV cache stored
+    /// as bf16 (sums stay f32; a trainer trains an f32 copy). Must be f32 on the CPU.
+    pub device_dtype: *const c_char,
 }
 
 impl Handle for rlx_model {
@@ -84,6 +88,7 @@ pub extern "C" fn rlx_model_default_params() -> rlx_model_params {
         threads: 0,
         allow_non_finite: 0,
         device: std::ptr::null(),
+        device_dtype: std::ptr::null(),
     }
 }
 
@@ -144,12 +149,22 @@ pub unsafe extern "C" fn rlx_model_load(
                 .map_err(|_| FfiError::invalid("`device` is not valid UTF-8"))?
                 .parse()?
         };
+        let device_dtype = if params.device_dtype.is_null() {
+            rlx_core::DeviceDtype::F32
+        } else {
+            // SAFETY: the caller guarantees a non-NULL `device_dtype` is NUL-terminated.
+            unsafe { c_str(params.device_dtype, "device_dtype") }?
+                .to_str()
+                .map_err(|_| FfiError::invalid("`device_dtype` is not valid UTF-8"))?
+                .parse()?
+        };
         let model = Model::load(
             &path,
             LoadOptions {
                 threads,
                 allow_non_finite: params.allow_non_finite != 0,
                 device,
+                device_dtype,
                 ..Default::default()
             },
         )?;

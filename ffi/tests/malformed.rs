@@ -84,10 +84,17 @@ fn truncated_and_garbage_files_are_statuses() {
 #[test]
 fn devices_are_checked() {
     let path = CString::new(fixtures().join("llama-f32").to_str().unwrap()).unwrap();
-    let load_on = |device: &str| {
-        let d = CString::new(device).unwrap();
+    // Loads with the given `device` and `device_dtype` strings (None = NULL, the default).
+    let load_with = |device: Option<&str>, dtype: Option<&str>| {
+        let d = device.map(|d| CString::new(d).unwrap());
+        let t = dtype.map(|t| CString::new(t).unwrap());
         let mut params = rlx_model_default_params();
-        params.device = d.as_ptr();
+        if let Some(d) = &d {
+            params.device = d.as_ptr();
+        }
+        if let Some(t) = &t {
+            params.device_dtype = t.as_ptr();
+        }
         let mut model = null_mut();
         let st = unsafe { rlx_model_load(path.as_ptr(), &params, &mut model) };
         let msg = unsafe { CStr::from_ptr(rlx_last_error()) }
@@ -98,6 +105,8 @@ fn devices_are_checked() {
         }
         (st, msg)
     };
+    let load_on = |device: &str| load_with(Some(device), None);
+    let load_dtype = |dtype: &str| load_with(None, Some(dtype));
     assert_eq!(load_on("cpu").0, rlx_status::RLX_OK);
     let (st, msg) = load_on("tpu:0");
     assert_eq!(st, rlx_status::RLX_INVALID_ARGUMENT, "{msg}");
@@ -105,5 +114,13 @@ fn devices_are_checked() {
     // the device does not exist; either way a clear RLX_UNSUPPORTED.
     let (st, msg) = load_on("cuda:99");
     assert_eq!(st, rlx_status::RLX_UNSUPPORTED, "{msg}");
+    assert!(msg.contains("CUDA"), "{msg}");
+    // The device storage type: a typo, and bf16 on the CPU, are argument errors.
+    assert_eq!(load_dtype("f32").0, rlx_status::RLX_OK);
+    let (st, msg) = load_dtype("fp8");
+    assert_eq!(st, rlx_status::RLX_INVALID_ARGUMENT, "{msg}");
+    assert!(msg.contains("f32 or bf16"), "{msg}");
+    let (st, msg) = load_dtype("bf16");
+    assert_eq!(st, rlx_status::RLX_INVALID_ARGUMENT, "{msg}");
     assert!(msg.contains("CUDA"), "{msg}");
 }

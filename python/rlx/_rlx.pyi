@@ -88,11 +88,14 @@ class Model:
         threads: int = 0,
         allow_non_finite: bool = False,
         device: str = "cpu",
+        device_dtype: str = "f32",
     ) -> Model:
         """Loads a Hugging Face model folder (config.json, model.safetensors,
         tokenizer.json, ...) or a GGUF file.
 
         ``threads``: worker threads for this model's calls; 0 = one per CPU core.
+        ``device``: "cpu", "cuda" or "cuda:N"; ``device_dtype``: on CUDA, "f32" or
+        "bf16" storage of the matrices and KV cache (f32 accumulation).
         Raises FileNotFoundError / PermissionError / OSError, ModelFormatError,
         UnsupportedError, TokenizerError.
         """
@@ -210,7 +213,12 @@ class RewardModel:
     """A decoder with a scalar score head (``*ForSequenceClassification``, num_labels = 1)."""
 
     @staticmethod
-    def load(path: Union[str, PathLike[str]], threads: int = 0) -> RewardModel: ...
+    def load(
+        path: Union[str, PathLike[str]],
+        threads: int = 0,
+        device: str = "cpu",
+        device_dtype: str = "f32",
+    ) -> RewardModel: ...
     def score(self, sequences: Sequence[_TokenIds]) -> npt.NDArray[np.float32]:
         """The reward of each sequence, read at its last token."""
     def encode(self, text: str) -> list[int]: ...

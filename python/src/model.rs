@@ -110,9 +110,11 @@ pub(crate) fn load_model(
     threads: i64,
     allow_non_finite: bool,
     device: &str,
+    device_dtype: &str,
 ) -> PyResult<rlx::Model> {
     let threads = count(py, threads, "threads")?;
     let device: rlx::Device = device.parse().map_err(|e| to_py_err(py, e))?;
+    let device_dtype: rlx::DeviceDtype = device_dtype.parse().map_err(|e| to_py_err(py, e))?;
     py.detach(|| {
         rlx::Model::load(
             path,
@@ -120,6 +122,7 @@ pub(crate) fn load_model(
                 threads,
                 allow_non_finite,
                 device,
+                device_dtype,
                 ..Default::default()
             },
         )
@@ -134,17 +137,20 @@ impl PyModel {
     /// `threads`: worker threads for this model's calls; 0 = one per CPU core.
     /// `allow_non_finite`: accept weights holding NaN/inf (refused with ModelFormatError
     /// otherwise).
-    /// `device`: "cpu" (default), "cuda" or "cuda:N"; on CUDA, logits, log-probs and
-    /// generation run on the device (f32 weights; not yet verified on a GPU); a missing driver,
-    /// device, NVRTC or cuBLAS raises UnsupportedError, and so does training on such a model.
+    /// `device`: "cpu" (default), "cuda" or "cuda:N"; on CUDA, logits, log-probs, generation,
+    /// values and training (gradients and AdamW; not LoRA) run on the device (not yet verified
+    /// on a GPU); a missing driver, device, NVRTC or cuBLAS raises UnsupportedError.
+    /// `device_dtype`: on CUDA, "f32" (default) or "bf16" storage of the matrices and the KV
+    /// cache (f32 accumulation; a Trainer trains an f32 copy).
     #[staticmethod]
-    #[pyo3(signature = (path, threads = 0, allow_non_finite = false, device = "cpu"))]
+    #[pyo3(signature = (path, threads = 0, allow_non_finite = false, device = "cpu", device_dtype = "f32"))]
     fn load(
         py: Python<'_>,
         path: PathBuf,
         threads: i64,
         allow_non_finite: bool,
         device: &str,
+        device_dtype: &str,
     ) -> PyResult<Self> {
         Ok(PyModel::from_model(load_model(
             py,
@@ -152,6 +158,7 @@ impl PyModel {
             threads,
             allow_non_finite,
             device,
+            device_dtype,
         )?))
     }
 

@@ -83,10 +83,17 @@ pub struct PyRewardModel {
 #[pymethods]
 impl PyRewardModel {
     /// Loads a reward-model folder (an HF `*ForSequenceClassification` with num_labels = 1).
+    /// `device` / `device_dtype` as for `Model.load` (scores run on the device).
     #[staticmethod]
-    #[pyo3(signature = (path, threads = 0))]
-    fn load(py: Python<'_>, path: PathBuf, threads: i64) -> PyResult<Self> {
-        let inner = load_model(py, &path, threads, false, "cpu")?;
+    #[pyo3(signature = (path, threads = 0, device = "cpu", device_dtype = "f32"))]
+    fn load(
+        py: Python<'_>,
+        path: PathBuf,
+        threads: i64,
+        device: &str,
+        device_dtype: &str,
+    ) -> PyResult<Self> {
+        let inner = load_model(py, &path, threads, false, device, device_dtype)?;
         if inner.weights().score.is_none() {
             return Err(
                 Class::InvalidArgument.err(py, format!("{} has no score head", path.display()))

@@ -46,6 +46,40 @@ impl std::fmt::Display for Device {
     }
 }
 
+/// How a CUDA device stores a model: `f32` (the default: the CPU's f32 values, products
+/// through cuBLAS SGEMM), or `bf16`: the matrices (linear weights, embeddings, LM head) and
+/// the KV cache rounded to bf16 — half the device memory — with every product and softmax
+/// still accumulated in f32. A Trainer trains an f32 copy (f32 master weights and moments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for DeviceDtype {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<DeviceDtype> {
+        match s.trim() {
+            "f32" | "float32" => Ok(DeviceDtype::F32),
+            "bf16" | "bfloat16" => Ok(DeviceDtype::Bf16),
+            other => Err(Error::invalid(format!(
+                "unknown device dtype `{other}` (expected f32 or bf16)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceDtype::F32 => "f32",
+            DeviceDtype::Bf16 => "bf16",
+        })
+    }
+}
+
 impl Device {
     /// Ok when a model can run here. For `cuda:N` the driver and the device are checked, so
     /// the error says what is missing (NVRTC and cuBLAS are checked when the model is copied

@@ -57,18 +57,23 @@ pub struct LoadOptions {
     /// such tensor, instead of producing NaN log-probs later.
     pub allow_non_finite: bool,
     /// Where the model runs (`cpu` by default). With `cuda:N` (crate feature `cuda`) the
-    /// driver, device, NVRTC and cuBLAS are checked, the weights are copied to the device as
-    /// f32 (GGUF blocks are dequantized: `keep_quantized` does not apply), and `logits`,
-    /// `logprobs` and `generate` run there, as do the gradients of full fine-tuning (SFT, DPO,
-    /// GRPO; AdamW stays on the host, see [`Model::sync_device`]); LoRA and reward/value heads
-    /// return an error on such a model. The CUDA path has not yet been run on a GPU.
+    /// driver, device, NVRTC and cuBLAS are checked, the weights are copied to the device
+    /// (GGUF blocks are dequantized: `keep_quantized` does not apply; see `device_dtype`), and
+    /// `logits`, `logprobs`, `generate`, values and reward scores run there, as do training's
+    /// gradients and AdamW (a [`Trainer`](crate::train::Trainer) keeps its optimizer state on
+    /// the device); LoRA returns an error on such a model. The CUDA path has not yet been run
+    /// on a GPU.
     pub device: crate::backend::Device,
+    /// On a CUDA device: f32 (default) or bf16 storage of the matrices and the KV cache
+    /// ([`DeviceDtype`](crate::backend::DeviceDtype)). Must be f32 on the CPU.
+    pub device_dtype: crate::backend::DeviceDtype,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             device: crate::backend::Device::Cpu,
+            device_dtype: crate::backend::DeviceDtype::F32,
             threads: 0,
             keep_quantized: true,
             allow_non_finite: false,
@@ -105,6 +110,9 @@ pub struct Model {
     /// gradients then stay on the device (`Gradients::device`) for the device optimizer.
     #[cfg(feature = "cuda")]
     gradients_on_device: bool,
+    /// bf16 storage on the CUDA device (`LoadOptions::device_dtype`); a Trainer clears it.
+    #[cfg(feature = "cuda")]
+    cuda_bf16: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -142,7 +150,7 @@ impl Model {
             let keep_quantized = options.keep_quantized && options.device == Device::Cpu;
             let model = Self::load_gguf(dir, pool, keep_quantized)?;
             model.check_finite(&options)?;
-            return model.place(options.device);
+            return model.place(options.device, options.device_dtype);
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let load = || -> Result<ModelWeights> {
@@ -191,15 +199,22 @@ impl Model {
             cuda_stale: false,
             #[cfg(feature = "cuda")]
             gradients_on_device: false,
+            #[cfg(feature = "cuda")]
+            cuda_bf16: false,
         };
         model.check_finite(&options)?;
-        model.place(options.device)
+        model.place(options.device, options.device_dtype)
     }
 
     /// Copies the weights to `device` when it is a CUDA device (checked by
     /// `Device::check_usable` before loading).
-    fn place(self, device: Device) -> Result<Model> {
+    fn place(self, device: Device, dtype: crate::backend::DeviceDtype) -> Result<Model> {
+        let bf16 = dtype == crate::backend::DeviceDtype::Bf16;
         match device {
+            Device::Cpu if bf16 => Err(Error::invalid(
+                "device_dtype bf16 applies to CUDA devices; on the CPU, bf16 weights are kept \
+                 from a BF16 GGUF (keep_quantized)",
+            )),
             Device::Cpu => Ok(self),
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
@@ -208,9 +223,11 @@ impl Model {
                     &self.config,
                     &self.weights,
                     self.rope_inv_freq.as_deref(),
+                    bf16,
                 )?;
                 Ok(Model {
                     cuda: Some(Arc::new(gpu)),
+                    cuda_bf16: bf16,
                     ..self
                 })
             }
@@ -291,6 +308,7 @@ impl Model {
                             &self.config,
                             &self.weights,
                             self.rope_inv_freq.as_deref(),
+                            self.cuda_bf16,
                         )?;
                         *gpu = Arc::new(fresh);
                     }
@@ -320,6 +338,7 @@ impl Model {
         config: &ModelConfig,
         weights: &ModelWeights,
         rope_inv_freq: Option<&[f64]>,
+        bf16: bool,
     ) -> Result<Option<&'a mut crate::backend::cuda::CudaModel>> {
         let Some(gpu) = cuda.as_mut() else {
             return Ok(None);
@@ -330,6 +349,7 @@ impl Model {
                 config,
                 weights,
                 rope_inv_freq,
+                bf16,
             )?);
         }
         Ok(Arc::get_mut(gpu))
@@ -350,12 +370,34 @@ impl Model {
             &self.config,
             &self.weights,
             self.rope_inv_freq.as_deref(),
+            self.cuda_bf16,
         )?
         else {
             return Err(Error::Cuda("internal: a device step on a CPU model".into()));
         };
         gpu.adamw(moments, grads, step)?;
         gpu.download_weights(&mut self.weights)
+    }
+
+    /// Before training on a CUDA model loaded with bf16 storage: an f32 device copy of the
+    /// weights (the trained master weights; the KV cache becomes f32 too). Clones keep theirs.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn use_f32_device_weights(&mut self) -> Result<()> {
+        if !self.cuda_bf16 {
+            return Ok(());
+        }
+        self.cuda_bf16 = false;
+        if let Some(gpu) = self.cuda.as_mut() {
+            *gpu = Arc::new(crate::backend::cuda::CudaModel::new(
+                gpu.ordinal(),
+                &self.config,
+                &self.weights,
+                self.rope_inv_freq.as_deref(),
+                false,
+            )?);
+            self.cuda_stale = false;
+        }
+        Ok(())
     }
 
     /// The host tensors the device does not hold (score and value heads) for the Trainer's
@@ -437,6 +479,8 @@ impl Model {
             cuda_stale: false,
             #[cfg(feature = "cuda")]
             gradients_on_device: false,
+            #[cfg(feature = "cuda")]
+            cuda_bf16: false,
         })
     }
 

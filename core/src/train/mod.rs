@@ -178,6 +178,8 @@ impl Trainer {
             .iter()
             .map(|(n, t, _)| (n.clone(), t.as_slice().len()))
             .unzip();
+        #[cfg(feature = "cuda")]
+        model.use_f32_device_weights()?;
         model.sync_device()?;
         #[cfg(feature = "cuda")]
         let device = match model.cuda()? {

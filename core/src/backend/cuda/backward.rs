@@ -39,7 +39,7 @@ use super::super::cuda_error;
 use super::super::gpu::{
     driver, elementwise, function, int, load_module, long, need, per_row, Gpu, NULL, ROW_THREADS,
 };
-use super::{CudaModel, DLinear, DMlp, DNorm, LOGIT_ROWS};
+use super::{CudaModel, DLinear, DMat, DMlp, DNorm, LOGIT_ROWS};
 use crate::backend::cpu::simd::dot;
 
 // The optimizer on the device: a child module, so it reaches the gradients' and weights'
@@ -918,6 +918,26 @@ impl Gpu {
             .map_err(driver("copying from the device"))
     }
 
+    /// Overwrites a matrix with host f32 values in its own storage (bf16 rounded to nearest
+    /// even); same length, checked.
+    fn store_mat(&self, dst: &mut DMat, src: &[f32], what: &str) -> Result<()> {
+        match dst {
+            DMat::F32(d) => self.store(d, src, what),
+            DMat::Bf16(d) => {
+                if d.len() != src.len() {
+                    return Err(cuda_error(format!(
+                        "{what}: the host tensor has {} values, the device copy {}",
+                        src.len(),
+                        d.len()
+                    )));
+                }
+                self.stream
+                    .memcpy_htod(&super::bf16_bits(src), d)
+                    .map_err(driver("copying to the device"))
+            }
+        }
+    }
+
     /// Overwrites `dst` with `src` (same length, checked).
     fn store(&self, dst: &mut CudaSlice<f32>, src: &[f32], what: &str) -> Result<()> {
         if src.is_empty() && dst.len() == 1 {
@@ -968,14 +988,14 @@ impl CudaModel {
         let g = &self.gpu;
         let w = &mut self.w;
         let tensor =
-            |dst: &mut CudaSlice<f32>, src: &Tensor, what: &str| g.store(dst, src.as_slice(), what);
+            |dst: &mut DMat, src: &Tensor, what: &str| g.store_mat(dst, src.as_slice(), what);
         let linear = |dst: &mut DLinear, src: &Linear, what: &str| -> Result<()> {
             if src.lora.is_some() {
                 return Err(cuda_error(format!(
                     "{what} carries a LoRA adapter; LoRA is not supported on cuda yet"
                 )));
             }
-            g.store(&mut dst.w, src.w.as_slice(), what)?;
+            g.store_mat(&mut dst.w, src.w.as_slice(), what)?;
             match (&mut dst.b, &src.b) {
                 (Some(d), Some(s)) => g.store(d, s.as_slice(), what),
                 (None, None) => Ok(()),
@@ -1117,7 +1137,7 @@ impl CudaModel {
         accumulate: bool,
     ) -> Result<()> {
         let g = &self.gpu;
-        g.linear_dx(dx, dy, &lin.w, t, lin.n, lin.k, accumulate)?;
+        g.linear_dx(dx, dy, lin.w.f32()?, t, lin.n, lin.k, accumulate)?;
         g.linear_dw(&mut grad.w, dy, x, t, lin.n, lin.k)?;
         if let Some(db) = grad.b.as_mut() {
             g.bias_grad(db, dy, ones, t, lin.n)?;
@@ -1422,7 +1442,7 @@ impl CudaModel {
         let hf = &taped.nf.y;
 
         // Pass 1: log-probs, log-sum-exps and entropies of every row, in chunks.
-        let head = self.w.lm_head.as_ref().unwrap_or(&self.w.tok_emb);
+        let head = self.w.lm_head.as_ref().unwrap_or(&self.w.tok_emb).f32()?;
         let chunk = LOGIT_ROWS.min(t);
         let mut logits = g.zeros::<f32>(chunk * v)?;
         let mut chunks = Vec::new();

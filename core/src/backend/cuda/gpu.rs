@@ -15,7 +15,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use super::model::{KvBuf, KV_BLOCK};
+use super::model::{DMat, KvBuf, KV_BLOCK};
 use super::{compile, cuda_error};
 use crate::error::{Error, Result};
 
@@ -26,6 +26,10 @@ pub(super) const ROW_THREADS: u32 = 256;
 const DECODE_THREADS: u32 = 128;
 /// `sample_rows` sizes its shared arrays for 1024 threads.
 const SAMPLE_THREADS: u32 = 1024;
+/// Rows of x and of W per block of `matmul_bf16w` (`MM_BT`, `MM_BN` in matmul.cu).
+const MATMUL_TILE: usize = 64;
+/// `matmul_bf16w`'s 16 × 16 threads, each owning 4 × 4 outputs.
+const MATMUL_THREADS: u32 = 256;
 /// Threads per block of the elementwise (grid-stride) kernels.
 const ELEMENT_THREADS: u32 = 256;
 
@@ -104,6 +108,8 @@ pub(crate) fn arch_for(major: i32, minor: i32) -> Result<&'static str> {
 /// The kernels the model forward and generation launch.
 struct Kernels {
     embedding_fwd_f32: CudaFunction,
+    embedding_fwd_bf16: CudaFunction,
+    matmul_bf16w: CudaFunction,
     rmsnorm_fwd: CudaFunction,
     layernorm_fwd: CudaFunction,
     rope_fwd: CudaFunction,
@@ -189,8 +195,11 @@ impl Gpu {
         let logsoftmax = load_module(&ctx, arch, "logsoftmax")?;
         let sampling = load_module(&ctx, arch, "sampling")?;
         let reduce = load_module(&ctx, arch, "reduce")?;
+        let matmul = load_module(&ctx, arch, "matmul")?;
         let k = Kernels {
             embedding_fwd_f32: function(&embedding, "embedding_fwd_f32")?,
+            embedding_fwd_bf16: function(&embedding, "embedding_fwd_bf16")?,
+            matmul_bf16w: function(&matmul, "matmul_bf16w")?,
             rmsnorm_fwd: function(&norm, "rmsnorm_fwd")?,
             layernorm_fwd: function(&norm, "layernorm_fwd")?,
             rope_fwd: function(&rope, "rope_fwd")?,
@@ -351,6 +360,64 @@ impl Gpu {
             .map_err(|e| cuda_error(format!("cuBLAS SGEMM ({t}×{k} · {n}×{k}ᵀ): {e:?}")))
     }
 
+    /// `out[T, N] = x[T, K] · W[N, K]ᵀ` for either storage of W: cuBLAS SGEMM for f32,
+    /// `matmul_bf16w` (f32 activations, bf16 weights widened in shared memory, f32 sums) for
+    /// bf16.
+    pub(crate) fn matmul<X, O>(
+        &self,
+        out: &mut O,
+        x: &X,
+        w: &DMat,
+        t: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()>
+    where
+        X: DevicePtr<f32>,
+        O: DevicePtrMut<f32>,
+    {
+        let w = match w {
+            DMat::F32(w) => return self.gemm(out, x, w, t, n, k),
+            DMat::Bf16(w) => w,
+        };
+        if t == 0 || n == 0 || k == 0 {
+            return Ok(());
+        }
+        need(x, t * k, "matmul x")?;
+        need(w, n * k, "matmul w")?;
+        need(out, t * n, "matmul out")?;
+        let (t_arg, n_arg, k_arg) = (
+            int(t, "matmul t")?,
+            int(n, "matmul n")?,
+            int(k, "matmul k")?,
+        );
+        let grid_y = u32::try_from(t.div_ceil(MATMUL_TILE))
+            .ok()
+            .filter(|&g| g <= 65_535)
+            .ok_or_else(|| cuda_error(format!("matmul of {t} rows exceeds the grid")))?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(MATMUL_TILE) as u32, grid_y, 1),
+            block_dim: (MATMUL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // x and out may be views (`try_slice`): passed as their device addresses.
+        let (x_ptr, _x_sync) = x.device_ptr(&self.stream);
+        let (out_ptr, _out_sync) = out.device_ptr_mut(&self.stream);
+        let mut l = self.stream.launch_builder(&self.k.matmul_bf16w);
+        l.arg(&x_ptr)
+            .arg(w)
+            .arg(&out_ptr)
+            .arg(&t_arg)
+            .arg(&n_arg)
+            .arg(&k_arg);
+        // SAFETY: matmul_bf16w(const float* x, const bf16_t* w, float* y, int T, int N, int K);
+        // x holds T·K values, w N·K, y T·N (checked); grid (⌈N/64⌉, ⌈T/64⌉) of 256 threads, the
+        // tile sizes the kernel assumes; every access is bounds-checked in the kernel.
+        unsafe { l.launch(cfg) }
+            .map(drop)
+            .map_err(driver("matmul_bf16w"))
+    }
+
     /// `y[r, j] += b[j]` for `rows` rows of `n`.
     pub(crate) fn add_bias(
         &self,
@@ -390,8 +457,8 @@ impl Gpu {
     pub(crate) fn embed(
         &self,
         out: &mut CudaSlice<f32>,
-        table: &CudaSlice<f32>,
-        pos: Option<&CudaSlice<f32>>,
+        table: &DMat,
+        pos: Option<&DMat>,
         ids: &CudaSlice<i32>,
         positions: &CudaSlice<i32>,
         n_tokens: usize,
@@ -401,19 +468,34 @@ impl Gpu {
         need(ids, n_tokens, "ids")?;
         need(positions, n_tokens, "positions")?;
         let (t_arg, d_arg) = (int(n_tokens, "tokens")?, int(dim, "hidden size")?);
-        let mut l = self.stream.launch_builder(&self.k.embedding_fwd_f32);
-        l.arg(table);
+        let mixed = || cuda_error("internal: token and position tables of different types");
+        let (f, name) = match (table, pos) {
+            (DMat::F32(_), None | Some(DMat::F32(_))) => {
+                (&self.k.embedding_fwd_f32, "embedding_fwd_f32")
+            }
+            (DMat::Bf16(_), None | Some(DMat::Bf16(_))) => {
+                (&self.k.embedding_fwd_bf16, "embedding_fwd_bf16")
+            }
+            _ => return Err(mixed()),
+        };
+        let mut l = self.stream.launch_builder(f);
+        match table {
+            DMat::F32(t) => l.arg(t),
+            DMat::Bf16(t) => l.arg(t),
+        };
         match pos {
-            Some(p) => l.arg(p),
+            Some(DMat::F32(p)) => l.arg(p),
+            Some(DMat::Bf16(p)) => l.arg(p),
             None => l.arg(&NULL),
         };
         l.arg(ids).arg(positions).arg(out).arg(&t_arg).arg(&d_arg);
-        // SAFETY: embedding_fwd_f32(const float* table, const float* pos (nullable),
-        // const int* ids, const int* positions, float* out, int n_tokens, int dim); one block
-        // per token; ids < vocab and positions < rows of pos were checked by the caller.
+        // SAFETY: embedding_fwd_{f32,bf16}(const T* table, const T* pos (nullable),
+        // const int* ids, const int* positions, float* out, int n_tokens, int dim) with T
+        // matching both tables (checked above); one block per token; ids < vocab and
+        // positions < rows of pos were checked by the caller.
         unsafe { l.launch(per_row(n_tokens, ROW_THREADS)) }
             .map(drop)
-            .map_err(driver("embedding_fwd_f32"))
+            .map_err(driver(name))
     }
 
     /// RMSNorm of `rows` rows of `dim`: `y = x / rms(x) · w`.

@@ -51,9 +51,46 @@ const PACK_TOKENS: usize = 2048;
 /// LM-head rows per chunk when scoring: bounds the logits buffer to `LOGIT_ROWS × V`.
 const LOGIT_ROWS: usize = 256;
 
+/// A weight matrix on the device: f32, or bf16 (raw 16-bit patterns, `device_dtype` bf16).
+pub(super) enum DMat {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+impl DMat {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            DMat::F32(b) => b.len(),
+            DMat::Bf16(b) => b.len(),
+        }
+    }
+
+    /// The f32 values, which training needs (a Trainer's model is always f32 on the device).
+    pub(super) fn f32(&self) -> Result<&CudaSlice<f32>> {
+        match self {
+            DMat::F32(b) => Ok(b),
+            DMat::Bf16(_) => Err(bf16_no_gradients()),
+        }
+    }
+
+    pub(super) fn f32_mut(&mut self) -> Result<&mut CudaSlice<f32>> {
+        match self {
+            DMat::F32(b) => Ok(b),
+            DMat::Bf16(_) => Err(bf16_no_gradients()),
+        }
+    }
+}
+
+fn bf16_no_gradients() -> Error {
+    cuda_error(
+        "gradients need the f32 weights on the device: this model was loaded with \
+         device_dtype bf16 (a Trainer trains an f32 copy)",
+    )
+}
+
 struct DLinear {
     /// `[n, k]` row-major (out, in).
-    w: CudaSlice<f32>,
+    w: DMat,
     b: Option<CudaSlice<f32>>,
     n: usize,
     k: usize,
@@ -92,12 +129,13 @@ struct DLayer {
 }
 
 struct DWeights {
-    tok_emb: CudaSlice<f32>,
-    pos_emb: Option<CudaSlice<f32>>,
+    tok_emb: DMat,
+    /// The same type as `tok_emb` (the embedding kernel reads both).
+    pos_emb: Option<DMat>,
     layers: Vec<DLayer>,
     final_norm: DNorm,
     /// `None`: tied to `tok_emb` (or absent: see `has_lm_head`).
-    lm_head: Option<CudaSlice<f32>>,
+    lm_head: Option<DMat>,
 }
 
 /// Positions per block of the paged KV cache.
@@ -267,7 +305,24 @@ fn upload_tensor(gpu: &Gpu, t: &Tensor) -> Result<CudaSlice<f32>> {
     gpu.upload(t.as_slice())
 }
 
-fn upload_linear(gpu: &Gpu, lin: &Linear, name: &str) -> Result<DLinear> {
+/// The f32 values as bf16 bit patterns (round to nearest even).
+pub(super) fn bf16_bits(values: &[f32]) -> Vec<u16> {
+    values
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_bits())
+        .collect()
+}
+
+/// A matrix (or embedding table) in the model's device storage.
+pub(super) fn upload_matrix(gpu: &Gpu, values: &[f32], bf16: bool) -> Result<DMat> {
+    Ok(if bf16 {
+        DMat::Bf16(gpu.upload(&bf16_bits(values))?)
+    } else {
+        DMat::F32(gpu.upload(values)?)
+    })
+}
+
+fn upload_linear(gpu: &Gpu, lin: &Linear, name: &str, bf16: bool) -> Result<DLinear> {
     if lin.lora.is_some() {
         return Err(cuda_error(format!(
             "{name} carries a LoRA adapter; LoRA is not supported on cuda yet"
@@ -285,7 +340,7 @@ fn upload_linear(gpu: &Gpu, lin: &Linear, name: &str) -> Result<DLinear> {
     int(n, name)?;
     int(k, name)?;
     Ok(DLinear {
-        w: upload_tensor(gpu, &lin.w)?,
+        w: upload_matrix(gpu, lin.w.as_slice(), bf16)?,
         b: match &lin.b {
             Some(b) => Some(upload_tensor(gpu, b)?),
             None => None,
@@ -307,40 +362,40 @@ fn upload_norm(gpu: &Gpu, norm: &Norm) -> Result<DNorm> {
     })
 }
 
-fn upload_weights(gpu: &Gpu, w: &ModelWeights) -> Result<DWeights> {
+fn upload_weights(gpu: &Gpu, w: &ModelWeights, bf16: bool) -> Result<DWeights> {
     let mut layers = Vec::with_capacity(w.layers.len());
     for (i, l) in w.layers.iter().enumerate() {
         let name = |n: &str| format!("layers.{i}.{n}");
         layers.push(DLayer {
             attn_norm: upload_norm(gpu, &l.attn_norm)?,
-            q: upload_linear(gpu, &l.q, &name("q"))?,
-            k: upload_linear(gpu, &l.k, &name("k"))?,
-            v: upload_linear(gpu, &l.v, &name("v"))?,
-            o: upload_linear(gpu, &l.o, &name("o"))?,
+            q: upload_linear(gpu, &l.q, &name("q"), bf16)?,
+            k: upload_linear(gpu, &l.k, &name("k"), bf16)?,
+            v: upload_linear(gpu, &l.v, &name("v"), bf16)?,
+            o: upload_linear(gpu, &l.o, &name("o"), bf16)?,
             mlp_norm: upload_norm(gpu, &l.mlp_norm)?,
             mlp: match &l.mlp {
                 Mlp::Gelu { fc, proj } => DMlp::Gelu {
-                    fc: upload_linear(gpu, fc, &name("mlp.fc"))?,
-                    proj: upload_linear(gpu, proj, &name("mlp.proj"))?,
+                    fc: upload_linear(gpu, fc, &name("mlp.fc"), bf16)?,
+                    proj: upload_linear(gpu, proj, &name("mlp.proj"), bf16)?,
                 },
                 Mlp::SwiGlu { gate, up, down } => DMlp::SwiGlu {
-                    gate: upload_linear(gpu, gate, &name("mlp.gate"))?,
-                    up: upload_linear(gpu, up, &name("mlp.up"))?,
-                    down: upload_linear(gpu, down, &name("mlp.down"))?,
+                    gate: upload_linear(gpu, gate, &name("mlp.gate"), bf16)?,
+                    up: upload_linear(gpu, up, &name("mlp.up"), bf16)?,
+                    down: upload_linear(gpu, down, &name("mlp.down"), bf16)?,
                 },
             },
         });
     }
     Ok(DWeights {
-        tok_emb: upload_tensor(gpu, &w.tok_emb)?,
+        tok_emb: upload_matrix(gpu, w.tok_emb.as_slice(), bf16)?,
         pos_emb: match &w.pos_emb {
-            Some(p) => Some(upload_tensor(gpu, p)?),
+            Some(p) => Some(upload_matrix(gpu, p.as_slice(), bf16)?),
             None => None,
         },
         layers,
         final_norm: upload_norm(gpu, &w.final_norm)?,
         lm_head: match &w.lm_head {
-            Some(h) => Some(upload_tensor(gpu, h)?),
+            Some(h) => Some(upload_matrix(gpu, h.as_slice(), bf16)?),
             None => None,
         },
     })
@@ -354,6 +409,7 @@ impl CudaModel {
         cfg: &ModelConfig,
         weights: &ModelWeights,
         inv_freq: Option<&[f64]>,
+        bf16: bool,
     ) -> Result<CudaModel> {
         if cfg.head_dim > 256
             || cfg.num_kv_heads == 0
@@ -376,7 +432,7 @@ impl CudaModel {
         }
         let gpu = Gpu::new(ordinal)?;
         gpu.bind()?;
-        let w = upload_weights(&gpu, weights)?;
+        let w = upload_weights(&gpu, weights, bf16)?;
         let inv_freq = match inv_freq {
             Some(f) => {
                 let f32s: Vec<f32> = f.iter().map(|&v| v as f32).collect();
@@ -394,7 +450,7 @@ impl CudaModel {
             lock: Mutex::new(()),
             bwd: std::sync::OnceLock::new(),
             optim: std::sync::OnceLock::new(),
-            bf16: false,
+            bf16,
         })
     }
 
@@ -478,7 +534,7 @@ impl CudaModel {
         lin: &DLinear,
         t: usize,
     ) -> Result<()> {
-        self.gpu.gemm(out, x, &lin.w, t, lin.n, lin.k)?;
+        self.gpu.matmul(out, x, &lin.w, t, lin.n, lin.k)?;
         if let Some(b) = &lin.b {
             self.gpu.add_bias(out, b, t, lin.n)?;
         }
@@ -604,7 +660,7 @@ impl CudaModel {
         let x = h
             .try_slice(r0 * c..(r0 + rows) * c)
             .ok_or_else(|| cuda_error("internal: LM head rows out of range"))?;
-        self.gpu.gemm(logits, &x, head, rows, v, c)
+        self.gpu.matmul(logits, &x, head, rows, v, c)
     }
 
     /// Full logits `[T, V]` of one sequence (the caller checked the tokens).

@@ -149,15 +149,18 @@ impl DGrads {
 
 impl DWeights {
     /// Every tensor with its weight-decay flag, in `ModelWeights::params_mut` order (decay on
-    /// linear weights and an untied LM head, as there).
-    fn flat_mut(&mut self) -> Vec<(&mut CudaSlice<f32>, bool)> {
-        fn lin<'a>(l: &'a mut DLinear, out: &mut Vec<(&'a mut CudaSlice<f32>, bool)>) {
-            out.push((&mut l.w, true));
+    /// linear weights and an untied LM head, as there). The optimizer needs f32 storage (a
+    /// Trainer's device copy always is).
+    fn flat_mut(&mut self) -> Result<Vec<(&mut CudaSlice<f32>, bool)>> {
+        type Out<'a> = Vec<(&'a mut CudaSlice<f32>, bool)>;
+        fn lin<'a>(l: &'a mut DLinear, out: &mut Out<'a>) -> Result<()> {
+            out.push((l.w.f32_mut()?, true));
             if let Some(b) = l.b.as_mut() {
                 out.push((b, false));
             }
+            Ok(())
         }
-        fn norm<'a>(n: &'a mut DNorm, out: &mut Vec<(&'a mut CudaSlice<f32>, bool)>) {
+        fn norm<'a>(n: &'a mut DNorm, out: &mut Out<'a>) {
             match n {
                 DNorm::Rms { w } => out.push((w, false)),
                 DNorm::Layer { w, b } => {
@@ -166,33 +169,33 @@ impl DWeights {
                 }
             }
         }
-        let mut out = vec![(&mut self.tok_emb, false)];
+        let mut out: Out<'_> = vec![(self.tok_emb.f32_mut()?, false)];
         if let Some(p) = self.pos_emb.as_mut() {
-            out.push((p, false));
+            out.push((p.f32_mut()?, false));
         }
         for l in &mut self.layers {
             norm(&mut l.attn_norm, &mut out);
             for g in [&mut l.q, &mut l.k, &mut l.v, &mut l.o] {
-                lin(g, &mut out);
+                lin(g, &mut out)?;
             }
             norm(&mut l.mlp_norm, &mut out);
             match &mut l.mlp {
                 DMlp::Gelu { fc, proj } => {
-                    lin(fc, &mut out);
-                    lin(proj, &mut out);
+                    lin(fc, &mut out)?;
+                    lin(proj, &mut out)?;
                 }
                 DMlp::SwiGlu { gate, up, down } => {
-                    lin(gate, &mut out);
-                    lin(up, &mut out);
-                    lin(down, &mut out);
+                    lin(gate, &mut out)?;
+                    lin(up, &mut out)?;
+                    lin(down, &mut out)?;
                 }
             }
         }
         norm(&mut self.final_norm, &mut out);
         if let Some(h) = self.lm_head.as_mut() {
-            out.push((h, true));
+            out.push((h.f32_mut()?, true));
         }
-        out
+        Ok(out)
     }
 }
 
@@ -322,7 +325,7 @@ impl CudaModel {
             .get()
             .ok_or_else(|| cuda_error("internal: optimizer kernels not kept"))?;
         let stream = self.gpu.stream.clone();
-        let params = self.w.flat_mut();
+        let params = self.w.flat_mut()?;
         let (ms, vs, gs) = (moments.m.flat_mut(), moments.v.flat_mut(), g.0.flat());
         if params.len() != gs.len() || ms.len() != gs.len() || vs.len() != gs.len() {
             return Err(cuda_error(
@@ -370,7 +373,7 @@ impl CudaModel {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.gpu.bind()?;
         let g = &self.gpu;
-        let src = self.w.flat_mut();
+        let src = self.w.flat_mut()?;
         let mut dst = weights.named_params_mut();
         if dst.len() < src.len() {
             return Err(cuda_error("internal: the host model lost tensors"));
