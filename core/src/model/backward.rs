@@ -202,6 +202,22 @@ impl Gradients {
         }
     }
 
+    /// Only the score and value heads' gradients (the rest empty): the host part of
+    /// gradients whose other tensors stay on a CUDA device.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn heads_only(model: &Model) -> Self {
+        let mut g = Self::zeros_with(model, true);
+        for l in &mut g.layers {
+            for lin in [&mut l.q, &mut l.k, &mut l.v, &mut l.o]
+                .into_iter()
+                .chain(l.mlp.iter_mut())
+            {
+                lin.lora = None;
+            }
+        }
+        g
+    }
+
     /// True when the embedding, norms, linear weights and LM head get no gradient (LoRA).
     pub fn base_frozen(&self) -> bool {
         #[cfg(feature = "cuda")]
@@ -458,10 +474,6 @@ impl Model {
         masks: &[Vec<bool>],
         objective: &mut TokenObjective<'_>,
     ) -> Result<(f64, Gradients)> {
-        #[cfg(feature = "cuda")]
-        self.require_cuda_trainable()?;
-        #[cfg(not(feature = "cuda"))]
-        self.require_cpu("training (gradients)")?;
         if sequences.is_empty() {
             return Err(Error::invalid("empty batch"));
         }

@@ -224,7 +224,6 @@ impl Model {
     /// Attaches fresh LoRA adapters (`A` Kaiming-uniform as PEFT draws it, `B = 0`) and freezes
     /// the base weights. Errors leave the model unchanged.
     pub fn attach_lora(&mut self, config: &LoraConfig) -> Result<()> {
-        self.require_cpu("LoRA")?;
         if self.weights().lora.is_some() {
             return Err(Error::invalid("this model already has LoRA adapters"));
         }
@@ -271,13 +270,16 @@ impl Model {
     pub fn without_lora(&self) -> Model {
         let mut reference = self.clone();
         strip(&mut reference);
+        // On CUDA the clone gets its own device copy without adapters. Should that upload
+        // fail (device memory), the copy stays marked stale: its CUDA calls then return an
+        // error saying so (`Model::sync_device` retries), never the adapted weights.
+        let _ = reference.sync_device();
         reference
     }
 
     /// Folds every adapter into its base weight (`W += s·B·A`) and removes the adapters, for
     /// export as a plain model.
     pub fn merge_lora(&mut self) -> Result<()> {
-        self.require_cpu("LoRA")?;
         if self.weights().lora.is_none() {
             return Err(Error::invalid("this model has no LoRA adapters to merge"));
         }
@@ -358,7 +360,6 @@ impl Model {
     /// `adapter_model.safetensors`) saved for this architecture. Errors leave the model
     /// unchanged.
     pub fn load_lora_adapter(&mut self, dir: &Path) -> Result<()> {
-        self.require_cpu("LoRA")?;
         if self.weights().lora.is_some() {
             return Err(Error::invalid("this model already has LoRA adapters"));
         }

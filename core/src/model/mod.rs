@@ -263,34 +263,6 @@ impl Model {
         }
     }
 
-    /// An error naming `what` when this model runs on CUDA, where only inference (logits,
-    /// log-probs, generation) is built.
-    pub(crate) fn require_cpu(&self, what: &str) -> Result<()> {
-        match self.device() {
-            Device::Cpu => Ok(()),
-            Device::Cuda(n) => Err(Error::Cuda(format!(
-                "{what} is not supported on cuda yet (this model is loaded on cuda:{n}); load \
-                 it on cpu"
-            ))),
-        }
-    }
-
-    /// On a CUDA model, refuses what the device backward does not build: LoRA adapters (a
-    /// frozen base). Score and value heads train (they run on the host, see `reward.rs`).
-    #[cfg(feature = "cuda")]
-    pub(crate) fn require_cuda_trainable(&self) -> Result<()> {
-        let Device::Cuda(n) = self.device() else {
-            return Ok(());
-        };
-        if !self.weights.base_frozen() {
-            return Ok(());
-        }
-        Err(Error::Cuda(format!(
-            "LoRA training is not supported on cuda yet (this model is loaded on cuda:{n}); \
-             load it on cpu"
-        )))
-    }
-
     /// Copies the host weights to the device after they changed (an optimizer step, any
     /// `weights_mut` use), so CUDA calls run again; nothing to do on the CPU or when nothing
     /// changed. The device copy is overwritten in place when this model alone holds it;

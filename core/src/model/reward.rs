@@ -177,8 +177,6 @@ impl Model {
         rejected: &[S],
         margin: f32,
     ) -> Result<(PairStats, Gradients)> {
-        #[cfg(feature = "cuda")]
-        self.require_cuda_trainable()?;
         if chosen.is_empty() || chosen.len() != rejected.len() {
             return Err(Error::invalid(format!(
                 "{} chosen and {} rejected sequences: need equal, non-zero counts",

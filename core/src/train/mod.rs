@@ -163,11 +163,9 @@ struct Pending {
 
 impl Trainer {
     pub fn new(mut model: Model, config: TrainConfig) -> Result<Self> {
-        // On CUDA: gradients, the gradient norm and AdamW on the device for the backbone
-        // (full fine-tuning only), the new weights copied to the host after each step; score
-        // and value heads on the host.
-        #[cfg(feature = "cuda")]
-        model.require_cuda_trainable()?;
+        // On CUDA: gradients, the gradient norm and AdamW on the device for every tensor the
+        // device holds (the backbone, or the LoRA adapters), the new values copied to the host
+        // after each step; score and value heads on the host.
         config.validate()?;
         // Gradients and updates are f32; a model loaded with quantized blocks trains on their
         // f32 values.

@@ -193,13 +193,17 @@ struct LayerTape {
     act: CudaSlice<f32>,
 }
 
+/// A linear map's gradients: the base weight and bias (`None` when the base is frozen under
+/// LoRA, or for an absent bias) and the adapter's `A`, `B`.
 struct GLinear {
-    w: CudaSlice<f32>,
+    w: Option<CudaSlice<f32>>,
     b: Option<CudaSlice<f32>>,
+    lora: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
 }
 
+/// A norm's gradients (`None` when the base is frozen; `b` for LayerNorm only).
 struct GNorm {
-    w: CudaSlice<f32>,
+    w: Option<CudaSlice<f32>>,
     b: Option<CudaSlice<f32>>,
 }
 
@@ -214,9 +218,10 @@ struct GLayer {
     mlp: Vec<GLinear>,
 }
 
-/// Every parameter's gradient on the device (zeroed, then accumulated).
+/// Every trainable parameter's gradient on the device (zeroed, then accumulated). With LoRA
+/// adapters the base is frozen: only the adapters' gradients exist.
 struct DGrads {
-    tok_emb: CudaSlice<f32>,
+    tok_emb: Option<CudaSlice<f32>>,
     pos_emb: Option<CudaSlice<f32>>,
     layers: Vec<GLayer>,
     final_norm: GNorm,
@@ -350,6 +355,24 @@ impl Gpu {
         B: DevicePtr<f32>,
         C: DevicePtrMut<f32>,
     {
+        self.sgemm_scaled(s, a, b, c, 1.0, beta)
+    }
+
+    /// Column-major SGEMM `C = alpha · op(A) · op(B) + beta · C` of shape `s`.
+    fn sgemm_scaled<A, B, C>(
+        &self,
+        s: GemmShape,
+        a: &A,
+        b: &B,
+        c: &mut C,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()>
+    where
+        A: DevicePtr<f32>,
+        B: DevicePtr<f32>,
+        C: DevicePtrMut<f32>,
+    {
         if s.m == 0 || s.n == 0 || s.k == 0 {
             return Ok(());
         }
@@ -370,7 +393,7 @@ impl Gpu {
             m: int(s.m, "gemm m")?,
             n: int(s.n, "gemm n")?,
             k: int(s.k, "gemm k")?,
-            alpha: 1.0f32,
+            alpha,
             lda: int(s.lda, "gemm lda")?,
             ldb: int(s.ldb, "gemm ldb")?,
             beta,
@@ -504,7 +527,7 @@ impl Gpu {
         &self,
         k: &Kernels,
         dx: &mut CudaSlice<f32>,
-        dw: &mut CudaSlice<f32>,
+        dw: Option<&mut CudaSlice<f32>>,
         dy: &CudaSlice<f32>,
         x: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
@@ -517,20 +540,21 @@ impl Gpu {
         }
         need(rstd, rows, "rstd")?;
         need(dx, rows * dim, "dx")?;
-        need(dw, dim, "dw")?;
+        if let Some(dw) = &dw {
+            need(*dw, dim, "dw")?;
+        }
         let (r_arg, d_arg) = (int(rows, "rows")?, int(dim, "hidden size")?);
         let mut l = self.stream.launch_builder(&k.rmsnorm_bwd);
-        l.arg(x)
-            .arg(w)
-            .arg(rstd)
-            .arg(dy)
-            .arg(dx)
-            .arg(dw)
-            .arg(&r_arg)
-            .arg(&d_arg);
+        l.arg(x).arg(w).arg(rstd).arg(dy).arg(dx);
+        match dw {
+            Some(dw) => l.arg(dw),
+            None => l.arg(&NULL),
+        };
+        l.arg(&r_arg).arg(&d_arg);
         // SAFETY: rmsnorm_bwd(const float* x, const float* w, const float* rstd,
-        // const float* dy, float* dx, float* dw, int rows, int dim); one block of 256 threads
-        // per row (its block reduction needs a multiple of 32); sizes checked above.
+        // const float* dy, float* dx, float* dw (nullable), int rows, int dim); one block of
+        // 256 threads per row (its block reduction needs a multiple of 32); sizes checked
+        // above.
         unsafe { l.launch(per_row(rows, ROW_THREADS)) }
             .map(drop)
             .map_err(driver("rmsnorm_bwd"))
@@ -542,7 +566,7 @@ impl Gpu {
         &self,
         k: &Kernels,
         dx: &mut CudaSlice<f32>,
-        (dw, db): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        dwb: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
         dy: &CudaSlice<f32>,
         x: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
@@ -556,23 +580,22 @@ impl Gpu {
         need(mean, rows, "mean")?;
         need(rstd, rows, "rstd")?;
         need(dx, rows * dim, "dx")?;
-        need(dw, dim, "dw")?;
-        need(db, dim, "db")?;
+        if let Some((dw, db)) = &dwb {
+            need(*dw, dim, "dw")?;
+            need(*db, dim, "db")?;
+        }
         let (r_arg, d_arg) = (int(rows, "rows")?, int(dim, "hidden size")?);
         let mut l = self.stream.launch_builder(&k.layernorm_bwd);
-        l.arg(x)
-            .arg(w)
-            .arg(mean)
-            .arg(rstd)
-            .arg(dy)
-            .arg(dx)
-            .arg(dw)
-            .arg(db)
-            .arg(&r_arg)
-            .arg(&d_arg);
+        l.arg(x).arg(w).arg(mean).arg(rstd).arg(dy).arg(dx);
+        match dwb {
+            Some((dw, db)) => l.arg(dw).arg(db),
+            None => l.arg(&NULL).arg(&NULL),
+        };
+        l.arg(&r_arg).arg(&d_arg);
         // SAFETY: layernorm_bwd(const float* x, const float* w, const float* mean_in,
-        // const float* rstd_in, const float* dy, float* dx, float* dw, float* db, int rows,
-        // int dim); one block of 256 threads per row; sizes checked above.
+        // const float* rstd_in, const float* dy, float* dx, float* dw, float* db (both
+        // nullable), int rows, int dim); one block of 256 threads per row; sizes checked
+        // above.
         unsafe { l.launch(per_row(rows, ROW_THREADS)) }
             .map(drop)
             .map_err(driver("layernorm_bwd"))
@@ -980,8 +1003,9 @@ impl CudaModel {
             .ok_or_else(|| cuda_error("internal: backward kernels not kept"))
     }
 
-    /// Copies the host weights (changed by an optimizer step) over the device copy in place.
-    /// Shapes must be those uploaded at load; LoRA adapters are refused.
+    /// Copies the host weights (changed on the host: `weights_mut`) over the device copy in
+    /// place. Shapes must be those uploaded at load; LoRA adapters are uploaded, updated or
+    /// dropped as the host has them.
     pub(crate) fn refresh(&mut self, weights: &ModelWeights) -> Result<()> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.gpu.bind()?;
@@ -990,10 +1014,15 @@ impl CudaModel {
         let tensor =
             |dst: &mut DMat, src: &Tensor, what: &str| g.store_mat(dst, src.as_slice(), what);
         let linear = |dst: &mut DLinear, src: &Linear, what: &str| -> Result<()> {
-            if src.lora.is_some() {
-                return Err(cuda_error(format!(
-                    "{what} carries a LoRA adapter; LoRA is not supported on cuda yet"
-                )));
+            // Adapters attached, changed, merged or removed on the host.
+            match (&mut dst.lora, &src.lora) {
+                (Some(d), Some(s)) if d.r == s.rank() => {
+                    g.store(&mut d.a, s.a.as_slice(), what)?;
+                    g.store(&mut d.b, s.b.as_slice(), what)?;
+                    d.scale = s.scale;
+                }
+                (_, Some(s)) => dst.lora = Some(super::upload_lora(g, s, dst.n, dst.k, what)?),
+                (_, None) => dst.lora = None,
             }
             g.store_mat(&mut dst.w, src.w.as_slice(), what)?;
             match (&mut dst.b, &src.b) {
@@ -1112,12 +1141,17 @@ impl CudaModel {
     ) -> Result<()> {
         let g = &self.gpu;
         let c = self.cfg.hidden_size;
-        match (norm, &tape.mean, grad.b.as_mut()) {
-            (DNorm::Rms { w }, _, _) => {
-                g.rmsnorm_bwd(k, dx, &mut grad.w, dy, x, w, &tape.rstd, t, c)
+        match (norm, &tape.mean) {
+            (DNorm::Rms { w }, _) => {
+                g.rmsnorm_bwd(k, dx, grad.w.as_mut(), dy, x, w, &tape.rstd, t, c)
             }
-            (DNorm::Layer { w, .. }, Some(mean), Some(db)) => {
-                g.layernorm_bwd(k, dx, (&mut grad.w, db), dy, x, w, (mean, &tape.rstd), t, c)
+            (DNorm::Layer { w, .. }, Some(mean)) => {
+                let dwb = match (grad.w.as_mut(), grad.b.as_mut()) {
+                    (Some(dw), Some(db)) => Some((dw, db)),
+                    (None, None) => None,
+                    _ => return Err(cuda_error("internal: LayerNorm gradients")),
+                };
+                g.layernorm_bwd(k, dx, dwb, dy, x, w, (mean, &tape.rstd), t, c)
             }
             _ => Err(cuda_error("internal: LayerNorm without its statistics")),
         }
@@ -1138,9 +1172,31 @@ impl CudaModel {
     ) -> Result<()> {
         let g = &self.gpu;
         g.linear_dx(dx, dy, lin.w.f32()?, t, lin.n, lin.k, accumulate)?;
-        g.linear_dw(&mut grad.w, dy, x, t, lin.n, lin.k)?;
+        // A frozen base (LoRA) has no weight or bias gradient.
+        if let Some(dw) = grad.w.as_mut() {
+            g.linear_dw(dw, dy, x, t, lin.n, lin.k)?;
+        }
         if let Some(db) = grad.b.as_mut() {
             g.bias_grad(db, dy, ones, t, lin.n)?;
+        }
+        if let (Some(ad), Some((ga, gb))) = (&lin.lora, grad.lora.as_mut()) {
+            // y += s·(x·Aᵀ)·Bᵀ: with u = s·x·Aᵀ, dB += dyᵀ·u, du = s·dy·B, dA += duᵀ·x,
+            // dx += du·A (as lora.rs on the CPU).
+            let r = ad.r;
+            let mut u = g.zeros::<f32>(t * r)?;
+            g.gemm_scaled(&mut u, x, &ad.a, (t, r, lin.k), ad.scale, 0.0)?;
+            g.linear_dw(gb, dy, &u, t, lin.n, r)?;
+            let mut du = g.zeros::<f32>(t * r)?;
+            g.sgemm_scaled(
+                GemmShape::dx(t, lin.n, r),
+                &ad.b,
+                dy,
+                &mut du,
+                ad.scale,
+                0.0,
+            )?;
+            g.linear_dw(ga, &du, x, t, r, lin.k)?;
+            g.linear_dx(dx, &du, &ad.a, t, r, lin.k, true)?;
         }
         Ok(())
     }
@@ -1177,13 +1233,33 @@ impl CudaModel {
             + w.lm_head.as_ref().map_or(0, |h| h.len())
     }
 
+    /// Whether LoRA adapters are attached (the base is then frozen: no gradient for it).
+    fn base_frozen(&self) -> bool {
+        self.w
+            .layers
+            .iter()
+            .any(|l| l.linears().iter().any(|lin| lin.lora.is_some()))
+    }
+
     fn zero_grads(&self) -> Result<DGrads> {
         let g = &self.gpu;
+        let frozen = self.base_frozen();
+        let base = |n: usize| -> Result<Option<CudaSlice<f32>>> {
+            if frozen {
+                Ok(None)
+            } else {
+                Ok(Some(g.zeros(n)?))
+            }
+        };
         let lin = |l: &DLinear| -> Result<GLinear> {
             Ok(GLinear {
-                w: g.zeros(l.n * l.k)?,
+                w: base(l.n * l.k)?,
                 b: match &l.b {
-                    Some(_) => Some(g.zeros(l.n)?),
+                    Some(_) => base(l.n)?,
+                    None => None,
+                },
+                lora: match &l.lora {
+                    Some(ad) => Some((g.zeros(ad.r * l.k)?, g.zeros(l.n * ad.r)?)),
                     None => None,
                 },
             })
@@ -1191,9 +1267,9 @@ impl CudaModel {
         let c = self.cfg.hidden_size;
         let norm = |n: &DNorm| -> Result<GNorm> {
             Ok(GNorm {
-                w: g.zeros(c)?,
+                w: base(c)?,
                 b: match n {
-                    DNorm::Layer { .. } => Some(g.zeros(c)?),
+                    DNorm::Layer { .. } => base(c)?,
                     DNorm::Rms { .. } => None,
                 },
             })
@@ -1214,15 +1290,15 @@ impl CudaModel {
             });
         }
         Ok(DGrads {
-            tok_emb: g.zeros(self.w.tok_emb.len())?,
+            tok_emb: base(self.w.tok_emb.len())?,
             pos_emb: match &self.w.pos_emb {
-                Some(p) => Some(g.zeros(p.len())?),
+                Some(p) => base(p.len())?,
                 None => None,
             },
             layers,
             final_norm: norm(&self.w.final_norm)?,
             lm_head: match &self.w.lm_head {
-                Some(h) => Some(g.zeros(h.len())?),
+                Some(h) => base(h.len())?,
                 None => None,
             },
         })
@@ -1542,8 +1618,15 @@ impl CudaModel {
                 .try_slice_mut(r0 * c..(r0 + rows) * c)
                 .ok_or_else(|| cuda_error("internal: LM head rows out of range"))?;
             g.linear_dx(&mut dx, &d_logits, head, rows, v, c, false)?;
-            let dhead = grads.lm_head.as_mut().unwrap_or(&mut grads.tok_emb);
-            g.linear_dw(dhead, &d_logits, &x, rows, v, c)?;
+            // The head's gradient (the embedding's when tied); none with a frozen base.
+            let dhead = if self.w.lm_head.is_some() {
+                grads.lm_head.as_mut()
+            } else {
+                grads.tok_emb.as_mut()
+            };
+            if let Some(dhead) = dhead {
+                g.linear_dw(dhead, &d_logits, &x, rows, v, c)?;
+            }
         }
         drop((logits, d_logits));
         // The value head's part of dH, and its own gradient, on the host.
@@ -1736,25 +1819,33 @@ impl CudaModel {
             )?;
             g.add(&mut dx, &dnorm, t * c)?; // now d x_in
         }
-        g.embedding_bwd(
-            k,
-            &mut grads.tok_emb,
-            grads.pos_emb.as_mut(),
-            &dx,
-            &taped.ids,
-            &taped.positions,
-            t,
-            c,
-        )
+        match grads.tok_emb.as_mut() {
+            Some(d_table) => g.embedding_bwd(
+                k,
+                d_table,
+                grads.pos_emb.as_mut(),
+                &dx,
+                &taped.ids,
+                &taped.positions,
+                t,
+                c,
+            ),
+            None => Ok(()), // a frozen base
+        }
     }
 
     /// The device gradients in the CPU path's `Gradients` (zeros for what the device does not
     /// train, which `token_objective_gradients`' caller refused already).
     fn download_grads(&self, model: &Model, d: DGrads, heads: HeadGrads) -> Result<Gradients> {
         let g = &self.gpu;
-        // A Trainer's own step keeps the backbone's gradients on the device.
+        // A Trainer's own step keeps the device's gradients there: the host part is then the
+        // heads' alone.
         let on_device = model.gradients_on_device();
-        let mut h = Gradients::zeros_with(model, on_device);
+        let mut h = if on_device {
+            Gradients::heads_only(model)
+        } else {
+            Gradients::zeros(model)
+        };
         if let (Some(src), Some(dst)) = (heads.score, h.score.as_mut()) {
             if src.len() != dst.len() {
                 return Err(cuda_error("internal: score head gradient shape"));
@@ -1774,44 +1865,16 @@ impl CudaModel {
             h.device = Some(std::sync::Arc::new(DeviceGrads::new(d)));
             return Ok(h);
         }
-        g.fetch_into(&d.tok_emb, &mut h.tok_emb)?;
-        if let (Some(dp), Some(hp)) = (&d.pos_emb, h.pos_emb.as_mut()) {
-            g.fetch_into(dp, hp)?;
+        // Both lists are in `params_mut` order; the host's ends with the heads.
+        let (src, dst) = (d.flat(), h.flat_mut());
+        if dst.len() < src.len() {
+            return Err(cuda_error("internal: the host gradients lack tensors"));
         }
-        if let (Some(dh), Some(hh)) = (&d.lm_head, h.lm_head.as_mut()) {
-            g.fetch_into(dh, hh)?;
-        }
-        let norm = |dn: &GNorm, hn: &mut crate::model::NormGrad| -> Result<()> {
-            g.fetch_into(&dn.w, &mut hn.w)?;
-            if let (Some(db), Some(hb)) = (&dn.b, hn.b.as_mut()) {
-                g.fetch_into(db, hb)?;
+        for (buf, out) in src.into_iter().zip(dst) {
+            if buf.len() != out.len() {
+                return Err(cuda_error("internal: gradient shapes differ"));
             }
-            Ok(())
-        };
-        let lin = |dl: &GLinear, hl: &mut crate::model::LinearGrad| -> Result<()> {
-            g.fetch_into(&dl.w, &mut hl.w)?;
-            if let (Some(db), Some(hb)) = (&dl.b, hl.b.as_mut()) {
-                g.fetch_into(db, hb)?;
-            }
-            Ok(())
-        };
-        norm(&d.final_norm, &mut h.final_norm)?;
-        if d.layers.len() != h.layers.len() {
-            return Err(cuda_error("internal: gradient layers"));
-        }
-        for (dl, hl) in d.layers.iter().zip(h.layers.iter_mut()) {
-            norm(&dl.attn_norm, &mut hl.attn_norm)?;
-            norm(&dl.mlp_norm, &mut hl.mlp_norm)?;
-            lin(&dl.q, &mut hl.q)?;
-            lin(&dl.k, &mut hl.k)?;
-            lin(&dl.v, &mut hl.v)?;
-            lin(&dl.o, &mut hl.o)?;
-            if dl.mlp.len() != hl.mlp.len() {
-                return Err(cuda_error("internal: MLP gradients"));
-            }
-            for (dm, hm) in dl.mlp.iter().zip(hl.mlp.iter_mut()) {
-                lin(dm, hm)?;
-            }
+            g.fetch_into(buf, out)?;
         }
         g.sync()?;
         Ok(h)

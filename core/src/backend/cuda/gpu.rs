@@ -335,6 +335,24 @@ impl Gpu {
         W: DevicePtr<f32>,
         O: DevicePtrMut<f32>,
     {
+        self.gemm_scaled(out, x, w, (t, n, k), 1.0, 0.0)
+    }
+
+    /// `out = alpha · x · Wᵀ + beta · out`, shapes as [`Gpu::gemm`] (`(t, n, k)`).
+    pub(crate) fn gemm_scaled<X, W, O>(
+        &self,
+        out: &mut O,
+        x: &X,
+        w: &W,
+        (t, n, k): (usize, usize, usize),
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()>
+    where
+        X: DevicePtr<f32>,
+        W: DevicePtr<f32>,
+        O: DevicePtrMut<f32>,
+    {
         if t == 0 || n == 0 || k == 0 {
             return Ok(());
         }
@@ -347,10 +365,10 @@ impl Gpu {
             m: int(n, "gemm n")?,
             n: int(t, "gemm t")?,
             k: int(k, "gemm k")?,
-            alpha: 1.0f32,
+            alpha,
             lda: int(k, "gemm k")?,
             ldb: int(k, "gemm k")?,
-            beta: 0.0f32,
+            beta,
             ldc: int(n, "gemm n")?,
         };
         // SAFETY: the sizes were checked above: W holds N·K values (read as the column-major

@@ -37,7 +37,7 @@ use crate::backend::cpu::softmax::log_prob_of;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generate::{FinishReason, Generation, StreamCallback, TokenStep};
-use crate::model::{Linear, Mlp, ModelWeights, Norm};
+use crate::model::{Linear, LoraAdapter, Mlp, ModelWeights, Norm};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tensor::Tensor;
 
@@ -88,9 +88,18 @@ fn bf16_no_gradients() -> Error {
     )
 }
 
+/// A LoRA adapter on the device: `A [r, k]`, `B [n, r]` (f32), scale `alpha / r`.
+pub(super) struct DLora {
+    a: CudaSlice<f32>,
+    b: CudaSlice<f32>,
+    r: usize,
+    scale: f32,
+}
+
 struct DLinear {
     /// `[n, k]` row-major (out, in).
     w: DMat,
+    lora: Option<DLora>,
     b: Option<CudaSlice<f32>>,
     n: usize,
     k: usize,
@@ -106,6 +115,8 @@ enum DNorm {
     },
 }
 
+// One per layer, never moved after load: boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum DMlp {
     Gelu {
         fc: DLinear,
@@ -126,6 +137,18 @@ struct DLayer {
     o: DLinear,
     mlp_norm: DNorm,
     mlp: DMlp,
+}
+
+impl DLayer {
+    /// The layer's linear maps: q, k, v, o, then the MLP's.
+    fn linears(&self) -> Vec<&DLinear> {
+        let mut out = vec![&self.q, &self.k, &self.v, &self.o];
+        match &self.mlp {
+            DMlp::Gelu { fc, proj } => out.extend([fc, proj]),
+            DMlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
+        }
+        out
+    }
 }
 
 struct DWeights {
@@ -322,12 +345,26 @@ pub(super) fn upload_matrix(gpu: &Gpu, values: &[f32], bf16: bool) -> Result<DMa
     })
 }
 
-fn upload_linear(gpu: &Gpu, lin: &Linear, name: &str, bf16: bool) -> Result<DLinear> {
-    if lin.lora.is_some() {
+/// A LoRA adapter's device copy (shapes checked against its linear map's `[n, k]`).
+fn upload_lora(gpu: &Gpu, ad: &LoraAdapter, n: usize, k: usize, name: &str) -> Result<DLora> {
+    let r = ad.rank();
+    if ad.a.shape() != [r, k] || ad.b.shape() != [n, r] {
         return Err(cuda_error(format!(
-            "{name} carries a LoRA adapter; LoRA is not supported on cuda yet"
+            "{name}: LoRA shapes {:?} / {:?} do not fit a {n}×{k} map",
+            ad.a.shape(),
+            ad.b.shape()
         )));
     }
+    int(r, name)?;
+    Ok(DLora {
+        a: gpu.upload(ad.a.as_slice())?,
+        b: gpu.upload(ad.b.as_slice())?,
+        r,
+        scale: ad.scale,
+    })
+}
+
+fn upload_linear(gpu: &Gpu, lin: &Linear, name: &str, bf16: bool) -> Result<DLinear> {
     let shape = lin.w.shape();
     let (n, k) = match shape {
         [n, k] => (*n, *k),
@@ -340,6 +377,10 @@ fn upload_linear(gpu: &Gpu, lin: &Linear, name: &str, bf16: bool) -> Result<DLin
     int(n, name)?;
     int(k, name)?;
     Ok(DLinear {
+        lora: match &lin.lora {
+            Some(ad) => Some(upload_lora(gpu, ad, n, k, name)?),
+            None => None,
+        },
         w: upload_matrix(gpu, lin.w.as_slice(), bf16)?,
         b: match &lin.b {
             Some(b) => Some(upload_tensor(gpu, b)?),
@@ -537,6 +578,14 @@ impl CudaModel {
         self.gpu.matmul(out, x, &lin.w, t, lin.n, lin.k)?;
         if let Some(b) = &lin.b {
             self.gpu.add_bias(out, b, t, lin.n)?;
+        }
+        if let Some(ad) = &lin.lora {
+            // out += s · (x · Aᵀ) · Bᵀ, the scale folded into the first product.
+            let mut u = self.gpu.zeros::<f32>(t * ad.r)?;
+            self.gpu
+                .gemm_scaled(&mut u, x, &ad.a, (t, ad.r, lin.k), ad.scale, 0.0)?;
+            self.gpu
+                .gemm_scaled(out, &u, &ad.b, (t, lin.n, ad.r), 1.0, 1.0)?;
         }
         Ok(())
     }

@@ -86,24 +86,32 @@ pub(crate) struct AdamStep {
 
 impl GLinear {
     fn push<'a>(&'a self, out: &mut Vec<&'a CudaSlice<f32>>) {
-        out.push(&self.w);
+        out.extend(self.w.as_ref());
         out.extend(self.b.as_ref());
+        if let Some((a, b)) = &self.lora {
+            out.push(a);
+            out.push(b);
+        }
     }
 
     fn push_mut<'a>(&'a mut self, out: &mut Vec<&'a mut CudaSlice<f32>>) {
-        out.push(&mut self.w);
+        out.extend(self.w.as_mut());
         out.extend(self.b.as_mut());
+        if let Some((a, b)) = &mut self.lora {
+            out.push(a);
+            out.push(b);
+        }
     }
 }
 
 impl GNorm {
     fn push<'a>(&'a self, out: &mut Vec<&'a CudaSlice<f32>>) {
-        out.push(&self.w);
+        out.extend(self.w.as_ref());
         out.extend(self.b.as_ref());
     }
 
     fn push_mut<'a>(&'a mut self, out: &mut Vec<&'a mut CudaSlice<f32>>) {
-        out.push(&mut self.w);
+        out.extend(self.w.as_mut());
         out.extend(self.b.as_mut());
     }
 }
@@ -111,7 +119,7 @@ impl GNorm {
 impl DGrads {
     /// Every tensor in `ModelWeights::params_mut` order.
     pub(in crate::backend::cuda) fn flat(&self) -> Vec<&CudaSlice<f32>> {
-        let mut out = vec![&self.tok_emb];
+        let mut out: Vec<&CudaSlice<f32>> = self.tok_emb.iter().collect();
         out.extend(self.pos_emb.as_ref());
         for l in &self.layers {
             l.attn_norm.push(&mut out);
@@ -129,7 +137,7 @@ impl DGrads {
     }
 
     fn flat_mut(&mut self) -> Vec<&mut CudaSlice<f32>> {
-        let mut out = vec![&mut self.tok_emb];
+        let mut out: Vec<&mut CudaSlice<f32>> = self.tok_emb.iter_mut().collect();
         out.extend(self.pos_emb.as_mut());
         for l in &mut self.layers {
             l.attn_norm.push_mut(&mut out);
@@ -148,20 +156,28 @@ impl DGrads {
 }
 
 impl DWeights {
-    /// Every tensor with its weight-decay flag, in `ModelWeights::params_mut` order (decay on
-    /// linear weights and an untied LM head, as there). The optimizer needs f32 storage (a
-    /// Trainer's device copy always is).
-    fn flat_mut(&mut self) -> Result<Vec<(&mut CudaSlice<f32>, bool)>> {
+    /// Every trainable tensor with its weight-decay flag, in `ModelWeights::params_mut` order
+    /// (decay on linear weights, an untied LM head and LoRA adapters, as there); with LoRA
+    /// (`frozen`) the adapters alone. The optimizer needs f32 storage (a Trainer's device copy
+    /// always is).
+    fn flat_mut(&mut self, frozen: bool) -> Result<Vec<(&mut CudaSlice<f32>, bool)>> {
         type Out<'a> = Vec<(&'a mut CudaSlice<f32>, bool)>;
-        fn lin<'a>(l: &'a mut DLinear, out: &mut Out<'a>) -> Result<()> {
-            out.push((l.w.f32_mut()?, true));
-            if let Some(b) = l.b.as_mut() {
-                out.push((b, false));
+        fn lin<'a>(l: &'a mut DLinear, frozen: bool, out: &mut Out<'a>) -> Result<()> {
+            if !frozen {
+                out.push((l.w.f32_mut()?, true));
+                if let Some(b) = l.b.as_mut() {
+                    out.push((b, false));
+                }
+            }
+            if let Some(ad) = l.lora.as_mut() {
+                out.push((&mut ad.a, true));
+                out.push((&mut ad.b, true));
             }
             Ok(())
         }
-        fn norm<'a>(n: &'a mut DNorm, out: &mut Out<'a>) {
+        fn norm<'a>(n: &'a mut DNorm, frozen: bool, out: &mut Out<'a>) {
             match n {
+                _ if frozen => {}
                 DNorm::Rms { w } => out.push((w, false)),
                 DNorm::Layer { w, b } => {
                     out.push((w, false));
@@ -169,30 +185,33 @@ impl DWeights {
                 }
             }
         }
-        let mut out: Out<'_> = vec![(self.tok_emb.f32_mut()?, false)];
-        if let Some(p) = self.pos_emb.as_mut() {
-            out.push((p.f32_mut()?, false));
+        let mut out: Out<'_> = Vec::new();
+        if !frozen {
+            out.push((self.tok_emb.f32_mut()?, false));
+            if let Some(p) = self.pos_emb.as_mut() {
+                out.push((p.f32_mut()?, false));
+            }
         }
         for l in &mut self.layers {
-            norm(&mut l.attn_norm, &mut out);
+            norm(&mut l.attn_norm, frozen, &mut out);
             for g in [&mut l.q, &mut l.k, &mut l.v, &mut l.o] {
-                lin(g, &mut out)?;
+                lin(g, frozen, &mut out)?;
             }
-            norm(&mut l.mlp_norm, &mut out);
+            norm(&mut l.mlp_norm, frozen, &mut out);
             match &mut l.mlp {
                 DMlp::Gelu { fc, proj } => {
-                    lin(fc, &mut out)?;
-                    lin(proj, &mut out)?;
+                    lin(fc, frozen, &mut out)?;
+                    lin(proj, frozen, &mut out)?;
                 }
                 DMlp::SwiGlu { gate, up, down } => {
-                    lin(gate, &mut out)?;
-                    lin(up, &mut out)?;
-                    lin(down, &mut out)?;
+                    lin(gate, frozen, &mut out)?;
+                    lin(up, frozen, &mut out)?;
+                    lin(down, frozen, &mut out)?;
                 }
             }
         }
-        norm(&mut self.final_norm, &mut out);
-        if let Some(h) = self.lm_head.as_mut() {
+        norm(&mut self.final_norm, frozen, &mut out);
+        if let (false, Some(h)) = (frozen, self.lm_head.as_mut()) {
             out.push((h.f32_mut()?, true));
         }
         Ok(out)
@@ -325,7 +344,8 @@ impl CudaModel {
             .get()
             .ok_or_else(|| cuda_error("internal: optimizer kernels not kept"))?;
         let stream = self.gpu.stream.clone();
-        let params = self.w.flat_mut()?;
+        let frozen = self.base_frozen();
+        let params = self.w.flat_mut(frozen)?;
         let (ms, vs, gs) = (moments.m.flat_mut(), moments.v.flat_mut(), g.0.flat());
         if params.len() != gs.len() || ms.len() != gs.len() || vs.len() != gs.len() {
             return Err(cuda_error(
@@ -373,7 +393,8 @@ impl CudaModel {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.gpu.bind()?;
         let g = &self.gpu;
-        let src = self.w.flat_mut()?;
+        let frozen = self.base_frozen();
+        let src = self.w.flat_mut(frozen)?;
         let mut dst = weights.named_params_mut();
         if dst.len() < src.len() {
             return Err(cuda_error("internal: the host model lost tensors"));
