@@ -39,7 +39,7 @@ use super::super::cuda_error;
 use super::super::gpu::{
     driver, elementwise, function, int, load_module, long, need, per_row, Gpu, NULL, ROW_THREADS,
 };
-use super::{CudaModel, DLinear, DMat, DMlp, DNorm, LOGIT_ROWS};
+use super::{CudaModel, DLayer, DLinear, DMat, DMlp, DNorm, LOGIT_ROWS};
 use crate::backend::cpu::simd::dot;
 
 // The optimizer on the device: a child module, so it reaches the gradients' and weights'
@@ -174,6 +174,13 @@ struct NormTape {
     mean: Option<CudaSlice<f32>>,
 }
 
+/// What the forward keeps of one layer: its whole tape, or (gradient checkpointing) its
+/// input only, from which the backward recomputes the tape.
+enum Kept {
+    Tape(Box<LayerTape>),
+    Input(CudaSlice<f32>),
+}
+
 /// What one layer's backward reads.
 struct LayerTape {
     x_in: CudaSlice<f32>,
@@ -230,7 +237,7 @@ struct DGrads {
 
 /// What a taped forward leaves for the backward.
 struct Taped {
-    layers: Vec<LayerTape>,
+    layers: Vec<Kept>,
     /// The final norm's input and tape (its output `nf.y` is the LM head's input).
     x_final: CudaSlice<f32>,
     nf: NormTape,
@@ -1304,17 +1311,47 @@ impl CudaModel {
         })
     }
 
-    /// The training forward over `t` packed tokens: each layer's tape, the final norm's input
-    /// and its tape (whose output is the LM head's input).
-    #[allow(clippy::too_many_arguments)]
+    /// The training forward over `t` packed tokens: what each layer keeps for the backward
+    /// (its whole tape, or with `checkpointed` only its input, the tape being recomputed in
+    /// the backward), the final norm's input and its tape (whose output is the LM head's
+    /// input).
     fn forward_taped(
         &self,
         k: &Kernels,
-        ids: &CudaSlice<i32>,
+        (ids, positions): (&CudaSlice<i32>, &CudaSlice<i32>),
+        tiles: &Tiles,
+        t: usize,
+        checkpointed: bool,
+    ) -> Result<(Vec<Kept>, CudaSlice<f32>, NormTape)> {
+        let (g, c) = (&self.gpu, self.cfg.hidden_size);
+        let w = &self.w;
+        let mut x = g.zeros::<f32>(t * c)?;
+        g.embed(&mut x, &w.tok_emb, w.pos_emb.as_ref(), ids, positions, t, c)?;
+        let mut kept = Vec::with_capacity(w.layers.len());
+        for layer in &w.layers {
+            let (tape, x_out) = self.layer_forward(k, layer, x, positions, tiles, t)?;
+            kept.push(if checkpointed {
+                Kept::Input(tape.x_in)
+            } else {
+                Kept::Tape(Box::new(tape))
+            });
+            x = x_out;
+        }
+        let nf = self.norm_fwd(k, &w.final_norm, &x, t)?;
+        Ok((kept, x, nf))
+    }
+
+    /// One layer of the training forward from its input `x_in`: the layer's tape (which owns
+    /// `x_in`) and its output.
+    fn layer_forward(
+        &self,
+        k: &Kernels,
+        layer: &DLayer,
+        x_in: CudaSlice<f32>,
         positions: &CudaSlice<i32>,
         tiles: &Tiles,
         t: usize,
-    ) -> Result<(Vec<LayerTape>, CudaSlice<f32>, NormTape)> {
+    ) -> Result<(LayerTape, CudaSlice<f32>)> {
         let cfg = &self.cfg;
         let g = &self.gpu;
         let (c, qd, kvd, f) = (
@@ -1324,79 +1361,71 @@ impl CudaModel {
             cfg.intermediate_size,
         );
         let (hq, hkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let w = &self.w;
-        let mut x = g.zeros::<f32>(t * c)?;
-        g.embed(&mut x, &w.tok_emb, w.pos_emb.as_ref(), ids, positions, t, c)?;
-        let mut tapes = Vec::with_capacity(w.layers.len());
-        for layer in &w.layers {
-            let x_in = x;
-            let n1 = self.norm_fwd(k, &layer.attn_norm, &x_in, t)?;
-            let mut q = g.zeros::<f32>(t * qd)?;
-            let mut kk = g.zeros::<f32>(t * kvd)?;
-            let mut v = g.zeros::<f32>(t * kvd)?;
-            self.linear(&mut q, &n1.y, &layer.q, t)?;
-            self.linear(&mut kk, &n1.y, &layer.k, t)?;
-            self.linear(&mut v, &n1.y, &layer.v, t)?;
-            if let Some(inv) = &self.inv_freq {
-                g.rope(&mut q, positions, inv, t, hq, hd)?;
-                g.rope(&mut kk, positions, inv, t, hkv, hd)?;
-            }
-            let mut att = g.zeros::<f32>(t * qd)?;
-            let mut lse = g.zeros::<f32>(t * hq)?;
-            g.prefill_attention(
-                k,
-                &mut att,
-                &mut lse,
-                (&q, &kk, &v),
-                tiles,
-                t,
-                (hq, hkv),
-                hd,
-            )?;
-            let mut out = g.zeros::<f32>(t * c)?;
-            self.linear(&mut out, &att, &layer.o, t)?;
-            let mut x_mid = g.zeros::<f32>(t * c)?;
-            g.copy_within(&x_in, 0, &mut x_mid, 0, t * c)?;
-            g.add(&mut x_mid, &out, t * c)?;
-            let n2 = self.norm_fwd(k, &layer.mlp_norm, &x_mid, t)?;
-            let mut m1 = g.zeros::<f32>(t * f)?;
-            let mut act = g.zeros::<f32>(t * f)?;
-            let m2 = match &layer.mlp {
-                DMlp::Gelu { fc, proj } => {
-                    self.linear(&mut m1, &n2.y, fc, t)?;
-                    g.gelu(&mut act, &m1, t * f)?;
-                    self.linear(&mut out, &act, proj, t)?;
-                    None
-                }
-                DMlp::SwiGlu { gate, up, down } => {
-                    let mut m2 = g.zeros::<f32>(t * f)?;
-                    self.linear(&mut m1, &n2.y, gate, t)?;
-                    self.linear(&mut m2, &n2.y, up, t)?;
-                    g.swiglu(&mut act, &m1, &m2, t * f)?;
-                    self.linear(&mut out, &act, down, t)?;
-                    Some(m2)
-                }
-            };
-            x = g.zeros::<f32>(t * c)?;
-            g.copy_within(&x_mid, 0, &mut x, 0, t * c)?;
-            g.add(&mut x, &out, t * c)?;
-            tapes.push(LayerTape {
-                x_in,
-                n1,
-                q,
-                k: kk,
-                v,
-                att,
-                lse,
-                x_mid,
-                n2,
-                m1,
-                m2,
-                act,
-            });
+        let n1 = self.norm_fwd(k, &layer.attn_norm, &x_in, t)?;
+        let mut q = g.zeros::<f32>(t * qd)?;
+        let mut kk = g.zeros::<f32>(t * kvd)?;
+        let mut v = g.zeros::<f32>(t * kvd)?;
+        self.linear(&mut q, &n1.y, &layer.q, t)?;
+        self.linear(&mut kk, &n1.y, &layer.k, t)?;
+        self.linear(&mut v, &n1.y, &layer.v, t)?;
+        if let Some(inv) = &self.inv_freq {
+            g.rope(&mut q, positions, inv, t, hq, hd)?;
+            g.rope(&mut kk, positions, inv, t, hkv, hd)?;
         }
-        let nf = self.norm_fwd(k, &w.final_norm, &x, t)?;
-        Ok((tapes, x, nf))
+        let mut att = g.zeros::<f32>(t * qd)?;
+        let mut lse = g.zeros::<f32>(t * hq)?;
+        g.prefill_attention(
+            k,
+            &mut att,
+            &mut lse,
+            (&q, &kk, &v),
+            tiles,
+            t,
+            (hq, hkv),
+            hd,
+        )?;
+        let mut out = g.zeros::<f32>(t * c)?;
+        self.linear(&mut out, &att, &layer.o, t)?;
+        let mut x_mid = g.zeros::<f32>(t * c)?;
+        g.copy_within(&x_in, 0, &mut x_mid, 0, t * c)?;
+        g.add(&mut x_mid, &out, t * c)?;
+        let n2 = self.norm_fwd(k, &layer.mlp_norm, &x_mid, t)?;
+        let mut m1 = g.zeros::<f32>(t * f)?;
+        let mut act = g.zeros::<f32>(t * f)?;
+        let m2 = match &layer.mlp {
+            DMlp::Gelu { fc, proj } => {
+                self.linear(&mut m1, &n2.y, fc, t)?;
+                g.gelu(&mut act, &m1, t * f)?;
+                self.linear(&mut out, &act, proj, t)?;
+                None
+            }
+            DMlp::SwiGlu { gate, up, down } => {
+                let mut m2 = g.zeros::<f32>(t * f)?;
+                self.linear(&mut m1, &n2.y, gate, t)?;
+                self.linear(&mut m2, &n2.y, up, t)?;
+                g.swiglu(&mut act, &m1, &m2, t * f)?;
+                self.linear(&mut out, &act, down, t)?;
+                Some(m2)
+            }
+        };
+        let mut x = g.zeros::<f32>(t * c)?;
+        g.copy_within(&x_mid, 0, &mut x, 0, t * c)?;
+        g.add(&mut x, &out, t * c)?;
+        let tape = LayerTape {
+            x_in,
+            n1,
+            q,
+            k: kk,
+            v,
+            att,
+            lse,
+            x_mid,
+            n2,
+            m1,
+            m2,
+            act,
+        };
+        Ok((tape, x))
     }
 
     /// Checks and uploads a packed batch and runs the taped forward. `extra` is what the
@@ -1404,8 +1433,8 @@ impl CudaModel {
     fn taped_forward(
         &self,
         k: &Kernels,
-        tokens: &[u32],
-        seq_lens: &[usize],
+        (tokens, seq_lens): (&[u32], &[usize]),
+        checkpointed: bool,
         extra: u64,
     ) -> Result<Taped> {
         let cfg = &self.cfg;
@@ -1440,8 +1469,15 @@ impl CudaModel {
         // The activations kept for the backward, the gradients (the size of the weights), the
         // backward's working buffers and the caller's extra: refuse before allocating them
         // when the device cannot hold them.
-        let per_layer = 4 * c + 2 * qd + 2 * kvd + 3 * f + hq + 4;
-        let needed = crate::memory::f32_bytes(&[t, cfg.num_layers, per_layer])
+        // A whole tape per layer, or (checkpointed) each layer's input plus one recomputed tape.
+        let tape = 4 * c + 2 * qd + 2 * kvd + 3 * f + hq + 4;
+        let kept = if checkpointed {
+            crate::memory::f32_bytes(&[t, cfg.num_layers, c])
+                .saturating_add(crate::memory::f32_bytes(&[t, tape]))
+        } else {
+            crate::memory::f32_bytes(&[t, cfg.num_layers, tape])
+        };
+        let needed = kept
             .saturating_add(crate::memory::f32_bytes(&[self.parameter_count()]))
             .saturating_add(crate::memory::f32_bytes(&[
                 t,
@@ -1466,7 +1502,8 @@ impl CudaModel {
             tile_seq: g.upload(&tile_seq)?,
             tile_start: g.upload(&tile_start)?,
         };
-        let (layers, x_final, nf) = self.forward_taped(k, &ids_d, &positions_d, &tiles, t)?;
+        let (layers, x_final, nf) =
+            self.forward_taped(k, (&ids_d, &positions_d), &tiles, t, checkpointed)?;
         Ok(Taped {
             layers,
             x_final,
@@ -1514,7 +1551,8 @@ impl CudaModel {
         let k = self.bwd_kernels()?;
         let g = &self.gpu;
         let logit_bytes = crate::memory::f32_bytes(&[2, LOGIT_ROWS.min(t), v]);
-        let taped = self.taped_forward(k, tokens, seq_lens, logit_bytes)?;
+        let checkpointed = model.gradient_checkpointing();
+        let taped = self.taped_forward(k, (tokens, seq_lens), checkpointed, logit_bytes)?;
         let hf = &taped.nf.y;
 
         // Pass 1: log-probs, log-sum-exps and entropies of every row, in chunks.
@@ -1672,7 +1710,8 @@ impl CudaModel {
         let (t, c) = (tokens.len(), self.cfg.hidden_size);
         let guard = self.enter()?;
         let k = self.bwd_kernels()?;
-        let taped = self.taped_forward(k, tokens, seq_lens, 0)?;
+        let checkpointed = model.gradient_checkpointing();
+        let taped = self.taped_forward(k, (tokens, seq_lens), checkpointed, 0)?;
         let hf = self.gpu.download(&taped.nf.y, t * c)?;
         drop(guard);
         let (dhf, score) = objective(&hf)?;
@@ -1725,7 +1764,7 @@ impl CudaModel {
         let mut dnorm = g.zeros::<f32>(t * c)?;
         let mut d_att = g.zeros::<f32>(t * qd)?;
         let mut delta = g.zeros::<f32>(t * hq)?;
-        for ((layer, lt), gl) in self
+        for ((layer, kept), gl) in self
             .w
             .layers
             .iter()
@@ -1733,6 +1772,19 @@ impl CudaModel {
             .zip(grads.layers.iter_mut())
             .rev()
         {
+            // A checkpointed layer's tape is recomputed from its kept input, one layer at a time.
+            let recomputed;
+            let lt: &LayerTape = match kept {
+                Kept::Tape(tape) => tape,
+                Kept::Input(x_in) => {
+                    let mut x = g.zeros::<f32>(t * c)?;
+                    g.copy_within(x_in, 0, &mut x, 0, t * c)?;
+                    recomputed = self
+                        .layer_forward(k, layer, x, &taped.positions, &taped.tiles, t)?
+                        .0;
+                    &recomputed
+                }
+            };
             // MLP block: x_out = x_mid + out_proj(act).
             match &layer.mlp {
                 DMlp::Gelu { fc, proj } => {
