@@ -130,7 +130,9 @@ pub(crate) struct Gpu {
     ordinal: usize,
     arch: &'static str,
     name: String,
-    // Field order is drop order: cuBLAS handle and kernels before the context they live in.
+    // Field order is drop order: cuBLAS handles and kernels before the context they live in.
+    /// cuBLASLt for biased products, when libcublasLt loads.
+    pub(super) lt: Option<super::lt::Lt>,
     pub(super) blas: CudaBlas,
     k: Kernels,
     pub(super) stream: Arc<CudaStream>,
@@ -187,6 +189,7 @@ impl Gpu {
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| cuda_error(format!("creating the cuBLAS handle: {e:?}")))?;
+        let lt = super::lt::Lt::new(&stream)?;
         let embedding = load_module(&ctx, arch, "embedding")?;
         let norm = load_module(&ctx, arch, "norm")?;
         let rope = load_module(&ctx, arch, "rope")?;
@@ -218,6 +221,7 @@ impl Gpu {
             ordinal,
             arch,
             name,
+            lt,
             blas,
             k,
             stream,

@@ -9,6 +9,7 @@
 //! - `mod.rs` (here): probes, device checks, `compile` (PTX per module and architecture).
 //! - `gpu.rs`: one device: context, stream, cuBLAS handle, loaded kernels, and a launch method
 //!   per kernel whose arguments follow the kernel's C signature; the cuBLAS GEMM wrapper.
+//! - `lt.rs`: cuBLASLt for biased products (the bias fused as the GEMM's epilogue).
 //! - `model.rs`: [`CudaModel`]: the weights on the device (f32) and the forward pass, logits,
 //!   log-probs and generation.
 //! - `backward.rs` (a child module of `model.rs`): the training backward (gradients of any
@@ -27,6 +28,7 @@ use rlx_cuda_kernels::Module;
 use crate::error::{Error, Result};
 
 mod gpu;
+mod lt;
 mod model;
 
 pub use model::CudaModel;

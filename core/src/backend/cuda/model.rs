@@ -575,9 +575,16 @@ impl CudaModel {
         lin: &DLinear,
         t: usize,
     ) -> Result<()> {
-        self.gpu.matmul(out, x, &lin.w, t, lin.n, lin.k)?;
-        if let Some(b) = &lin.b {
-            self.gpu.add_bias(out, b, t, lin.n)?;
+        // A bias rides on the product as cuBLASLt's epilogue when it can (f32 weights).
+        let fused = match (&lin.w, &lin.b, &self.gpu.lt) {
+            (DMat::F32(w), Some(b), Some(lt)) => lt.linear_bias(out, x, w, b, t, lin.n, lin.k)?,
+            _ => false,
+        };
+        if !fused {
+            self.gpu.matmul(out, x, &lin.w, t, lin.n, lin.k)?;
+            if let Some(b) = &lin.b {
+                self.gpu.add_bias(out, b, t, lin.n)?;
+            }
         }
         if let Some(ad) = &lin.lora {
             // out += s · (x · Aᵀ) · Bᵀ, the scale folded into the first product.

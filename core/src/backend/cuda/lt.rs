@@ -1,0 +1,232 @@
+//! cuBLASLt for the products that carry a bias (GPT-2's linear maps, Qwen2's q/k/v): `out =
+//! x·Wᵀ + b` in one call through the BIAS epilogue, instead of an SGEMM and a separate bias
+//! kernel that reads and writes `out` again. f32 compute (no TF32), as the SGEMM path.
+//!
+//! cudarc's safe cuBLASLt wrapper computes f32 products in TF32 and panics in its destructors,
+//! so this calls its `result` layer directly, with small RAII guards whose destructors ignore
+//! errors. Without libcublasLt (or when the heuristic offers no algorithm) the caller falls
+//! back to SGEMM + `add_bias_rows`.
+//!
+//! Not yet run on a GPU: compiled and type-checked only.
+
+use std::ffi::c_void;
+use std::mem::size_of;
+use std::sync::Arc;
+
+use cudarc::cublaslt::result as lt;
+use cudarc::cublaslt::sys;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+
+use super::cuda_error;
+use super::gpu::need;
+use crate::error::Result;
+
+/// Workspace offered to cuBLASLt's algorithms (NVIDIA's recommendation for Hopper; enough
+/// for the others).
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// A cuBLASLt handle and its workspace on one stream.
+pub(crate) struct Lt {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    stream: Arc<CudaStream>,
+}
+
+// SAFETY: the handle is used only under the model's lock (one call at a time), on its stream;
+// cuBLASLt handles may be used from any thread.
+unsafe impl Send for Lt {}
+// SAFETY: as above: every use is serialised by the owning model's lock.
+unsafe impl Sync for Lt {}
+
+impl Drop for Lt {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created by cublasLtCreate and is destroyed once, here.
+        let _ = unsafe { lt::destroy_handle(self.handle) };
+    }
+}
+
+struct Desc(sys::cublasLtMatmulDesc_t);
+impl Drop for Desc {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtMatmulDescCreate, destroyed once.
+        let _ = unsafe { lt::destroy_matmul_desc(self.0) };
+    }
+}
+
+struct Layout(sys::cublasLtMatrixLayout_t);
+impl Drop for Layout {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtMatrixLayoutCreate, destroyed once.
+        let _ = unsafe { lt::destroy_matrix_layout(self.0) };
+    }
+}
+
+struct Pref(sys::cublasLtMatmulPreference_t);
+impl Drop for Pref {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasLtMatmulPreferenceCreate, destroyed once.
+        let _ = unsafe { lt::destroy_matmul_pref(self.0) };
+    }
+}
+
+fn lt_error(what: &str) -> impl FnOnce(lt::CublasError) -> crate::error::Error + '_ {
+    move |e| cuda_error(format!("cuBLASLt {what}: {e:?}"))
+}
+
+/// Sets one attribute of a matmul description from a plain value.
+///
+/// # Safety
+/// `T` must be the attribute's documented type.
+unsafe fn set_desc<T>(
+    desc: &Desc,
+    attr: sys::cublasLtMatmulDescAttributes_t,
+    value: &T,
+) -> Result<()> {
+    // SAFETY: `value` points to a live T of the size passed; the caller vouches for the type.
+    unsafe {
+        lt::set_matmul_desc_attribute(
+            desc.0,
+            attr,
+            value as *const T as *const c_void,
+            size_of::<T>(),
+        )
+    }
+    .map_err(lt_error("descriptor attribute"))
+}
+
+impl Lt {
+    /// A handle on `stream`, or None when libcublasLt cannot be loaded (the caller then uses
+    /// SGEMM and a bias kernel).
+    pub(crate) fn new(stream: &Arc<CudaStream>) -> Result<Option<Lt>> {
+        // SAFETY: only tries to dlopen the library by name; no symbol is called.
+        if !unsafe { sys::is_culib_present() } {
+            return Ok(None);
+        }
+        let handle = lt::create_handle().map_err(lt_error("handle"))?;
+        let workspace = match stream.alloc_zeros::<u8>(WORKSPACE_BYTES) {
+            Ok(w) => w,
+            Err(e) => {
+                // SAFETY: created just above, destroyed once.
+                let _ = unsafe { lt::destroy_handle(handle) };
+                return Err(cuda_error(format!("cuBLASLt workspace: {e}")));
+            }
+        };
+        Ok(Some(Lt {
+            handle,
+            workspace,
+            stream: stream.clone(),
+        }))
+    }
+
+    /// `out[T, N] = x[T, K] · W[N, K]ᵀ + b[N]` (row-major) in one cuBLASLt call; `Ok(false)`
+    /// when cuBLASLt offers no algorithm for the shape (nothing was written: the caller runs
+    /// the SGEMM path). Column-major, as the SGEMM path: `outᵀ [N, T] = op(W) · xᵀ` with W
+    /// read transposed (`K × N`, ld K), x as `K × T` (ld K), out `N × T` (ld N), and the bias
+    /// added to every column (length N = the rows of D).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn linear_bias<X, O>(
+        &self,
+        out: &mut O,
+        x: &X,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        t: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<bool>
+    where
+        X: DevicePtr<f32>,
+        O: DevicePtrMut<f32>,
+    {
+        if t == 0 || n == 0 || k == 0 {
+            return Ok(true);
+        }
+        need(x, t * k, "matmul x")?;
+        need(w, n * k, "matmul w")?;
+        need(b, n, "bias")?;
+        need(out, t * n, "matmul out")?;
+        let (t64, n64, k64) = (t as u64, n as u64, k as u64);
+        let f32_type = sys::cudaDataType_t::CUDA_R_32F;
+        let desc = Desc(
+            lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, f32_type)
+                .map_err(lt_error("descriptor"))?,
+        );
+        let stream = &self.stream;
+        let (bias_ptr, _bias_sync) = b.device_ptr(stream);
+        // SAFETY: each attribute gets its documented type: TRANSA/TRANSB a cublasOperation_t
+        // (i32), EPILOGUE a cublasLtEpilogue_t, BIAS_POINTER a device pointer (u64) to N f32
+        // values (checked above), alive until the call returns (the sync guard is held).
+        unsafe {
+            use sys::cublasLtMatmulDescAttributes_t as A;
+            set_desc(&desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?;
+            set_desc(&desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?;
+            set_desc(
+                &desc,
+                A::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                &sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            )?;
+            set_desc(&desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr)?;
+        }
+        let layout = |rows: u64, cols: u64, ld: u64| -> Result<Layout> {
+            lt::create_matrix_layout(f32_type, rows, cols, ld as i64)
+                .map(Layout)
+                .map_err(lt_error("layout"))
+        };
+        let (a_l, b_l, d_l) = (
+            layout(k64, n64, k64)?,
+            layout(k64, t64, k64)?,
+            layout(n64, t64, n64)?,
+        );
+        let pref = Pref(lt::create_matmul_pref().map_err(lt_error("preference"))?);
+        let ws = WORKSPACE_BYTES as u64;
+        // SAFETY: MAX_WORKSPACE_BYTES takes a u64.
+        unsafe {
+            lt::set_matmul_pref_attribute(
+                pref.0,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const u64 as *const c_void,
+                size_of::<u64>(),
+            )
+        }
+        .map_err(lt_error("preference attribute"))?;
+        // SAFETY: every descriptor and layout is live (guards above); the heuristic only
+        // reads them.
+        let heuristic = match unsafe {
+            lt::get_matmul_algo_heuristic(self.handle, desc.0, a_l.0, b_l.0, d_l.0, d_l.0, pref.0)
+        } {
+            Ok(h) => h,
+            Err(_) => return Ok(false),
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (w_ptr, _w_sync) = w.device_ptr(stream);
+        let (x_ptr, _x_sync) = x.device_ptr(stream);
+        let (o_ptr, _o_sync) = out.device_ptr_mut(stream);
+        let (ws_ptr, _ws_sync) = self.workspace.device_ptr(stream);
+        // SAFETY: A = W (N·K values), B = x (T·K), C = D = out (T·N), all checked above and
+        // on this stream's device; the layouts describe exactly those shapes; the workspace
+        // holds WORKSPACE_BYTES, the most the preference allowed; alpha/beta are f32 as the
+        // f32 scale type requires; C with beta 0 is only written.
+        unsafe {
+            lt::matmul(
+                self.handle,
+                desc.0,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                w_ptr as *const c_void,
+                a_l.0,
+                x_ptr as *const c_void,
+                b_l.0,
+                o_ptr as *const c_void,
+                d_l.0,
+                o_ptr as *mut c_void,
+                d_l.0,
+                &heuristic.algo,
+                ws_ptr as *mut c_void,
+                WORKSPACE_BYTES,
+                stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map_err(lt_error("matmul"))?;
+        Ok(true)
+    }
+}
