@@ -5,11 +5,13 @@
 #                                  # into target/gpu-check/ (debug info stripped)
 #   scripts/gpu-check.sh run       # on the GPU machine (with target/gpu-check carried there)
 #
-# `run` puts the machine's own libnvrtc and libcublas (from its CUDA or PyTorch install) on the
-# loader's path, prints the device, and runs the CUDA tests: every kernel compiles for
-# sm_80/sm_90 and for the device; the kernels with a CPU reference run on the GPU and are
-# compared; and a model loaded on cuda:0 is compared with the CPU model (logits, log-probs,
-# greedy tokens, sampling, gradients and SFT trainer steps, LoRA and heads refused). Then it
+# `run` puts the machine's own libnvrtc, libcublas and libcublasLt (from its CUDA or PyTorch
+# install) on the loader's path, prints the device, and runs the CUDA tests: every kernel
+# compiles for sm_80/sm_90 and for the device; the kernels with a CPU reference run on the GPU
+# and are compared; and a model loaded on cuda:0 is compared with the CPU model (logits,
+# log-probs, greedy tokens, sampling, gradients with and without checkpointing, value/score
+# heads and the entropy term, LoRA, bf16 storage, SFT trainer steps with AdamW on the device,
+# accumulation, checkpoint and resume). Then it
 # times rlx on the GPU (tests/examples/gpu_bench.rs: a SmolLM2-135M-shaped Llama with random
 # f32 weights: decode tok/s at batch 1 and 32, prefill of 512 tokens, log-probs of 8 × 256,
 # one SFT training step on 4 × 256) and the same model in the machine's PyTorch
@@ -58,7 +60,7 @@ PY
     # rlx looks for libX.so, .so.12 and older names; a CUDA 13 install has .so.13 only, so
     # offer it under the plain name too (the API rlx calls is the same).
     alias_dir=$(mktemp -d)
-    for name in libnvrtc libcublas; do
+    for name in libnvrtc libcublas libcublasLt; do
         lib=$(find_lib "$name")
         echo "$name from: ${lib:-the default loader path}"
         if [ -n "$lib" ]; then

@@ -6,9 +6,10 @@
 //!   tokens minus the time of 1, so prefill is excluded),
 //! - prefill tokens/s of one 512-token prompt (first token included),
 //! - log-prob tokens/s of 8 sequences × 256 tokens,
-//! - training tokens/s: one SFT step (mean cross-entropy over every next token, gradients on
-//!   the device, global-norm clipping and AdamW on the host, the new weights copied back to
-//!   the device) on 4 sequences × 256 tokens; the best of 3 steps after one warm-up step.
+//! - the four above again with `device_dtype` bf16 (bf16 matrices and KV cache, f32 sums),
+//! - training tokens/s: one SFT step (mean cross-entropy over every next token; gradients,
+//!   global-norm clipping and AdamW on the device, the new weights copied to the host) on 4
+//!   sequences × 256 tokens; the best of 3 steps after one warm-up step.
 //!
 //! Writes into OUT (default `/tmp/rlx-gpu-bench`): `model/` (the checkpoint, which
 //! `benches/gpu_torch.py` loads into its PyTorch reference), `results.json`, and
@@ -144,6 +145,41 @@ fn greedy(n: usize) -> SamplingParams {
     }
 }
 
+/// Decode tokens/s at batch 1 and 32, prefill tokens/s of 512, log-prob tokens/s of 8 × 256.
+fn inference(model: &Model, what: &str) -> Res<(f64, f64, f64, f64)> {
+    // Decode: time of 129 new tokens minus time of 1 (the prefill and first token).
+    let new = 128usize;
+    let decode = |batch: usize| -> Res<f64> {
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|b| (0..16).map(|i| token(i, b)).collect())
+            .collect();
+        model.generate(&prompts, &greedy(4), None)?;
+        let one = best_of(3, || model.generate(&prompts, &greedy(1), None))?;
+        let many = best_of(3, || model.generate(&prompts, &greedy(new + 1), None))?;
+        Ok((batch * new) as f64 / (many - one).max(1e-9))
+    };
+    let decode_b1 = decode(1)?;
+    let decode_b32 = decode(32)?;
+    eprintln!(
+        "gpu_bench {what}: decode {decode_b1:.0} tok/s (batch 1), {decode_b32:.0} tok/s (batch 32)"
+    );
+    let long: Vec<u32> = (0..512).map(|i| token(i, 2)).collect();
+    model.generate(std::slice::from_ref(&long), &greedy(1), None)?;
+    let prefill = 512.0
+        / best_of(5, || {
+            model.generate(std::slice::from_ref(&long), &greedy(1), None)
+        })?;
+    let seqs: Vec<Vec<u32>> = (0..8)
+        .map(|s| (0..256).map(|i| token(i, 10 + s)).collect())
+        .collect();
+    model.logprobs(&seqs, 1.0)?;
+    let logprobs = 2048.0 / best_of(5, || model.logprobs(&seqs, 1.0))?;
+    eprintln!(
+        "gpu_bench {what}: prefill 512: {prefill:.0} tok/s; log-probs 8×256: {logprobs:.0} tok/s"
+    );
+    Ok((decode_b1, decode_b32, prefill, logprobs))
+}
+
 fn run() -> Res<()> {
     let args: Vec<String> = std::env::args().collect();
     let out = PathBuf::from(
@@ -184,33 +220,18 @@ fn run() -> Res<()> {
         .tokens
         .clone();
 
-    // Decode: time of 129 new tokens minus time of 1 (the prefill and first token).
-    let new = 128usize;
-    let decode = |batch: usize| -> Res<f64> {
-        let prompts: Vec<Vec<u32>> = (0..batch)
-            .map(|b| (0..16).map(|i| token(i, b)).collect())
-            .collect();
-        model.generate(&prompts, &greedy(4), None)?;
-        let one = best_of(3, || model.generate(&prompts, &greedy(1), None))?;
-        let many = best_of(3, || model.generate(&prompts, &greedy(new + 1), None))?;
-        Ok((batch * new) as f64 / (many - one).max(1e-9))
-    };
-    let decode_b1 = decode(1)?;
-    let decode_b32 = decode(32)?;
-    eprintln!("gpu_bench: decode {decode_b1:.0} tok/s (batch 1), {decode_b32:.0} tok/s (batch 32)");
-
-    let long: Vec<u32> = (0..512).map(|i| token(i, 2)).collect();
-    model.generate(std::slice::from_ref(&long), &greedy(1), None)?;
-    let prefill = 512.0
-        / best_of(5, || {
-            model.generate(std::slice::from_ref(&long), &greedy(1), None)
-        })?;
-    let seqs: Vec<Vec<u32>> = (0..8)
-        .map(|s| (0..256).map(|i| token(i, 10 + s)).collect())
-        .collect();
-    model.logprobs(&seqs, 1.0)?;
-    let logprobs = 2048.0 / best_of(5, || model.logprobs(&seqs, 1.0))?;
-    eprintln!("gpu_bench: prefill 512: {prefill:.0} tok/s; log-probs 8×256: {logprobs:.0} tok/s");
+    let (decode_b1, decode_b32, prefill, logprobs) = inference(&model, "f32")?;
+    // The same with bf16 storage (matrices and KV cache; f32 sums).
+    let bf16_model = Model::load(
+        &model_dir,
+        LoadOptions {
+            device,
+            device_dtype: rlx::DeviceDtype::Bf16,
+            ..Default::default()
+        },
+    )?;
+    let bf16 = inference(&bf16_model, "bf16")?;
+    drop(bf16_model);
 
     // Training: one SFT step over 4 × 256 tokens (the trainer takes the model; last).
     let train_seqs: Vec<Vec<u32>> = (0..4)
@@ -242,6 +263,10 @@ fn run() -> Res<()> {
         "logprobs_8x256_tok_s": logprobs,
         "train_sft_4x256_tok_s": train,
         "train_step_s": step_s,
+        "bf16_decode_b1_tok_s": bf16.0,
+        "bf16_decode_b32_tok_s": bf16.1,
+        "bf16_prefill512_tok_s": bf16.2,
+        "bf16_logprobs_8x256_tok_s": bf16.3,
         "train_first_loss": first.loss,
         "train_tokens": train_seqs,
         "logits_tokens": seq,
