@@ -258,9 +258,12 @@ class Trainer:
         head: Union[Literal["score", "value"], None] = None,
         seed: int = 0,
         threads: int = 0,
+        device: str = "cpu",
     ) -> None: ...
     @staticmethod
-    def resume(path: Union[str, PathLike[str]], threads: int = 0) -> tuple[Trainer, object]:
+    def resume(
+        path: Union[str, PathLike[str]], threads: int = 0, device: str = "cpu"
+    ) -> tuple[Trainer, object]:
         """Continues from a checkpoint; returns the trainer and the saved ``extra``."""
     def save(self, path: Union[str, PathLike[str]], extra: object = None) -> None:
         """Writes a checkpoint folder (never over an existing one)."""

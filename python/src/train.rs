@@ -223,12 +223,13 @@ impl PyTrainer {
 impl PyTrainer {
     /// Loads `path` for training. `head`: None, "score" (a fresh reward head, unless the
     /// checkpoint has one) or "value" (a fresh PPO value head). `total_steps` > 0 selects
-    /// linear warm-up over `warmup_steps` then cosine decay.
+    /// linear warm-up over `warmup_steps` then cosine decay. `device`: "cpu", "cuda" or
+    /// "cuda:N" (gradients and AdamW on the device; not yet verified on a GPU).
     #[new]
     #[pyo3(signature = (
         path, lr = 1e-5, weight_decay = 0.0, betas = (0.9, 0.999), eps = 1e-8,
         max_grad_norm = Some(1.0), warmup_steps = 0, total_steps = 0, lora = None,
-        gradient_checkpointing = false, head = None, seed = 0, threads = 0,
+        gradient_checkpointing = false, head = None, seed = 0, threads = 0, device = "cpu",
     ))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     fn new(
@@ -246,8 +247,10 @@ impl PyTrainer {
         head: Option<String>,
         seed: u64,
         threads: i64,
+        device: &str,
     ) -> PyResult<Self> {
         let threads = count(py, threads, "threads")?;
+        let device: rlx::Device = device.parse().map_err(|e| to_py_err(py, e))?;
         let config = TrainConfig {
             lr: lr as f32,
             beta1: betas.0 as f32,
@@ -264,6 +267,7 @@ impl PyTrainer {
                     &path,
                     LoadOptions {
                         threads,
+                        device,
                         ..Default::default()
                     },
                 )?;
@@ -290,15 +294,22 @@ impl PyTrainer {
 
     /// Continues from a checkpoint written by `save`; returns `(trainer, extra)`.
     #[staticmethod]
-    #[pyo3(signature = (path, threads = 0))]
-    fn resume(py: Python<'_>, path: PathBuf, threads: i64) -> PyResult<(Self, Py<PyAny>)> {
+    #[pyo3(signature = (path, threads = 0, device = "cpu"))]
+    fn resume(
+        py: Python<'_>,
+        path: PathBuf,
+        threads: i64,
+        device: &str,
+    ) -> PyResult<(Self, Py<PyAny>)> {
         let threads = count(py, threads, "threads")?;
+        let device: rlx::Device = device.parse().map_err(|e| to_py_err(py, e))?;
         let (inner, extra) = py
             .detach(|| {
                 Trainer::resume(
                     &path,
                     LoadOptions {
                         threads,
+                        device,
                         ..Default::default()
                     },
                 )

@@ -152,3 +152,51 @@ def test_stop_tokens_end_a_sequence(pair):
     first = free.tokens.index(stop)
     assert out.tokens == free.tokens[: first + 1]
     assert out.finish_reason == "stop"
+
+
+# ---- Training, heads, LoRA and bf16 storage on the device (Rust: tests/tests/cuda.rs). ----
+
+TRAIN_SEQS = [[(i * 53 + s * 71 + 5) % 384 for i in range(n)] for s, n in enumerate([5, 23, 40])]
+TRAIN_MASKS = [[i > 0 and i % 3 != 0 for i in range(len(s))] for s in TRAIN_SEQS]
+
+
+def trainers(**kw):
+    """The same Trainer on cpu and on cuda (or a skip saying why there is no device)."""
+    path = FIXTURES / "llama-f32"
+    load_cuda(path)  # skips without a device
+    cpu = rlx.Trainer(path, threads=2, **kw)
+    gpu = rlx.Trainer(path, threads=2, device="cuda", **kw)
+    return cpu, gpu
+
+
+@pytest.mark.parametrize("lora", [None, "lora"])
+def test_sft_steps_match_cpu(lora):
+    kw = dict(lr=1e-3)
+    if lora:
+        kw["lora"] = rlx.LoraConfig(r=4, lora_alpha=8.0, target_modules=["all-linear"])
+    cpu, gpu = trainers(**kw)
+    for _ in range(2):
+        want = cpu.sft_step(TRAIN_SEQS, TRAIN_MASKS)
+        got = gpu.sft_step(TRAIN_SEQS, TRAIN_MASKS)
+        close([got["loss"], got["grad_norm"]], [want["loss"], want["grad_norm"]])
+    close(gpu.model.logprobs(TRAIN_SEQS), cpu.model.logprobs(TRAIN_SEQS), rtol=1e-2)
+
+
+def test_reward_model_and_value_head_train_on_the_device():
+    cpu, gpu = trainers(lr=1e-4, head="score")
+    rejected = [list(reversed(s)) for s in TRAIN_SEQS]
+    want = cpu.rm_step(TRAIN_SEQS, rejected)
+    got = gpu.rm_step(TRAIN_SEQS, rejected)
+    close([got["loss"], got["grad_norm"]], [want["loss"], want["grad_norm"]])
+    cpu, gpu = trainers(lr=1e-4, head="value")
+    for w, g in zip(cpu.values(TRAIN_SEQS, TRAIN_MASKS), gpu.values(TRAIN_SEQS, TRAIN_MASKS)):
+        close(g, w)
+
+
+def test_bf16_storage_is_close_to_f32():
+    path = FIXTURES / "llama-f32"
+    load_cuda(path)
+    cpu = rlx.Model.load(path, threads=2)
+    bf16 = rlx.Model.load(path, threads=2, device="cuda", device_dtype="bf16")
+    # bf16 matrices and KV cache: log-probs within 5e-2 (see BF16_TOL_F32_MODEL in cuda.rs).
+    close(bf16.logprobs(SEQUENCES), cpu.logprobs(SEQUENCES), rtol=5e-2)

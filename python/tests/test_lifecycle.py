@@ -355,3 +355,10 @@ def test_devices_are_checked():
     # the device does not exist; either way a clear UnsupportedError.
     with pytest.raises(rlx.UnsupportedError, match="CUDA"):
         rlx.Model.load(FIXTURES / "llama-f32", device="cuda:99")
+    # The device storage type: a typo, and bf16 on the CPU, are argument errors.
+    with pytest.raises(rlx.InvalidArgumentError, match="f32 or bf16"):
+        rlx.Model.load(FIXTURES / "llama-f32", device_dtype="fp8")
+    with pytest.raises(rlx.InvalidArgumentError, match="CUDA"):
+        rlx.Model.load(FIXTURES / "llama-f32", device_dtype="bf16")
+    with pytest.raises(rlx.UnsupportedError, match="CUDA"):
+        rlx.Trainer(FIXTURES / "llama-f32", device="cuda:99")
