@@ -337,7 +337,7 @@ const CACHED_WEIGHTS_LIMIT: usize = 1 << 24;
 ///
 /// Each (token, head) needs its softmax weights `p_j` and score gradients
 /// `dL/ds_j = p_j (do·v_j − do·o)`; the first pass computes them and, while they fit in
-/// [`CACHED_WEIGHTS_LIMIT`], keeps them for the second (the same values either way).
+/// `CACHED_WEIGHTS_LIMIT`, keeps them for the second (the same values either way).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dq: &mut [f32],

@@ -1,30 +1,32 @@
-//! Training on the device: the gradient of any objective of the selected tokens' log-probs
-//! (SFT, DPO, GRPO: `Model::token_objective_gradients`), mirroring `model/backward.rs`.
+//! Training on the device: the gradient of any objective of the selected tokens' log-probs,
+//! entropies and values (SFT, DPO, GRPO, PPO: `Model::token_objective_gradients`) and of the
+//! reward model's pair loss (`hidden_objective_gradients`), mirroring `model/backward.rs`.
 //!
 //! ```text
 //! forward, keeping each layer's activations (input, norm statistics and output, q/k/v after
-//!   RoPE, attention output and log-sum-exp, MLP pre-activations and activation):
-//!   embedding_fwd_f32 → per layer: rmsnorm_fwd | layernorm_fwd (with statistics), q/k/v
-//!   (cuBLAS + bias), rope_fwd, attention_prefill_fwd (tiles of 16 query rows per sequence,
-//!   log-sum-exp per row and head), o-proj, residual, norm, MLP, residual → final norm
+//!   RoPE, attention output and log-sum-exp, MLP pre-activations and activation), or with
+//!   gradient checkpointing each layer's input only (the backward recomputes the rest):
+//!   embedding_fwd → per layer: rmsnorm_fwd | layernorm_fwd (with statistics), q/k/v
+//!   (matmul + bias, + LoRA), rope_fwd, attention_prefill_fwd (tiles of 16 query rows per
+//!   sequence, log-sum-exp per row and head), o-proj, residual, norm, MLP, residual → norm
 //! LM head in chunks of 256 rows, twice: logsoftmax_gather_fwd (log-prob, log-sum-exp,
-//!   entropy) → the objective on the host → logsoftmax_gather_bwd → dH = dlogits · head,
-//!   dhead += dlogitsᵀ · H (cuBLAS)
+//!   entropy) → (value head on the host) → the objective on the host → logsoftmax_gather_bwd
+//!   (log-prob and entropy terms) → dH = dlogits · head, dhead += dlogitsᵀ · H (cuBLAS)
 //! backward: final norm, per layer in reverse: down/proj, swiglu_bwd | gelu_tanh_bwd,
 //!   gate/up/fc, norm, o-proj, attention_bwd_delta + attention_prefill_bwd (dQ, dK, dV with
 //!   atomics; grouped KV heads sum their query heads), rope_bwd, q/k/v, norm; embedding_bwd
-//!   (token and learned position tables); biases = column sums (a GEMM with a ones vector)
-//! gradients copied to the host into `Gradients` (the CPU path's structure)
+//!   (token and learned position tables); biases = column sums (a GEMM with a ones vector);
+//!   LoRA: the adapters' gradients only (a frozen base has no gradient buffers)
+//! gradients copied to the host into `Gradients` (the CPU path's structure), or kept on the
+//!   device for a Trainer's own step (`optim.rs`)
 //! ```
 //!
-//! Only full fine-tuning: LoRA adapters, reward (score) and value heads are refused, as is an
-//! objective with an entropy gradient (no kernel for it yet). Every activation of every layer
-//! is kept (no gradient checkpointing on the device). Sums run in other orders than on the CPU
-//! (and dQ/dK/dV, norm weights and embeddings accumulate with atomics), so gradients agree
-//! with the CPU within tolerance, not bit for bit.
+//! The score and value heads (one row of `C` weights) run on the host on the downloaded final
+//! hidden states. Sums run in other orders than on the CPU (and dQ/dK/dV, norm weights and
+//! embeddings accumulate with atomics), so gradients agree with the CPU within tolerance, not
+//! bit for bit. Training needs the f32 device weights (a Trainer makes them).
 //!
-//! Also here: [`CudaModel::refresh`], the re-upload of changed host weights after an
-//! optimizer step (the optimizer runs on the host).
+//! Also here: [`CudaModel::refresh`], the re-upload of weights changed on the host.
 //!
 //! Not yet run on a GPU: compiled and type-checked only.
 

@@ -10,11 +10,12 @@
 //! - `gpu.rs`: one device: context, stream, cuBLAS handle, loaded kernels, and a launch method
 //!   per kernel whose arguments follow the kernel's C signature; the cuBLAS GEMM wrapper.
 //! - `lt.rs`: cuBLASLt for biased products (the bias fused as the GEMM's epilogue).
-//! - `model.rs`: [`CudaModel`]: the weights on the device (f32) and the forward pass, logits,
-//!   log-probs and generation.
-//! - `backward.rs` (a child module of `model.rs`): the training backward (gradients of any
-//!   objective of per-token log-probs, copied to the host) and the re-upload of changed
-//!   weights after an optimizer step.
+//! - `model.rs`: [`CudaModel`]: the weights on the device (f32 or bf16), the paged KV cache and
+//!   the forward pass, logits, log-probs, hidden states and generation.
+//! - `backward.rs` (a child module of `model.rs`): the training forward and backward
+//!   (gradients of every objective, LoRA, checkpointing) and the re-upload of changed weights.
+//! - `optim.rs` (a child module of `backward.rs`): gradients and AdamW's moments kept on the
+//!   device for a Trainer.
 //!
 //! Status: kernels compile (checked in CI for sm_80 and sm_90). The model code is compiled
 //! and type-checked but has NOT yet run on a GPU; `tests/tests/cuda.rs` holds the checks

@@ -8,13 +8,16 @@
 //! ```
 //!
 //! - Weights: f32 on the device (quantized GGUF tensors are dequantized at load, f16/bf16
-//!   checkpoints widened to f32, as the CPU path reads them). bf16 storage is not built.
-//! - Matrix products: cuBLAS SGEMM, f32 in and out (no TF32), `x · Wᵀ` as `gpu::Gpu::gemm`.
-//! - KV cache: contiguous f32, `[sequences × capacity, kv_dim]` per layer, sized for the whole
-//!   request; the paged bf16 layout the kernels also support is not used yet. Attention runs
-//!   `attention_decode_paged_f32` with one query row per token (prefill and decode alike) and
-//!   one block of `capacity` positions per sequence, so a token attends to positions `0..=pos`
-//!   of its own sequence exactly as the CPU kernel does.
+//!   checkpoints widened to f32, as the CPU path reads them), or with `device_dtype` bf16 the
+//!   matrices (linear weights, embeddings, LM head) rounded to bf16; norms, biases and LoRA
+//!   adapters stay f32. Score and value heads stay on the host.
+//! - Matrix products: cuBLAS SGEMM, f32 in and out (no TF32), `x · Wᵀ` as `gpu::Gpu::gemm`;
+//!   with a bias, cuBLASLt's BIAS epilogue (`lt.rs`); bf16 weights through `matmul_bf16w`.
+//! - KV cache: paged, blocks of [`KV_BLOCK`] positions from one pool per layer (f32 or bf16),
+//!   each sequence owning the blocks its capacity needs. Attention runs
+//!   `attention_decode_paged{_f32}` with one query row per token (prefill and decode alike)
+//!   through the token's sequence's block table, so a token attends to positions `0..=pos` of
+//!   its own sequence exactly as the CPU kernel does.
 //! - Generation samples on the device (`sample_rows`: temperature, top-k, top-p) and reports
 //!   log-probs through `logsoftmax_gather_fwd`; with a repetition penalty or min-p the logits
 //!   rows go to the host and the CPU sampler picks. Random numbers differ from the CPU
