@@ -115,7 +115,7 @@ struct ModelArgs {
     #[arg(long)]
     allow_non_finite: bool,
     /// Where to run: cpu, cuda or cuda:N. On CUDA, generation, scoring and training
-    /// (gradients and AdamW) run on the device (not yet verified on a GPU); LoRA refuses it.
+    /// (gradients and AdamW; full or LoRA) run on the device (not yet verified on a GPU).
     #[arg(long, default_value = "cpu")]
     device: rlx::Device,
     /// On CUDA: f32 (default) or bf16 storage of the matrices and the KV cache (sums stay

@@ -1,12 +1,12 @@
 // Causal attention with grouped-query heads (Hq query heads share Hq/Hkv key/value heads).
 //
-// attention_decode_paged: one new token per sequence against a paged bf16 KV cache
-//   (blocks of `block_size` positions; a sequence's blocks are listed in its row of
-//   `block_tables`). One block of 4 warps per (sequence, query head); each warp keeps an online
+// attention_decode_paged: query rows against a paged bf16 KV cache (blocks of `block_size`
+//   positions; row b belongs to sequence row_seq[b], whose blocks are listed in that row of
+//   `block_tables`). One block of 4 warps per (row, query head); each warp keeps an online
 //   softmax over its positions, the warps merge at the end. head_dim ≤ 256.
 //   attention_decode_paged_f32 / kv_cache_append_f32: the same over an f32 cache. The model
-//   forward of the CUDA backend uses them with one "row" per token of a packed batch (prefill
-//   and decode alike) and one block of `capacity` positions per sequence (a contiguous cache).
+//   forward of the CUDA backend runs one row per token of a packed batch (prefill and decode
+//   alike): a token reads positions 0..pos of its own sequence.
 //
 // attention_prefill_fwd / attention_prefill_bwd: FlashAttention-style tiles over packed
 //   variable-length sequences (`cu_seqlens`): scores live in shared memory one tile at a time,
@@ -27,11 +27,13 @@ __device__ __forceinline__ void kv_store(bf16_t* p, long long i, float x) { p[i]
 __device__ __forceinline__ void kv_store(float* p, long long i, float x) { p[i] = x; }
 
 // The body of attention_decode_paged (bf16 cache) and attention_decode_paged_f32 (f32 cache).
-// Row `b` of `q` attends to positions 0..context_lens[b]-1 of the blocks listed in row b of
-// `block_tables`. Launch: grid (rows, hq), block exactly DECODE_WARPS × 32 = 128 threads.
+// Row `b` of `q` attends to positions 0..context_lens[b]-1 of the blocks listed in row
+// row_seq[b] of `block_tables` ([sequences, max_blocks]). Launch: grid (rows, hq), block
+// exactly DECODE_WARPS × 32 = 128 threads.
 template <typename T>
 __device__ __forceinline__ void attention_decode(const float* q, const T* k_cache,
                                                  const T* v_cache, const int* block_tables,
+                                                 const int* row_seq,
                                                  const int* context_lens, float* out, int hq,
                                                  int hkv, int head_dim, int block_size,
                                                  int max_blocks, float scale) {
@@ -51,7 +53,7 @@ __device__ __forceinline__ void attention_decode(const float* q, const T* k_cach
     float m = -INFINITY, l = 0.0f;
     int len = context_lens[b];
     for (int p = warp; p < len; p += DECODE_WARPS) {
-        int blk = block_tables[(long long)b * max_blocks + p / block_size];
+        int blk = block_tables[(long long)row_seq[b] * max_blocks + p / block_size];
         long long row = (((long long)blk * block_size + p % block_size) * hkv + kvh) * head_dim;
         float s = 0.0f;
         for (int i = 0; i < per_lane; ++i) {
@@ -93,23 +95,24 @@ __device__ __forceinline__ void attention_decode(const float* q, const T* k_cach
 
 extern "C" __global__ void attention_decode_paged(const float* q, const bf16_t* k_cache,
                                                   const bf16_t* v_cache, const int* block_tables,
-                                                  const int* context_lens, float* out, int hq,
-                                                  int hkv, int head_dim, int block_size,
-                                                  int max_blocks, float scale) {
-    attention_decode<bf16_t>(q, k_cache, v_cache, block_tables, context_lens, out, hq, hkv,
-                             head_dim, block_size, max_blocks, scale);
+                                                  const int* row_seq, const int* context_lens,
+                                                  float* out, int hq, int hkv, int head_dim,
+                                                  int block_size, int max_blocks, float scale) {
+    attention_decode<bf16_t>(q, k_cache, v_cache, block_tables, row_seq, context_lens, out, hq,
+                             hkv, head_dim, block_size, max_blocks, scale);
 }
 
-// The same over an f32 cache (what the model forward of the CUDA backend uses today).
+// The same over an f32 cache.
 extern "C" __global__ void attention_decode_paged_f32(const float* q, const float* k_cache,
                                                       const float* v_cache,
                                                       const int* block_tables,
+                                                      const int* row_seq,
                                                       const int* context_lens, float* out,
                                                       int hq, int hkv, int head_dim,
                                                       int block_size, int max_blocks,
                                                       float scale) {
-    attention_decode<float>(q, k_cache, v_cache, block_tables, context_lens, out, hq, hkv,
-                            head_dim, block_size, max_blocks, scale);
+    attention_decode<float>(q, k_cache, v_cache, block_tables, row_seq, context_lens, out, hq,
+                            hkv, head_dim, block_size, max_blocks, scale);
 }
 
 // Writes token t's K and V rows (f32, [n_tokens, hkv * head_dim]) into cache slot slots[t]

@@ -1201,6 +1201,21 @@ fn gpu_lora_matches_the_cpu() {
                 w.grad_norm
             );
         }
+        // Adapter gradients computed outside the trainer (copied to the host, then uploaded
+        // by `accumulate`) step the same way.
+        let (lc, gc) = (
+            on_cpu.model().sft_gradients(&seqs, &masks).unwrap(),
+            on_gpu.model().sft_gradients(&seqs, &masks).unwrap(),
+        );
+        on_cpu.accumulate(lc.0, lc.1, 1.0).unwrap();
+        on_gpu.accumulate(gc.0, gc.1, 1.0).unwrap();
+        let (w, g) = (on_cpu.step().unwrap(), on_gpu.step().unwrap());
+        assert!(
+            (g.grad_norm - w.grad_norm).abs() <= GRAD_TOL * w.grad_norm,
+            "{name}: LoRA host-gradient step norm {} vs {}",
+            g.grad_norm,
+            w.grad_norm
+        );
         assert_weights_close(on_gpu.model(), on_cpu.model(), lr, &format!("{name} LoRA"));
         // The frozen reference is the base model; merging keeps the outputs.
         let probe = &seqs[2];

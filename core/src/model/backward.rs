@@ -221,8 +221,8 @@ impl Gradients {
     /// True when the embedding, norms, linear weights and LM head get no gradient (LoRA).
     pub fn base_frozen(&self) -> bool {
         #[cfg(feature = "cuda")]
-        if self.device.is_some() {
-            return false;
+        if let Some(d) = &self.device {
+            return d.base_frozen();
         }
         self.tok_emb.is_empty()
     }

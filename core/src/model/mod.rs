@@ -61,8 +61,7 @@ pub struct LoadOptions {
     /// (GGUF blocks are dequantized: `keep_quantized` does not apply; see `device_dtype`), and
     /// `logits`, `logprobs`, `generate`, values and reward scores run there, as do training's
     /// gradients and AdamW (a [`Trainer`](crate::train::Trainer) keeps its optimizer state on
-    /// the device); LoRA returns an error on such a model. The CUDA path has not yet been run
-    /// on a GPU.
+    /// the device), full fine-tuning or LoRA. The CUDA path has not yet been run on a GPU.
     pub device: crate::backend::Device,
     /// On a CUDA device: f32 (default) or bf16 storage of the matrices and the KV cache
     /// ([`DeviceDtype`](crate::backend::DeviceDtype)). Must be f32 on the CPU.

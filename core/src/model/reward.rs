@@ -253,7 +253,6 @@ impl Model {
     }
 }
 
-/// `n` values from `N(0, std²)`, deterministic in `seed` (Box–Muller over ChaCha8).
 /// The pairwise loss `mean −log σ(r_chosen − r_rejected − margin)` over `last.len() / 2`
 /// pairs (chosen first, then rejected, in `last` order) from the final hidden states `h`
 /// (`[T, C]`, `last[i]` = sequence i's last row): adds `∂loss/∂h` into `dhf` and the score
@@ -302,6 +301,7 @@ fn pair_objective(
     }
 }
 
+/// `n` values from `N(0, std²)`, deterministic in `seed` (Box–Muller over ChaCha8).
 fn normal_values(seed: u64, n: usize, std: f64) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut uniform = || ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;

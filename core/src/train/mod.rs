@@ -145,9 +145,13 @@ pub struct Trainer {
     /// are empty and its moments are in `device`).
     m: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
-    /// On a CUDA model: the backbone's moments on the device, where its AdamW step runs.
+    /// On a CUDA model: the moments of the tensors the device holds, where their AdamW step
+    /// runs.
     #[cfg(feature = "cuda")]
     device: Option<crate::backend::cuda::DeviceMoments>,
+    /// How many leading tensors (in `names` order) live on the device (0 on the CPU); their
+    /// host `m`/`v` entries are empty.
+    on_device: usize,
     step: u64,
     skipped: u64,
     pending: Option<Pending>,
@@ -208,6 +212,7 @@ impl Trainer {
             sizes,
             #[cfg(feature = "cuda")]
             device,
+            on_device,
             model,
             config,
             step: 0,
@@ -237,8 +242,9 @@ impl Trainer {
     /// AdamW's moments of every trainable tensor (`(m, v)` in `params_mut` order), copied from
     /// the device where they live there.
     pub(crate) fn moments(&self) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+        // The device's tensors first (`on_device` of them), then the host's.
         #[cfg(feature = "cuda")]
-        let mut device = match (&self.device, self.model.cuda()?) {
+        let mut out = match (&self.device, self.model.cuda()?) {
             (Some(d), Some(gpu)) => gpu.moments_to_host(d)?,
             (Some(_), None) => {
                 return Err(Error::Cuda(
@@ -246,18 +252,13 @@ impl Trainer {
                 ))
             }
             _ => Vec::new(),
+        };
+        #[cfg(not(feature = "cuda"))]
+        let mut out = Vec::new();
+        if out.len() != self.on_device {
+            return Err(Error::invalid("internal: device moments"));
         }
-        .into_iter();
-        let mut out = Vec::with_capacity(self.m.len());
-        for (m, v) in self.m.iter().zip(&self.v) {
-            #[cfg(feature = "cuda")]
-            if m.is_empty() {
-                let pair = device
-                    .next()
-                    .ok_or_else(|| Error::Cuda("internal: device moments".into()))?;
-                out.push(pair);
-                continue;
-            }
+        for (m, v) in self.m.iter().zip(&self.v).skip(self.on_device) {
             out.push((m.clone(), v.clone()));
         }
         Ok(out)
@@ -273,20 +274,15 @@ impl Trainer {
         {
             return Err(Error::invalid("optimizer state does not match the model"));
         }
-        #[cfg(feature = "cuda")]
-        let mut for_device = Vec::new();
-        for (i, (m, v)) in all.into_iter().enumerate() {
-            #[cfg(feature = "cuda")]
-            if self.m[i].is_empty() {
-                for_device.push((m, v));
-                continue;
-            }
-            self.m[i] = m;
-            self.v[i] = v;
+        let mut all = all;
+        let host = all.split_off(self.on_device);
+        for (i, (m, v)) in host.into_iter().enumerate() {
+            self.m[self.on_device + i] = m;
+            self.v[self.on_device + i] = v;
         }
         #[cfg(feature = "cuda")]
         if let (Some(d), Some(gpu)) = (self.device.as_mut(), self.model.cuda()?) {
-            gpu.moments_from_host(d, &for_device)?;
+            gpu.moments_from_host(d, &all)?;
         }
         Ok(())
     }
@@ -409,8 +405,8 @@ impl Trainer {
         let mut grads = grads;
         // The host part must match the host moments (all of them; on CUDA the heads').
         let flat = grads.flat();
-        let host: Vec<&Vec<f32>> = self.m.iter().filter(|m| !m.is_empty()).collect();
-        if flat.len() != host.len() || flat.iter().zip(&host).any(|(g, m)| g.len() != m.len()) {
+        let host = &self.m[self.on_device..];
+        if flat.len() != host.len() || flat.iter().zip(host).any(|(g, m)| g.len() != m.len()) {
             return Err(Error::invalid("gradients do not match this model"));
         }
         drop(flat);
@@ -438,8 +434,7 @@ impl Trainer {
                     grads.device.as_ref(),
                     self.model.cuda()?,
                 ) {
-                    let acc = std::sync::Arc::get_mut(acc)
-                        .ok_or_else(|| Error::Cuda("internal: shared device gradients".into()))?;
+                    let acc = unshared(gpu, acc)?;
                     gpu.grads_axpy(acc, g, weight as f32)?;
                 }
                 p.loss += loss * weight;
@@ -471,7 +466,7 @@ impl Trainer {
             Some(_) => Err(Error::invalid("gradients do not match this model")),
             None => {
                 let d = gpu.upload_grads(&grads)?;
-                let mut heads = Gradients::zeros_with(&self.model, true);
+                let mut heads = Gradients::heads_only(&self.model);
                 let (src, dst) = (grads.flat(), heads.flat_mut());
                 // The host list is the device's tensors, then the heads'.
                 if src.len() != d.tensor_count() + dst.len() {
@@ -552,7 +547,12 @@ impl Trainer {
         let bias2 = 1.0 - (c.beta2 as f64).powi(t);
         let bias2_sqrt = bias2.sqrt() as f32;
         let step_size = (lr as f64 / bias1) as f32;
-        // The backbone on the device first (its weights then copied to the host).
+        // The host gradients are the tensors after the device's (all of them on the CPU), as
+        // `accumulate` checked; checked again here, before anything moves.
+        if grads.flat().len() != self.m.len() - self.on_device {
+            return Err(Error::invalid("gradients do not match this model"));
+        }
+        // The device's tensors first (their new values then copied to the host).
         #[cfg(feature = "cuda")]
         if let (Some(moments), Some(d)) = (self.device.as_mut(), grads.device.as_ref()) {
             let step = crate::backend::cuda::AdamStep {
@@ -578,11 +578,12 @@ impl Trainer {
         #[cfg(not(feature = "cuda"))]
         let weights = self.model.weights_mut();
         let params = weights.params_mut();
-        for ((param, decay), (m, v)) in params
+        for (i, ((param, decay), (m, v))) in params
             .into_iter()
             .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+            .enumerate()
         {
-            if m.is_empty() {
+            if i < self.on_device {
                 continue; // updated on the device
             }
             let g = grads_flat
@@ -622,6 +623,20 @@ impl Trainer {
     }
 }
 
+/// The device gradients for writing: a clone of the `Gradients` that hold them shares them, so
+/// the first write gets its own device copy (copy on write, as the host vectors behave).
+#[cfg(feature = "cuda")]
+fn unshared<'a>(
+    gpu: &crate::backend::cuda::CudaModel,
+    d: &'a mut std::sync::Arc<crate::backend::cuda::DeviceGrads>,
+) -> Result<&'a mut crate::backend::cuda::DeviceGrads> {
+    if std::sync::Arc::get_mut(d).is_none() {
+        *d = std::sync::Arc::new(gpu.grads_copy(d)?);
+    }
+    std::sync::Arc::get_mut(d)
+        .ok_or_else(|| Error::Cuda("internal: shared device gradients".into()))
+}
+
 /// `grads *= a`, the host part and (on CUDA) the device part.
 fn scale_gradients(model: &Model, grads: &mut Gradients, a: f32) -> Result<()> {
     for g in grads.flat_mut() {
@@ -629,9 +644,7 @@ fn scale_gradients(model: &Model, grads: &mut Gradients, a: f32) -> Result<()> {
     }
     #[cfg(feature = "cuda")]
     if let (Some(d), Some(gpu)) = (grads.device.as_mut(), model.cuda()?) {
-        let d = std::sync::Arc::get_mut(d)
-            .ok_or_else(|| Error::Cuda("internal: shared device gradients".into()))?;
-        gpu.grads_scale(d, a)?;
+        gpu.grads_scale(unshared(gpu, d)?, a)?;
     }
     #[cfg(not(feature = "cuda"))]
     let _ = model;

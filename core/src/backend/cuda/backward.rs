@@ -1250,6 +1250,19 @@ impl CudaModel {
             .any(|l| l.linears().iter().any(|lin| lin.lora.is_some()))
     }
 
+    /// The values `zero_grads` allocates: every weight's, or with LoRA the adapters' alone.
+    fn gradient_values(&self) -> usize {
+        if !self.base_frozen() {
+            return self.parameter_count();
+        }
+        self.w
+            .layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .filter_map(|lin| lin.lora.as_ref().map(|ad| ad.r * (lin.k + lin.n)))
+            .sum()
+    }
+
     fn zero_grads(&self) -> Result<DGrads> {
         let g = &self.gpu;
         let frozen = self.base_frozen();
@@ -1480,7 +1493,7 @@ impl CudaModel {
             crate::memory::f32_bytes(&[t, cfg.num_layers, tape])
         };
         let needed = kept
-            .saturating_add(crate::memory::f32_bytes(&[self.parameter_count()]))
+            .saturating_add(crate::memory::f32_bytes(&[self.gradient_values()]))
             .saturating_add(crate::memory::f32_bytes(&[
                 t,
                 5 * c + 3 * f + 3 * qd + 3 * kvd + hq,
@@ -1548,6 +1561,8 @@ impl CudaModel {
         }
         let n_seq = seq_lens.len();
         let value_head = model.weights().value.as_ref();
+        // Fail before any work on a bf16-stored model (training needs the f32 weights).
+        self.w.tok_emb.f32()?;
 
         let guard = self.enter()?;
         let k = self.bwd_kernels()?;
@@ -1710,6 +1725,7 @@ impl CudaModel {
         objective: &mut HiddenObjective<'_>,
     ) -> Result<Gradients> {
         let (t, c) = (tokens.len(), self.cfg.hidden_size);
+        self.w.tok_emb.f32()?; // f32 weights, as above
         let guard = self.enter()?;
         let k = self.bwd_kernels()?;
         let checkpointed = model.gradient_checkpointing();
@@ -1916,7 +1932,8 @@ impl CudaModel {
             }
         }
         if on_device {
-            h.device = Some(std::sync::Arc::new(DeviceGrads::new(d)));
+            let frozen = self.base_frozen();
+            h.device = Some(std::sync::Arc::new(DeviceGrads::new(d, frozen)));
             return Ok(h);
         }
         // Both lists are in `params_mut` order; the host's ends with the heads.

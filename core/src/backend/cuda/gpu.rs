@@ -189,7 +189,9 @@ impl Gpu {
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| cuda_error(format!("creating the cuBLAS handle: {e:?}")))?;
-        let lt = super::lt::Lt::new(&stream)?;
+        // cuBLASLt only saves a bias pass: when its handle cannot be made, SGEMM + the bias
+        // kernel compute the same product.
+        let lt = super::lt::Lt::new(&stream).ok().flatten();
         let embedding = load_module(&ctx, arch, "embedding")?;
         let norm = load_module(&ctx, arch, "norm")?;
         let rope = load_module(&ctx, arch, "rope")?;
@@ -721,15 +723,15 @@ impl Gpu {
 
     /// Causal attention of `rows` packed query rows (`q`: `[rows, hq, head_dim]`) against a
     /// paged cache (f32 or bf16; blocks of `KV_BLOCK` positions): row `r` reads positions
-    /// `0..context_lens[r]` through the blocks listed in row `r` of `block_rows`
-    /// (`[rows, max_blocks]`). `out`: `[rows, hq, head_dim]`.
+    /// `0..context_lens[r]` through the blocks listed in row `row_seq[r]` of `tables`
+    /// (`[sequences, max_blocks]`). `out`: `[rows, hq, head_dim]`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention(
         &self,
         out: &mut CudaSlice<f32>,
         q: &CudaSlice<f32>,
         (k_cache, v_cache): (&KvBuf, &KvBuf),
-        (block_rows, max_blocks): (&CudaSlice<i32>, usize),
+        (tables, row_seq, max_blocks): (&CudaSlice<i32>, &CudaSlice<i32>, usize),
         context_lens: &CudaSlice<i32>,
         rows: usize,
         heads: (usize, usize),
@@ -744,7 +746,7 @@ impl Gpu {
         }
         need(q, rows * hq * head_dim, "q")?;
         need(out, rows * hq * head_dim, "attention out")?;
-        need(block_rows, rows * max_blocks, "block table")?;
+        need(row_seq, rows, "row sequences")?;
         need(context_lens, rows, "context lengths")?;
         // The caches' bounds (blocks in the pool, positions within a sequence's blocks) are
         // the caller's: `model::Plan` checks them.
@@ -773,7 +775,8 @@ impl Gpu {
             (KvBuf::Bf16(kc), KvBuf::Bf16(vc)) => l.arg(kc).arg(vc),
             _ => return Err(cuda_error("internal: K and V caches of different types")),
         };
-        l.arg(block_rows)
+        l.arg(tables)
+            .arg(row_seq)
             .arg(context_lens)
             .arg(out)
             .arg(&hq_arg)
@@ -788,12 +791,13 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         // SAFETY: attention_decode_paged{_f32}(const float* q, const T* k_cache,
-        // const T* v_cache, const int* block_tables, const int* context_lens, float* out,
-        // int hq, int hkv, int head_dim, int block_size, int max_blocks, float scale) with T
-        // matching the caches; grid (rows, hq), exactly 4 warps per block as the kernel's
-        // shared arrays assume; head_dim ≤ 256; row r reads blocks block_rows[r][p / KV_BLOCK]
-        // for p < context_lens[r], all within the pool and the sequence's own blocks (checked
-        // by the caller's Plan).
+        // const T* v_cache, const int* block_tables, const int* row_seq,
+        // const int* context_lens, float* out, int hq, int hkv, int head_dim, int block_size,
+        // int max_blocks, float scale) with T matching the caches; grid (rows, hq), exactly 4
+        // warps per block as the kernel's shared arrays assume; head_dim ≤ 256; row r reads
+        // blocks tables[row_seq[r]][p / KV_BLOCK] for p < context_lens[r]: row_seq[r] is a
+        // row of `tables` (sequences × max_blocks values) and every entry is a block of the
+        // pool, all checked by the caller's Plan.
         unsafe { l.launch(cfg) }.map(drop).map_err(driver(name))
     }
 

@@ -123,21 +123,19 @@ impl Lt {
     /// the SGEMM path). Column-major, as the SGEMM path: `outᵀ [N, T] = op(W) · xᵀ` with W
     /// read transposed (`K × N`, ld K), x as `K × T` (ld K), out `N × T` (ld N), and the bias
     /// added to every column (length N = the rows of D).
+    /// Whole allocations only (cudarc's are 256-byte aligned, which the heuristic's default
+    /// alignment preferences assume).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn linear_bias<X, O>(
+    pub(crate) fn linear_bias(
         &self,
-        out: &mut O,
-        x: &X,
+        out: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
         b: &CudaSlice<f32>,
         t: usize,
         n: usize,
         k: usize,
-    ) -> Result<bool>
-    where
-        X: DevicePtr<f32>,
-        O: DevicePtrMut<f32>,
-    {
+    ) -> Result<bool> {
         if t == 0 || n == 0 || k == 0 {
             return Ok(true);
         }

@@ -201,13 +201,13 @@ impl Cache {
     }
 }
 
-/// The host-side arrays of one forward call, checked: token `i` (sequence `seq`, position
-/// `positions[i]`) goes to cache row `cache_slots[i]` (its sequence's block
-/// `pos / KV_BLOCK`, row `pos % KV_BLOCK`) and attends to the first `context_lens[i] =
-/// pos + 1` positions of its sequence, whose blocks are row `i` of `block_rows`
-/// (`[tokens, max_blocks]`, padded with block 0, which is never read past `context_lens`). The
-/// same checks as the CPU forward (ids in the vocabulary, positions continuing each cache,
-/// within its capacity and the model's context), which also keep every kernel index in
+/// The host-side arrays of one forward call, checked: token `i` (sequence `seqs[i]`, position
+/// `positions[i]`) goes to cache row `cache_slots[i]` (its sequence's block `pos / KV_BLOCK`,
+/// row `pos % KV_BLOCK`) and attends to the first `context_lens[i] = pos + 1` positions of its
+/// sequence, whose blocks are row `seqs[i]` of `tables` (`[sequences, max_blocks]`, padded
+/// with block 0, which is never read past `context_lens`). The same checks as the CPU forward
+/// (ids in the vocabulary, positions continuing each cache, within its capacity and the
+/// model's context), and every table entry inside the pool, which keep every kernel index in
 /// bounds.
 #[derive(Debug, PartialEq)]
 struct Plan {
@@ -215,7 +215,8 @@ struct Plan {
     positions: Vec<i32>,
     cache_slots: Vec<i32>,
     context_lens: Vec<i32>,
-    block_rows: Vec<i32>,
+    seqs: Vec<i32>,
+    tables: Vec<i32>,
     max_blocks: usize,
     /// Each sequence's length after the call.
     next_lens: Vec<usize>,
@@ -243,16 +244,26 @@ impl Plan {
             .ok_or_else(|| Error::invalid("KV cache size overflows"))?;
         int(pool, "KV cache positions")?;
         let max_blocks = tables.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let rows_len = t
+        let table_len = tables
+            .len()
             .checked_mul(max_blocks)
             .ok_or_else(|| Error::invalid("KV block table size overflows"))?;
-        int(rows_len, "KV block table entries")?;
+        int(table_len, "KV block table entries")?;
+        let mut flat = Vec::with_capacity(table_len);
+        for table in tables {
+            if table.iter().any(|&b| b < 0 || b as usize >= blocks) {
+                return Err(cuda_error("internal: KV block out of the pool"));
+            }
+            flat.extend_from_slice(table);
+            flat.extend(std::iter::repeat_n(0, max_blocks - table.len()));
+        }
         let mut plan = Plan {
             ids: Vec::with_capacity(t),
             positions: Vec::with_capacity(t),
             cache_slots: Vec::with_capacity(t),
             context_lens: Vec::with_capacity(t),
-            block_rows: Vec::with_capacity(rows_len),
+            seqs: Vec::with_capacity(t),
+            tables: flat,
             max_blocks,
             next_lens: lens.to_vec(),
         };
@@ -279,19 +290,14 @@ impl Plan {
                 });
             }
             *next += 1;
-            let block = table[slot.pos / KV_BLOCK];
-            if block < 0 || block as usize >= blocks {
-                return Err(cuda_error("internal: KV block out of the pool"));
-            }
-            // All below i32::MAX: rows < pool, which fits.
+            // Inside the pool (checked above), so the row fits an i32 as the pool does.
+            let block = table[slot.pos / KV_BLOCK] as usize;
             plan.ids.push(tok as i32);
             plan.positions.push(slot.pos as i32);
             plan.cache_slots
-                .push((block as usize * KV_BLOCK + slot.pos % KV_BLOCK) as i32);
+                .push((block * KV_BLOCK + slot.pos % KV_BLOCK) as i32);
             plan.context_lens.push((slot.pos + 1) as i32);
-            plan.block_rows.extend_from_slice(table);
-            plan.block_rows
-                .extend(std::iter::repeat_n(0, max_blocks - table.len()));
+            plan.seqs.push(slot.seq as i32);
         }
         Ok(plan)
     }
@@ -633,7 +639,8 @@ impl CudaModel {
         let positions_d = g.upload(&plan.positions)?;
         let slots_d = g.upload(&plan.cache_slots)?;
         let lens_d = g.upload(&plan.context_lens)?;
-        let rows_d = g.upload(&plan.block_rows)?;
+        let tables_d = g.upload(&plan.tables)?;
+        let seqs_d = g.upload(&plan.seqs)?;
         let mut x = g.zeros::<f32>(t * c)?;
         let mut h = g.zeros::<f32>(t * c)?;
         let mut q = g.zeros::<f32>(t * qd)?;
@@ -670,7 +677,7 @@ impl CudaModel {
                 &mut att,
                 &q,
                 (kc, vc),
-                (&rows_d, plan.max_blocks),
+                (&tables_d, &seqs_d, plan.max_blocks),
                 &lens_d,
                 t,
                 (hq, hkv),
@@ -1029,7 +1036,8 @@ mod tests {
         assert_eq!(p.positions, [0, 1, 2, 0, 1]);
         assert_eq!(p.cache_slots, [0, 1, 2, 16, 17]);
         assert_eq!(p.context_lens, [1, 2, 3, 1, 2]);
-        assert_eq!((p.block_rows, p.max_blocks), (vec![0, 0, 0, 1, 1], 1));
+        assert_eq!((p.tables, p.max_blocks), (vec![0, 1], 1));
+        assert_eq!(p.seqs, [0, 0, 0, 1, 1]);
         assert_eq!(p.next_lens, [3, 2]);
         // ... then a decode step of sequence 1 only.
         let p = Plan::new(&[9], &[Slot { seq: 1, pos: 2 }], &[3, 2], &tables, &cfg).unwrap();
@@ -1038,13 +1046,14 @@ mod tests {
             (vec![18], vec![3], vec![3, 3])
         );
         // A sequence over two blocks that are not adjacent in the pool: position 17 is row 1
-        // of its second block (block 2); the other sequence's row is padded with block 0.
+        // of its second block (block 2); the other sequence's table is padded with block 0.
         let tables = vec![vec![0, 2], vec![1]];
         let slots = [Slot { seq: 0, pos: 17 }, Slot { seq: 1, pos: 0 }];
         let p = Plan::new(&[1, 2], &slots, &[17, 0], &tables, &cfg).unwrap();
         assert_eq!(p.cache_slots, [33, 16]);
         assert_eq!(p.context_lens, [18, 1]);
-        assert_eq!((p.block_rows, p.max_blocks), (vec![0, 2, 1, 0], 2));
+        assert_eq!((p.tables, p.max_blocks), (vec![0, 2, 1, 0], 2));
+        assert_eq!(p.seqs, [0, 1]);
     }
 
     #[test]

@@ -19,6 +19,9 @@ use super::{DGrads, GLinear, GNorm};
 use crate::error::Result;
 use crate::model::{Gradients, ModelWeights};
 
+/// Blocks of the gradient-norm kernel (its blocks meet in one f64 atomic each).
+const NORM_BLOCKS: u32 = 1024;
+
 /// The optimizer's kernels (loaded on the first step).
 pub(in crate::backend::cuda) struct OptimKernels {
     adamw_step: CudaFunction,
@@ -27,8 +30,9 @@ pub(in crate::backend::cuda) struct OptimKernels {
     sum_squares: CudaFunction,
 }
 
-/// Gradients of a CUDA model's backbone, kept on the device (in a Trainer's step).
-pub struct DeviceGrads(DGrads);
+/// Gradients of the tensors a CUDA model holds (the backbone, or with LoRA the adapters),
+/// kept on the device (in a Trainer's step); whether the base was frozen.
+pub struct DeviceGrads(DGrads, bool);
 
 impl std::fmt::Debug for DeviceGrads {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -39,8 +43,13 @@ impl std::fmt::Debug for DeviceGrads {
 }
 
 impl DeviceGrads {
-    pub(super) fn new(g: DGrads) -> DeviceGrads {
-        DeviceGrads(g)
+    pub(super) fn new(g: DGrads, base_frozen: bool) -> DeviceGrads {
+        DeviceGrads(g, base_frozen)
+    }
+
+    /// True when these are LoRA adapters' gradients (the base was frozen).
+    pub(crate) fn base_frozen(&self) -> bool {
+        self.1
     }
 
     /// The number of tensors (the backbone's prefix of `params_mut`).
@@ -71,7 +80,7 @@ impl std::fmt::Debug for DeviceMoments {
 }
 
 /// One AdamW step's settings (torch.optim.AdamW): `grad_scale` multiplies every gradient
-/// first (clipping and the micro-batch mean folded in); `bias1 = 1 − β₁ᵗ`, `bias2 = 1 − β₂ᵗ`.
+/// first (the clipping factor); `bias1 = 1 − β₁ᵗ`, `bias2 = 1 − β₂ᵗ`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AdamStep {
     pub lr: f32,
@@ -271,6 +280,16 @@ impl CudaModel {
         Ok(())
     }
 
+    /// A second device copy of `g`.
+    pub(crate) fn grads_copy(&self, g: &DeviceGrads) -> Result<DeviceGrads> {
+        let mut out = {
+            let _guard = self.enter()?;
+            DeviceGrads(self.zero_grads()?, g.1)
+        };
+        self.grads_axpy(&mut out, g, 1.0)?;
+        Ok(out)
+    }
+
     /// `g *= a`, every tensor.
     pub(crate) fn grads_scale(&self, g: &mut DeviceGrads, a: f32) -> Result<()> {
         let _guard = self.enter()?;
@@ -303,9 +322,13 @@ impl CudaModel {
                 .ok_or_else(|| cuda_error("internal: norm slot"))?;
             let mut l = self.gpu.stream.launch_builder(&k.sum_squares);
             l.arg(x).arg(&n_arg).arg(&mut out);
-            // SAFETY: sum_squares(const float* x, long long n, double* out); x holds n values,
-            // out one; the block size (256) is a multiple of 32 as block_sum requires.
-            unsafe { l.launch(elementwise(n)) }
+            // A few blocks per multiprocessor: each block adds its sum with one f64 atomic.
+            let mut cfg = elementwise(n);
+            cfg.grid_dim.0 = cfg.grid_dim.0.min(NORM_BLOCKS);
+            // SAFETY: sum_squares(const float* x, long long n, double* out), a grid-stride
+            // loop; x holds n values, out one; the block size (256) is a multiple of 32 as
+            // block_sum requires.
+            unsafe { l.launch(cfg) }
                 .map(drop)
                 .map_err(driver("sum_squares"))?;
         }
@@ -326,7 +349,7 @@ impl CudaModel {
         for (x, y) in dst.into_iter().zip(src) {
             self.gpu.store(x, y, "gradient")?;
         }
-        Ok(DeviceGrads(d))
+        Ok(DeviceGrads(d, self.base_frozen()))
     }
 
     /// One AdamW step of every backbone tensor on the device, in place.
