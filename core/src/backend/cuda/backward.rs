@@ -956,13 +956,7 @@ impl Gpu {
         match dst {
             DMat::F32(d) => self.store(d, src, what),
             DMat::Bf16(d) => {
-                if d.len() != src.len() {
-                    return Err(cuda_error(format!(
-                        "{what}: the host tensor has {} values, the device copy {}",
-                        src.len(),
-                        d.len()
-                    )));
-                }
+                same_len(d.len(), src.len(), what)?;
                 self.stream
                     .memcpy_htod(&super::bf16_bits(src), d)
                     .map_err(driver("copying to the device"))
@@ -976,17 +970,21 @@ impl Gpu {
             // An empty tensor is uploaded as one placeholder value.
             return Ok(());
         }
-        if dst.len() != src.len() {
-            return Err(cuda_error(format!(
-                "{what}: the host tensor has {} values, the device copy {}",
-                src.len(),
-                dst.len()
-            )));
-        }
+        same_len(dst.len(), src.len(), what)?;
         self.stream
             .memcpy_htod(src, dst)
             .map_err(driver("copying to the device"))
     }
+}
+
+/// A host tensor's length must be its device copy's.
+fn same_len(device: usize, host: usize, what: &str) -> Result<()> {
+    if device != host {
+        return Err(cuda_error(format!(
+            "{what}: the host tensor has {host} values, the device copy {device}"
+        )));
+    }
+    Ok(())
 }
 
 fn check_heads(hq: usize, hkv: usize, head_dim: usize) -> Result<()> {
@@ -1367,15 +1365,8 @@ impl CudaModel {
         tiles: &Tiles,
         t: usize,
     ) -> Result<(LayerTape, CudaSlice<f32>)> {
-        let cfg = &self.cfg;
         let g = &self.gpu;
-        let (c, qd, kvd, f) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.intermediate_size,
-        );
-        let (hq, hkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let ((c, qd, kvd, f), (hq, hkv, hd)) = (self.widths(), self.heads());
         let n1 = self.norm_fwd(k, &layer.attn_norm, &x_in, t)?;
         let mut q = g.zeros::<f32>(t * qd)?;
         let mut kk = g.zeros::<f32>(t * kvd)?;
@@ -1753,16 +1744,9 @@ impl CudaModel {
         dhf: &CudaSlice<f32>,
         grads: &mut DGrads,
     ) -> Result<()> {
-        let cfg = &self.cfg;
         let g = &self.gpu;
         let t = taped.t;
-        let (c, qd, kvd, f) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.intermediate_size,
-        );
-        let (hq, hkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let ((c, qd, kvd, f), (hq, hkv, hd)) = (self.widths(), self.heads());
         let ones = g.upload(&vec![1f32; t])?;
         let mut dx = g.zeros::<f32>(t * c)?;
         self.norm_bwd(

@@ -519,6 +519,22 @@ impl CudaModel {
         self.gpu.arch()
     }
 
+    /// Hidden, query, key/value and MLP widths.
+    fn widths(&self) -> (usize, usize, usize, usize) {
+        let cfg = &self.cfg;
+        (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        )
+    }
+
+    /// Query heads, key/value heads, head size.
+    fn heads(&self) -> (usize, usize, usize) {
+        (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim)
+    }
+
     /// Serialises calls; the context is made current on the calling thread.
     fn enter(&self) -> Result<MutexGuard<'_, ()>> {
         let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -627,13 +643,7 @@ impl CudaModel {
         let t = tokens.len();
         let plan = Plan::new(tokens, slots, &cache.lens, &cache.tables, cfg)?;
         let g = &self.gpu;
-        let (c, qd, kvd, f) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.intermediate_size,
-        );
-        let (hq, hkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let ((c, qd, kvd, f), (hq, hkv, hd)) = (self.widths(), self.heads());
         let total_slots = cache.slots();
         let ids_d = g.upload(&plan.ids)?;
         let positions_d = g.upload(&plan.positions)?;
