@@ -122,8 +122,11 @@ pub fn quant_matmul_on(
 
 /// Weight bytes × rows below which a product is not split further.
 const MIN_TASK_BYTES: usize = 64 * 1024;
-/// Bytes ahead of the current block that the tiles prefetch.
-const PREFETCH: usize = 512;
+/// Bytes ahead of the current block that the tiles prefetch (in the matrix's row-major byte
+/// stream, so mostly rows the next tiles read). Decode streams every weight from DRAM once;
+/// ~3 KB in flight per row being read covers the memory latency (measured on the default
+/// Q4_1 model, 2 threads: 512 B → 86 tok/s, 1536 → 106, 3072 → 111, 6144 → 106).
+const PREFETCH: usize = 3072;
 
 /// Weight rows processed side by side (independent FMA chains when there is one input row).
 const NC: usize = 4;
@@ -404,8 +407,8 @@ macro_rules! x86_kernels {
                 for b in 0..nb {
                     let mut blocks = [Block::default(); C];
                     for j in 0..C {
-                        // Ask for the weights a few hundred bytes ahead: decode streams every
-                        // weight from DRAM once, and a block's first use otherwise waits for it.
+                        // Ask for the weights PREFETCH bytes ahead: decode streams every weight
+                        // from DRAM once, and a block's first use otherwise waits for it.
                         // A prefetch never faults, even past the end of the matrix.
                         let ahead =
                             wp.wrapping_add(j * row_bytes + b / subs * unit_bytes + PREFETCH);
