@@ -202,7 +202,11 @@ macro_rules! forward_kernels {
                         let mut row = r.r0;
                         while row < r.r1 {
                             let take = (r.r1 - row).min(MR);
-                            unsafe { tile_rows(take, cols, out, x, w, bias, n, k, row, c) };
+                            // The first row tile of a column block reads its weights from
+                            // memory; it also asks for the next block's, which the later row
+                            // tiles of this block then have time to bring in.
+                            let ahead = row == r.r0 && c + NR < r.c1;
+                            unsafe { tile_rows(take, cols, out, x, w, bias, n, k, row, c, ahead) };
                             row += take;
                         }
                         c += cols;
@@ -211,11 +215,11 @@ macro_rules! forward_kernels {
                     for row in r.r0..r.r1 {
                         let mut c = r.c0;
                         while c + 8 <= r.c1 {
-                            unsafe { tile::<1, 8>(out, x, w, bias, n, k, row, c) };
+                            unsafe { tile::<1, 8>(out, x, w, bias, n, k, row, c, false) };
                             c += 8;
                         }
                         while c < r.c1 {
-                            unsafe { tile::<1, 1>(out, x, w, bias, n, k, row, c) };
+                            unsafe { tile::<1, 1>(out, x, w, bias, n, k, row, c, false) };
                             c += 1;
                         }
                     }
@@ -240,14 +244,15 @@ macro_rules! forward_kernels {
                 k: usize,
                 row: usize,
                 col: usize,
+                ahead: bool,
             ) {
                 macro_rules! by_cols {
                     ($r:literal) => {
                         match cols {
-                            4 => unsafe { tile::<$r, 4>(out, x, w, bias, n, k, row, col) },
-                            3 => unsafe { tile::<$r, 3>(out, x, w, bias, n, k, row, col) },
-                            2 => unsafe { tile::<$r, 2>(out, x, w, bias, n, k, row, col) },
-                            _ => unsafe { tile::<$r, 1>(out, x, w, bias, n, k, row, col) },
+                            4 => unsafe { tile::<$r, 4>(out, x, w, bias, n, k, row, col, ahead) },
+                            3 => unsafe { tile::<$r, 3>(out, x, w, bias, n, k, row, col, ahead) },
+                            2 => unsafe { tile::<$r, 2>(out, x, w, bias, n, k, row, col, ahead) },
+                            _ => unsafe { tile::<$r, 1>(out, x, w, bias, n, k, row, col, ahead) },
                         }
                     };
                 }
@@ -279,6 +284,7 @@ macro_rules! forward_kernels {
                 k: usize,
                 row: usize,
                 col: usize,
+                ahead: bool,
             ) {
                 let xp = unsafe { x.as_ptr().add(row * k) };
                 let wp = unsafe { w.as_ptr().add(col * k) };
@@ -286,6 +292,14 @@ macro_rules! forward_kernels {
                 let chunks = k / 8;
                 for ch in 0..chunks {
                     let off = ch * 8;
+                    if ahead && ch % 2 == 0 {
+                        // The same lines of the next NR weight rows (one line per 16 floats).
+                        // A prefetch never faults, even past the end of `w`.
+                        for j in 0..NR {
+                            let next = wp.wrapping_add((NR + j) * k + off);
+                            _mm_prefetch::<_MM_HINT_T0>(next.cast::<i8>());
+                        }
+                    }
                     let mut wv = [_mm256_setzero_ps(); NR];
                     for (j, v) in wv.iter_mut().enumerate() {
                         *v = unsafe { _mm256_loadu_ps(wp.add(j * k + off)) };
