@@ -270,19 +270,15 @@ impl Model {
     pub fn sync_device(&mut self) -> Result<()> {
         #[cfg(feature = "cuda")]
         if self.cuda_stale {
-            if let Some(gpu) = self.cuda.as_mut() {
-                match Arc::get_mut(gpu) {
-                    Some(g) => g.refresh(&self.weights)?,
-                    None => {
-                        let fresh = crate::backend::cuda::CudaModel::new(
-                            gpu.ordinal(),
-                            &self.config,
-                            &self.weights,
-                            self.rope_inv_freq.as_deref(),
-                            self.cuda_bf16,
-                        )?;
-                        *gpu = Arc::new(fresh);
-                    }
+            if let Some((gpu, fresh)) = Self::unique_cuda(
+                &mut self.cuda,
+                &self.config,
+                &self.weights,
+                self.rope_inv_freq.as_deref(),
+                self.cuda_bf16,
+            )? {
+                if !fresh {
+                    gpu.refresh(&self.weights)?;
                 }
             }
             self.cuda_stale = false;
@@ -301,8 +297,9 @@ impl Model {
         self.gradients_on_device = on;
     }
 
-    /// The device copy for writing (the optimizer step): shared with clones (a reference
-    /// model), it is first replaced by this model's own upload, so the clones keep theirs.
+    /// The device copy for writing (a sync, the optimizer step): shared with clones (a
+    /// reference model), it is first replaced by this model's own upload of `weights`, so the
+    /// clones keep theirs. Also says whether that fresh upload happened.
     #[cfg(feature = "cuda")]
     fn unique_cuda<'a>(
         cuda: &'a mut Option<Arc<crate::backend::cuda::CudaModel>>,
@@ -310,11 +307,12 @@ impl Model {
         weights: &ModelWeights,
         rope_inv_freq: Option<&[f64]>,
         bf16: bool,
-    ) -> Result<Option<&'a mut crate::backend::cuda::CudaModel>> {
+    ) -> Result<Option<(&'a mut crate::backend::cuda::CudaModel, bool)>> {
         let Some(gpu) = cuda.as_mut() else {
             return Ok(None);
         };
-        if Arc::get_mut(gpu).is_none() {
+        let fresh = Arc::get_mut(gpu).is_none();
+        if fresh {
             *gpu = Arc::new(crate::backend::cuda::CudaModel::new(
                 gpu.ordinal(),
                 config,
@@ -323,7 +321,7 @@ impl Model {
                 bf16,
             )?);
         }
-        Ok(Arc::get_mut(gpu))
+        Ok(Arc::get_mut(gpu).map(|g| (g, fresh)))
     }
 
     /// One AdamW step of the backbone on the device, then the new weights copied to the host
@@ -336,7 +334,7 @@ impl Model {
         step: crate::backend::cuda::AdamStep,
     ) -> Result<()> {
         self.sync_device()?;
-        let Some(gpu) = Self::unique_cuda(
+        let Some((gpu, _)) = Self::unique_cuda(
             &mut self.cuda,
             &self.config,
             &self.weights,

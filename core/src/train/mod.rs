@@ -448,7 +448,7 @@ impl Trainer {
     /// On a CUDA trainer: gradients whose backbone is on the host (computed outside
     /// [`Trainer::gradients_with`]) get it copied to the device, and the host copy dropped.
     #[cfg(feature = "cuda")]
-    fn backbone_to_device(&self, mut grads: Gradients) -> Result<Gradients> {
+    fn backbone_to_device(&self, grads: Gradients) -> Result<Gradients> {
         let Some(moments) = &self.device else {
             if grads.device.is_some() {
                 return Err(Error::invalid(
@@ -479,8 +479,7 @@ impl Trainer {
                     to.copy_from_slice(from);
                 }
                 heads.device = Some(std::sync::Arc::new(d));
-                grads = heads;
-                Ok(grads)
+                Ok(heads)
             }
         }
     }

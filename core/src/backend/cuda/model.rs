@@ -743,17 +743,19 @@ impl CudaModel {
     pub(crate) fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let _guard = self.enter()?;
         let (n, v) = (tokens.len(), self.cfg.vocab_size);
-        let mut cache = self.cache(&[n])?;
-        let slots: Vec<Slot> = (0..n).map(|pos| Slot { seq: 0, pos }).collect();
-        let h = self.forward(tokens, &slots, &mut cache)?;
+        let (h, _) = self.forward_packed(&[tokens])?;
         let mut logits = self.gpu.zeros::<f32>(n * v)?;
         self.lm_head(&mut logits, &h, 0, n)?;
         self.gpu.download(&logits, n * v)
     }
 
-    /// Per-token log-probs of each sequence at `temperature` (> 0; the caller mapped 0 to 1
-    /// and checked the tokens): `len − 1` values per sequence.
-    pub(crate) fn logprobs(&self, sequences: &[&[u32]], temperature: f32) -> Result<Vec<Vec<f32>>> {
+    /// Consecutive groups of `sequences` of at most `PACK_TOKENS` tokens (a longer sequence
+    /// alone), each run through `f` as one packed forward; the results in order.
+    fn packed<T>(
+        &self,
+        sequences: &[&[u32]],
+        mut f: impl FnMut(&[&[u32]]) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
         let mut out = Vec::with_capacity(sequences.len());
         let mut start = 0;
         while start < sequences.len() {
@@ -763,28 +765,44 @@ impl CudaModel {
                 tokens += sequences[end].len();
                 end += 1;
             }
-            out.extend(self.logprobs_packed(&sequences[start..end], temperature)?);
+            out.extend(f(&sequences[start..end])?);
             start = end;
         }
         Ok(out)
     }
 
-    fn logprobs_packed(&self, sequences: &[&[u32]], temperature: f32) -> Result<Vec<Vec<f32>>> {
-        let _guard = self.enter()?;
-        let v = self.cfg.vocab_size;
+    /// One forward over `sequences` packed (each from position 0, in a cache of its own
+    /// length): the final hidden states `[T, C]` and the packed tokens. The caller holds
+    /// `enter`.
+    fn forward_packed(&self, sequences: &[&[u32]]) -> Result<(CudaSlice<f32>, Vec<u32>)> {
         let caps: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
         let mut cache = self.cache(&caps)?;
-        let mut tokens = Vec::new();
-        let mut slots = Vec::new();
-        // Row r predicts token r + 1 of its sequence; a sequence's last row predicts nothing.
-        let mut targets: Vec<i32> = Vec::new();
+        let mut tokens = Vec::with_capacity(caps.iter().sum());
+        let mut slots = Vec::with_capacity(tokens.capacity());
         for (i, seq) in sequences.iter().enumerate() {
             tokens.extend_from_slice(seq);
             slots.extend((0..seq.len()).map(|pos| Slot { seq: i, pos }));
+        }
+        let h = self.forward(&tokens, &slots, &mut cache)?;
+        Ok((h, tokens))
+    }
+
+    /// Per-token log-probs of each sequence at `temperature` (> 0; the caller mapped 0 to 1
+    /// and checked the tokens): `len − 1` values per sequence.
+    pub(crate) fn logprobs(&self, sequences: &[&[u32]], temperature: f32) -> Result<Vec<Vec<f32>>> {
+        self.packed(sequences, |group| self.logprobs_packed(group, temperature))
+    }
+
+    fn logprobs_packed(&self, sequences: &[&[u32]], temperature: f32) -> Result<Vec<Vec<f32>>> {
+        let _guard = self.enter()?;
+        let v = self.cfg.vocab_size;
+        let (h, tokens) = self.forward_packed(sequences)?;
+        // Row r predicts token r + 1 of its sequence; a sequence's last row predicts nothing.
+        let mut targets: Vec<i32> = Vec::with_capacity(tokens.len());
+        for seq in sequences {
             targets.extend(seq.iter().skip(1).map(|&t| t as i32));
             targets.push(-1);
         }
-        let h = self.forward(&tokens, &slots, &mut cache)?;
         let total = tokens.len();
         let chunk = LOGIT_ROWS.min(total);
         let mut logits = self.gpu.zeros::<f32>(chunk * v)?;
@@ -815,35 +833,18 @@ impl CudaModel {
     /// on the host. Sequences are packed up to `PACK_TOKENS` tokens per forward.
     pub(crate) fn hidden_states(&self, sequences: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
         let c = self.cfg.hidden_size;
-        let mut out = Vec::with_capacity(sequences.len());
-        let mut start = 0;
-        while start < sequences.len() {
-            let mut end = start + 1;
-            let mut total = sequences[start].len();
-            while end < sequences.len() && total + sequences[end].len() <= PACK_TOKENS {
-                total += sequences[end].len();
-                end += 1;
-            }
-            let group = &sequences[start..end];
+        self.packed(sequences, |group| {
             let _guard = self.enter()?;
-            let caps: Vec<usize> = group.iter().map(|s| s.len()).collect();
-            let mut cache = self.cache(&caps)?;
-            let mut tokens = Vec::with_capacity(total);
-            let mut slots = Vec::with_capacity(total);
-            for (i, seq) in group.iter().enumerate() {
-                tokens.extend_from_slice(seq);
-                slots.extend((0..seq.len()).map(|pos| Slot { seq: i, pos }));
-            }
-            let h = self.forward(&tokens, &slots, &mut cache)?;
-            let all = self.gpu.download(&h, total * c)?;
+            let (h, tokens) = self.forward_packed(group)?;
+            let all = self.gpu.download(&h, tokens.len() * c)?;
+            let mut out = Vec::with_capacity(group.len());
             let mut offset = 0;
             for seq in group {
                 out.push(all[offset * c..(offset + seq.len()) * c].to_vec());
                 offset += seq.len();
             }
-            start = end;
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Generation on the device: one packed prefill of every prompt, then one decode step per
