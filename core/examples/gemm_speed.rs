@@ -4,6 +4,9 @@
 //! alternately with ours in one run.
 //!
 //! `cargo run --release -p rlx --example gemm_speed` (threads: `RAYON_NUM_THREADS`, default all).
+use rlx::backend::cpu::bf16_gemm::{
+    bf16_path, gemm_bf16, interleave_rows, to_pair_rows, Bf16Panel, PairsA, PairsB,
+};
 use rlx::backend::cpu::gemm::{gemm, Strided};
 use rlx::backend::cpu::matmul::matmul;
 use std::time::Instant;
@@ -100,6 +103,47 @@ fn main() {
             "T={t} N={n} K={k}: forward {fwd:.0} GFLOP/s (gemm crate {crate_fwd:.0}: invariant \
              kernel at {:.2}x), backward dx {bdx:.0}, dw {bdw:.0}",
             fwd / crate_fwd
+        );
+        // bf16 compute (training's `--compute bf16`): weights packed once (per optimizer
+        // step in training, so outside the timing); activations converted inside it.
+        let fwd_panel = Bf16Panel::transposed(&w, n, k);
+        let bwd_panel = Bf16Panel::direct(&w, n, k);
+        let (mut xa, mut da, mut di, mut xi) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let bf_fwd = time(&mut || {
+            to_pair_rows(&mut xa, &x, t, k);
+            let a = PairsA {
+                data: &xa,
+                row_stride: k.div_ceil(2),
+                pair_stride: 1,
+            };
+            gemm_bf16(&mut out, n, false, a, fwd_panel.as_b(), t, n, fwd_panel.pairs());
+        });
+        let bf_dx = time(&mut || {
+            to_pair_rows(&mut da, &dout, t, n);
+            let a = PairsA {
+                data: &da,
+                row_stride: n.div_ceil(2),
+                pair_stride: 1,
+            };
+            gemm_bf16(&mut dx, k, false, a, bwd_panel.as_b(), t, k, bwd_panel.pairs());
+        });
+        let bf_dw = time(&mut || {
+            interleave_rows(&mut di, &dout, t, n);
+            interleave_rows(&mut xi, &x, t, k);
+            let a = PairsA {
+                data: &di,
+                row_stride: 1,
+                pair_stride: n,
+            };
+            gemm_bf16(&mut dw, k, true, a, PairsB::interleaved(&xi, k), n, k, t.div_ceil(2));
+        });
+        println!(
+            "    bf16 compute ({}): forward {bf_fwd:.0} GFLOP/s ({:.2}x f32), backward dx \
+             {bf_dx:.0} ({:.2}x), dw {bf_dw:.0} ({:.2}x)",
+            bf16_path().name(),
+            bf_fwd / fwd,
+            bf_dx / bdx,
+            bf_dw / bdw
         );
     }
 }

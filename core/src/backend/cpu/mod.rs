@@ -11,6 +11,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bf16_gemm;
 pub mod gemm;
 pub mod matmul;
 pub mod norm;

@@ -1,0 +1,802 @@
+//! Matrix products with bf16 operands and f32 sums — the training step's "bf16 compute" mode
+//! (what PyTorch's bf16 autocast does to a linear layer, except that the outputs stay f32).
+//!
+//! Operands are rounded to bf16 (round to nearest even) and stored as *pairs*: one `u32` holds
+//! the values of two consecutive reduction steps `2q` (low half) and `2q + 1` (high half). That
+//! is the operand format of AVX-512-BF16's `vdpbf16ps`, which adds two products per f32 lane per
+//! instruction — twice the multiply-adds of an f32 FMA, and half the bytes to move. An odd
+//! reduction length is padded with a zero step on both sides.
+//!
+//! `C[i, j] (+)= Σ_q A(i, q) · B(q, j)`, where `A(i, q)` and `B(q, j)` are pairs. Every output is
+//! one chain over `q = 0, 1, …` in order (blocking only pauses it; threads split outputs), so
+//! results do not depend on the thread count or on how many rows a call has. They do depend on
+//! the path: CPUs without AVX-512-BF16 (or with `RLX_ISA` below `avx512bf16`) run an emulation
+//! that widens each pair to f32 and adds the two products one at a time, which rounds
+//! differently from the hardware instruction.
+//!
+//! Layouts ([`PairsA`], [`PairsB`]): `A(i, q) = data[i·row_stride + q·pair_stride]` — a bf16
+//! copy of a row-major matrix ([`to_pair_rows`], `pair_stride` 1) or of the transpose of one
+//! ([`interleave_rows`], `row_stride` 1); `B(q, j) = data[(j / 32)·sliver_stride +
+//! q·pair_stride + j % 32]` — the interleaved rows of a matrix ([`interleave_rows`]) or a
+//! weight pre-packed once into slivers of 32 columns ([`Bf16Panel`]).
+
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+use super::simd::{isa, Isa};
+use super::SendPtr;
+
+/// Columns per sliver of B (two 16-lane vectors).
+pub const SLIVER: usize = 32;
+
+/// Pairs of the reduction per block: a block of B (128 pairs × 32 columns = 16 KiB) stays in
+/// L1/L2 while every row tile of a task uses it.
+const KC_PAIRS: usize = 128;
+
+/// The kernels a process uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Path {
+    /// `vdpbf16ps` (AVX-512-BF16).
+    Hardware,
+    /// Widen to f32, two multiply-adds per pair, vectorised for AVX-512 F.
+    EmulatedAvx512,
+    /// The same operations, vectorised for AVX2.
+    EmulatedAvx2,
+    /// The same operations, portable.
+    EmulatedScalar,
+}
+
+impl Bf16Path {
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Path::Hardware => "avx512bf16",
+            Bf16Path::EmulatedAvx512 => "avx512 (bf16 emulated)",
+            Bf16Path::EmulatedAvx2 => "avx2 (bf16 emulated)",
+            Bf16Path::EmulatedScalar => "scalar (bf16 emulated)",
+        }
+    }
+}
+
+/// The bf16 path of this process: the hardware instruction when the CPU has AVX-512-BF16, the
+/// ISA level is AVX-512 and `RLX_ISA` is unset or `avx512bf16`; otherwise an emulation on the
+/// ISA level in use.
+pub fn bf16_path() -> Bf16Path {
+    static PATH: OnceLock<Bf16Path> = OnceLock::new();
+    *PATH.get_or_init(|| {
+        let capped = matches!(
+            std::env::var("RLX_ISA").as_deref(),
+            Ok(v) if v != "avx512bf16"
+        ) || std::env::var_os("RLX_FORCE_SCALAR").is_some_and(|v| v == "1");
+        match isa() {
+            Isa::Avx512 if !capped && hardware_bf16() => Bf16Path::Hardware,
+            Isa::Avx512 => Bf16Path::EmulatedAvx512,
+            Isa::Avx2Fma => Bf16Path::EmulatedAvx2,
+            Isa::Scalar => Bf16Path::EmulatedScalar,
+        }
+    })
+}
+
+fn hardware_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `x` rounded to bf16 (nearest, ties to even), as its 16 bits. NaN stays NaN (quietened); values
+/// beyond bf16's range round to ±∞ as IEEE rounding says.
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u32 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16;
+    let quiet_nan = (b >> 16) | 0x40;
+    // Branch-free so that the conversion loops vectorise.
+    if (b & 0x7fff_ffff) > 0x7f80_0000 {
+        quiet_nan
+    } else {
+        rounded
+    }
+}
+
+/// The f32 value of bf16 bits.
+#[inline(always)]
+pub fn bf16_value(bits: u32) -> f32 {
+    f32::from_bits(bits << 16)
+}
+
+#[inline(always)]
+fn pair(lo: f32, hi: f32) -> u32 {
+    bf16_bits(lo) | (bf16_bits(hi) << 16)
+}
+
+/// A bf16 copy of a row-major `(rows, cols)` matrix as rows of pairs: `out[r·P + q] = (src[r,
+/// 2q], src[r, 2q+1])` with `P = ⌈cols/2⌉` (a zero pads an odd row). As an A operand it is the
+/// matrix itself (`row_stride` P, `pair_stride` 1).
+pub fn to_pair_rows(out: &mut Vec<u32>, src: &[f32], rows: usize, cols: usize) {
+    let p = cols.div_ceil(2);
+    out.clear();
+    out.resize(rows * p, 0);
+    if p == 0 {
+        return;
+    }
+    let src = &src[..rows * cols];
+    out.par_chunks_mut(p * 64.max(1))
+        .enumerate()
+        .for_each(|(chunk, dst)| {
+            for (r, row_out) in dst.chunks_exact_mut(p).enumerate() {
+                let row = chunk * 64 + r;
+                let row_in = &src[row * cols..(row + 1) * cols];
+                let (evens, tail) = row_in.split_at(cols & !1);
+                for (o, two) in row_out.iter_mut().zip(evens.chunks_exact(2)) {
+                    *o = pair(two[0], two[1]);
+                }
+                if let Some(&last) = tail.first() {
+                    row_out[p - 1] = pair(last, 0.0);
+                }
+            }
+        });
+}
+
+/// A bf16 copy of a row-major `(rows, cols)` matrix with consecutive rows interleaved:
+/// `out[q·cols + j] = (src[2q, j], src[2q+1, j])`, `⌈rows/2⌉` pair rows (a zero row pads an
+/// odd count). As a B operand it is the matrix itself (`pair_stride` cols, `sliver_stride`
+/// 32); as an A operand its transpose (`row_stride` 1, `pair_stride` cols).
+pub fn interleave_rows(out: &mut Vec<u32>, src: &[f32], rows: usize, cols: usize) {
+    let pairs = rows.div_ceil(2);
+    out.clear();
+    out.resize(pairs * cols, 0);
+    if cols == 0 {
+        return;
+    }
+    let src = &src[..rows * cols];
+    out.par_chunks_mut(cols * 16).enumerate().for_each(|(chunk, dst)| {
+        for (qi, pair_row) in dst.chunks_exact_mut(cols).enumerate() {
+            let q = chunk * 16 + qi;
+            let lo = &src[2 * q * cols..(2 * q + 1) * cols];
+            if 2 * q + 1 < rows {
+                let hi = &src[(2 * q + 1) * cols..(2 * q + 2) * cols];
+                for ((o, &l), &h) in pair_row.iter_mut().zip(lo).zip(hi) {
+                    *o = pair(l, h);
+                }
+            } else {
+                for (o, &l) in pair_row.iter_mut().zip(lo) {
+                    *o = pair(l, 0.0);
+                }
+            }
+        }
+    });
+}
+
+/// An A operand: `A(i, q) = data[i·row_stride + q·pair_stride]`.
+#[derive(Clone, Copy)]
+pub struct PairsA<'a> {
+    pub data: &'a [u32],
+    pub row_stride: usize,
+    pub pair_stride: usize,
+}
+
+/// A B operand: `B(q, j) = data[(j / 32)·sliver_stride + q·pair_stride + j % 32]`.
+#[derive(Clone, Copy)]
+pub struct PairsB<'a> {
+    pub data: &'a [u32],
+    pub sliver_stride: usize,
+    pub pair_stride: usize,
+}
+
+impl<'a> PairsB<'a> {
+    /// The interleaved rows of a matrix with `cols` columns ([`interleave_rows`]).
+    pub fn interleaved(data: &'a [u32], cols: usize) -> Self {
+        PairsB {
+            data,
+            sliver_stride: SLIVER,
+            pair_stride: cols,
+        }
+    }
+}
+
+/// A weight pre-packed as a B operand: slivers of 32 columns, each `pairs × 32` contiguous
+/// (zero-padded past the last column), so a tile streams one contiguous run.
+#[derive(Debug, Clone, Default)]
+pub struct Bf16Panel {
+    data: Vec<u32>,
+    pairs: usize,
+    cols: usize,
+}
+
+impl Bf16Panel {
+    /// `B = wᵀ` for a row-major `w (n, k)`: `B(q, j) = (w[j, 2q], w[j, 2q+1])` — the forward
+    /// product `x · wᵀ`.
+    pub fn transposed(w: &[f32], n: usize, k: usize) -> Self {
+        let pairs = k.div_ceil(2);
+        let w = &w[..n * k];
+        let mut data = vec![0u32; n.div_ceil(SLIVER) * pairs * SLIVER];
+        if pairs > 0 {
+            data.par_chunks_mut(pairs * SLIVER)
+                .enumerate()
+                .for_each(|(s, sliver)| {
+                    for jj in 0..SLIVER.min(n - s * SLIVER) {
+                        let row = &w[(s * SLIVER + jj) * k..][..k];
+                        for q in 0..pairs {
+                            let hi = if 2 * q + 1 < k { row[2 * q + 1] } else { 0.0 };
+                            sliver[q * SLIVER + jj] = pair(row[2 * q], hi);
+                        }
+                    }
+                });
+        }
+        Bf16Panel {
+            data,
+            pairs,
+            cols: n,
+        }
+    }
+
+    /// `B = w` for a row-major `w (rows, cols)`: `B(q, j) = (w[2q, j], w[2q+1, j])` — the
+    /// backward product `dout · w`.
+    pub fn direct(w: &[f32], rows: usize, cols: usize) -> Self {
+        let pairs = rows.div_ceil(2);
+        let w = &w[..rows * cols];
+        let mut data = vec![0u32; cols.div_ceil(SLIVER) * pairs * SLIVER];
+        if pairs > 0 {
+            data.par_chunks_mut(pairs * SLIVER)
+                .enumerate()
+                .for_each(|(s, sliver)| {
+                    let (j0, width) = (s * SLIVER, SLIVER.min(cols - s * SLIVER));
+                    for (q, out) in sliver.chunks_exact_mut(SLIVER).enumerate() {
+                        let lo = &w[2 * q * cols + j0..][..width];
+                        if 2 * q + 1 < rows {
+                            let hi = &w[(2 * q + 1) * cols + j0..][..width];
+                            for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+                                *o = pair(l, h);
+                            }
+                        } else {
+                            for (o, &l) in out.iter_mut().zip(lo) {
+                                *o = pair(l, 0.0);
+                            }
+                        }
+                    }
+                });
+        }
+        Bf16Panel {
+            data,
+            pairs,
+            cols,
+        }
+    }
+
+    /// Pairs of the reduction (the padded depth over 2).
+    pub fn pairs(&self) -> usize {
+        self.pairs
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn as_b(&self) -> PairsB<'_> {
+        PairsB {
+            data: &self.data,
+            sliver_stride: self.pairs * SLIVER,
+            pair_stride: SLIVER,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// `c[i·ldc + j] = (accumulate ? c[i·ldc + j] : 0) + Σ_{q < pairs} A(i, q) · B(q, j)` for `i < m`,
+/// `j < n`, where each pair contributes its two products.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16(
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    a: PairsA<'_>,
+    b: PairsB<'_>,
+    m: usize,
+    n: usize,
+    pairs: usize,
+) {
+    gemm_bf16_on(bf16_path(), c, ldc, accumulate, a, b, m, n, pairs)
+}
+
+/// [`gemm_bf16`] on a given path (which must be available here).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_bf16_on(
+    path: Bf16Path,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    a: PairsA<'_>,
+    b: PairsB<'_>,
+    m: usize,
+    n: usize,
+    pairs: usize,
+) {
+    let available = match bf16_path() {
+        Bf16Path::Hardware => true,
+        Bf16Path::EmulatedAvx512 => path != Bf16Path::Hardware,
+        Bf16Path::EmulatedAvx2 => {
+            matches!(path, Bf16Path::EmulatedAvx2 | Bf16Path::EmulatedScalar)
+        }
+        Bf16Path::EmulatedScalar => path == Bf16Path::EmulatedScalar,
+    };
+    assert!(available, "gemm_bf16: {path:?} is not available here");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        ldc >= n && (m - 1) * ldc + n <= c.len(),
+        "gemm_bf16: C too short"
+    );
+    if pairs == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(
+        (m - 1) * a.row_stride + (pairs - 1) * a.pair_stride < a.data.len(),
+        "gemm_bf16: A too short"
+    );
+    assert!(
+        b.sliver_stride >= SLIVER.min(n)
+            && (n - 1) / SLIVER * b.sliver_stride + (pairs - 1) * b.pair_stride + (n - 1) % SLIVER
+                < b.data.len(),
+        "gemm_bf16: B too short"
+    );
+
+    let mr = match path {
+        Bf16Path::Hardware => 12,
+        _ => EMULATED_ROWS,
+    };
+    // Blocks of outputs per task, as in `gemm`: whole rows of slivers first, narrower and then
+    // shorter blocks only as far as needed to give every thread a few tasks.
+    let threads = rayon::current_num_threads().max(1);
+    let (mut mb, mut nb) = (32 * mr, n.next_multiple_of(SLIVER));
+    while m.div_ceil(mb) * n.div_ceil(nb) < 3 * threads {
+        if nb > 8 * SLIVER {
+            nb = (nb / 2).next_multiple_of(SLIVER);
+        } else if mb > 4 * mr {
+            mb = (mb / 2).next_multiple_of(mr);
+        } else if nb > SLIVER {
+            nb = (nb / 2).next_multiple_of(SLIVER);
+        } else if mb > mr {
+            mb = (mb / 2).next_multiple_of(mr);
+        } else {
+            break;
+        }
+    }
+    let (row_blocks, col_blocks) = (m.div_ceil(mb), n.div_ceil(nb));
+    let dst = SendPtr(c.as_mut_ptr());
+    (0..row_blocks * col_blocks)
+        .into_par_iter()
+        .for_each(|task| {
+            let (rb, cb) = (task / col_blocks, task % col_blocks);
+            let (r0, r1) = (rb * mb, ((rb + 1) * mb).min(m));
+            let (c0, c1) = (cb * nb, ((cb + 1) * nb).min(n));
+            let mut q0 = 0;
+            while q0 < pairs {
+                let kc = KC_PAIRS.min(pairs - q0);
+                for col in (c0..c1).step_by(SLIVER) {
+                    for row in (r0..r1).step_by(mr) {
+                        let tile = Tile {
+                            c: dst.get(),
+                            c_offset: row * ldc + col,
+                            ldc,
+                            load: accumulate || q0 > 0,
+                            a: a.data[row * a.row_stride + q0 * a.pair_stride..].as_ptr(),
+                            a_row: a.row_stride,
+                            a_pair: a.pair_stride,
+                            b: b.data[col / SLIVER * b.sliver_stride + q0 * b.pair_stride..]
+                                .as_ptr(),
+                            b_pair: b.pair_stride,
+                            rows: mr.min(r1 - row),
+                            cols: SLIVER.min(c1 - col),
+                            pairs: kc,
+                        };
+                        // SAFETY: the asserts above bound every A index of rows < m and every
+                        // B index of columns < n over `pairs` pairs; the kernels read only
+                        // those (masked past `cols`); tasks own disjoint blocks of C.
+                        unsafe { tile.run(path) };
+                    }
+                }
+                q0 += kc;
+            }
+        });
+}
+
+/// Rows of the emulated tile.
+const EMULATED_ROWS: usize = 4;
+
+/// One register tile: `rows` × `cols` (≤ 32) outputs over `pairs` pairs.
+struct Tile {
+    c: *mut f32,
+    c_offset: usize,
+    ldc: usize,
+    /// Continue the sums already in C (else start from 0).
+    load: bool,
+    a: *const u32,
+    a_row: usize,
+    a_pair: usize,
+    b: *const u32,
+    b_pair: usize,
+    rows: usize,
+    cols: usize,
+    pairs: usize,
+}
+
+impl Tile {
+    /// # Safety
+    /// A holds `pairs` pairs of `rows` rows from `a`, B `pairs` pair rows of `cols` columns
+    /// from `b` (the strides as given); the outputs are inside C and owned by this thread;
+    /// `path` is available here.
+    unsafe fn run(&self, path: Bf16Path) {
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 F/BW/BF16 detected; bounds per the caller.
+            Bf16Path::Hardware => unsafe { x86::hardware(self) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 F detected; bounds per the caller.
+            Bf16Path::EmulatedAvx512 => unsafe { x86::emulated_avx512(self) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 and FMA detected; bounds per the caller.
+            Bf16Path::EmulatedAvx2 => unsafe { x86::emulated_avx2(self) },
+            // SAFETY: bounds per the caller.
+            _ => unsafe { self.emulated() },
+        }
+    }
+
+    /// Widens each pair to two f32 values and adds `a_lo·b_lo`, then `a_hi·b_hi` (each
+    /// product and sum rounded to f32) — portable code that the callers compile for wider
+    /// vectors.
+    ///
+    /// # Safety
+    /// As [`Tile::run`].
+    #[inline(always)]
+    unsafe fn emulated(&self) {
+        let mut row = 0;
+        while row < self.rows {
+            let rows = EMULATED_ROWS.min(self.rows - row);
+            let mut acc = [[0f32; SLIVER]; EMULATED_ROWS];
+            // SAFETY (all raw accesses below): indices inside the operands per the caller;
+            // columns past `cols` are neither read nor written.
+            if self.load {
+                for (i, acc) in acc.iter_mut().enumerate().take(rows) {
+                    let p = unsafe { self.c.add(self.c_offset + (row + i) * self.ldc) };
+                    for (j, v) in acc.iter_mut().enumerate().take(self.cols) {
+                        *v = unsafe { *p.add(j) };
+                    }
+                }
+            }
+            let mut lo = [0f32; SLIVER];
+            let mut hi = [0f32; SLIVER];
+            for q in 0..self.pairs {
+                let bp = unsafe { self.b.add(q * self.b_pair) };
+                for j in 0..SLIVER {
+                    let v = if j < self.cols {
+                        unsafe { *bp.add(j) }
+                    } else {
+                        0
+                    };
+                    lo[j] = f32::from_bits(v << 16);
+                    hi[j] = f32::from_bits(v & 0xffff_0000);
+                }
+                for (i, acc) in acc.iter_mut().enumerate().take(rows) {
+                    let av = unsafe { *self.a.add((row + i) * self.a_row + q * self.a_pair) };
+                    let (alo, ahi) = (f32::from_bits(av << 16), f32::from_bits(av & 0xffff_0000));
+                    for j in 0..SLIVER {
+                        acc[j] += alo * lo[j];
+                        acc[j] += ahi * hi[j];
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate().take(rows) {
+                let p = unsafe { self.c.add(self.c_offset + (row + i) * self.ldc) };
+                for (j, v) in acc.iter().enumerate().take(self.cols) {
+                    unsafe { *p.add(j) = *v };
+                }
+            }
+            row += rows;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Tile;
+
+    /// # Safety
+    /// AVX-512 F present; as [`Tile::run`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn emulated_avx512(t: &Tile) {
+        // SAFETY: per the caller.
+        unsafe { t.emulated() }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA present; as [`Tile::run`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn emulated_avx2(t: &Tile) {
+        // SAFETY: per the caller.
+        unsafe { t.emulated() }
+    }
+
+    /// # Safety
+    /// AVX-512 F, BW and BF16 present; as [`Tile::run`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn hardware(t: &Tile) {
+        macro_rules! by_rows {
+            ($($r:literal)+) => {
+                match t.rows {
+                    $($r => unsafe { hardware_rows::<$r>(t) },)+
+                    _ => unreachable!("tile rows exceed the kernel height"),
+                }
+            };
+        }
+        by_rows!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    /// Twelve rows × 32 columns of sums in 24 registers; per pair, two loads of B and one
+    /// broadcast of A per row feed two `vdpbf16ps` per row.
+    ///
+    /// # Safety
+    /// As [`hardware`]; `t.rows == R`, `t.cols <= 32`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn hardware_rows<const R: usize>(t: &Tile) {
+        let lanes = |from: usize| -> __mmask16 {
+            let n = t.cols.saturating_sub(from).min(16);
+            ((1u32 << n) - 1) as __mmask16
+        };
+        let (m0, m1) = (lanes(0), lanes(16));
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        // SAFETY (all raw accesses below): indices inside the operands per the caller; masked
+        // lanes are neither read nor written.
+        if t.load {
+            for (i, a) in acc.iter_mut().enumerate() {
+                let p = unsafe { t.c.add(t.c_offset + i * t.ldc) };
+                a[0] = unsafe { _mm512_maskz_loadu_ps(m0, p) };
+                a[1] = unsafe { _mm512_maskz_loadu_ps(m1, p.add(16)) };
+            }
+        }
+        let rows: [*const u32; R] = std::array::from_fn(|i| t.a.wrapping_add(i * t.a_row));
+        let mut bp = t.b;
+        for q in 0..t.pairs {
+            let b0: __m512bh =
+                unsafe { std::mem::transmute(_mm512_maskz_loadu_epi32(m0, bp as *const i32)) };
+            let b1: __m512bh = unsafe {
+                std::mem::transmute(_mm512_maskz_loadu_epi32(m1, bp.add(16) as *const i32))
+            };
+            for (a, row) in acc.iter_mut().zip(&rows) {
+                let av = unsafe { *row.add(q * t.a_pair) };
+                let av: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(av as i32)) };
+                a[0] = _mm512_dpbf16_ps(a[0], av, b0);
+                a[1] = _mm512_dpbf16_ps(a[1], av, b1);
+            }
+            bp = bp.wrapping_add(t.b_pair);
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let p = unsafe { t.c.add(t.c_offset + i * t.ldc) };
+            unsafe { _mm512_mask_storeu_ps(p, m0, a[0]) };
+            unsafe { _mm512_mask_storeu_ps(p.add(16), m1, a[1]) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::super::test_values as values;
+
+    fn rounded(x: f32) -> f64 {
+        bf16_value(bf16_bits(x)) as f64
+    }
+
+    #[test]
+    fn rounding_is_nearest_even_and_keeps_specials() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to the even (1.0).
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        // Just above the halfway point rounds up.
+        assert_eq!(bf16_bits(f32::from_bits(0x3f80_8001)), 0x3f81);
+        // 1 + 3·2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6: up to the even.
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(bf16_bits(-2.5), 0xc020);
+        assert_eq!(bf16_bits(f32::INFINITY), 0x7f80);
+        assert_eq!(bf16_bits(f32::MAX), 0x7f80);
+        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+        // A NaN whose payload sits only in the low bits must not turn into ∞.
+        assert!(bf16_value(bf16_bits(f32::from_bits(0x7f80_0001))).is_nan());
+    }
+
+    /// `Σ_p a(i, p)·b(p, j)` in f64 over the bf16-rounded operands.
+    fn reference(
+        a: impl Fn(usize, usize) -> f32,
+        b: impl Fn(usize, usize) -> f32,
+        m: usize,
+        n: usize,
+        depth: usize,
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..depth).map(|p| rounded(a(i, p)) * rounded(b(p, j))).sum();
+            }
+        }
+        out
+    }
+
+    fn paths() -> Vec<Bf16Path> {
+        let mut out = vec![Bf16Path::EmulatedScalar];
+        match bf16_path() {
+            Bf16Path::Hardware => out.extend([
+                Bf16Path::EmulatedAvx2,
+                Bf16Path::EmulatedAvx512,
+                Bf16Path::Hardware,
+            ]),
+            Bf16Path::EmulatedAvx512 => {
+                out.extend([Bf16Path::EmulatedAvx2, Bf16Path::EmulatedAvx512])
+            }
+            Bf16Path::EmulatedAvx2 => out.push(Bf16Path::EmulatedAvx2),
+            Bf16Path::EmulatedScalar => {}
+        }
+        println!("bf16 paths tested: {out:?}");
+        out
+    }
+
+    /// The three layouts the training step uses — `x · wᵀ` (rows × panel), `dout · w` (rows ×
+    /// panel) and `doutᵀ · x` (interleaved × interleaved) — on ragged shapes and odd depths,
+    /// against f64 sums of the rounded operands.
+    #[test]
+    fn products_match_f64_on_rounded_operands() {
+        for path in paths() {
+            for &(m, n, k) in &[
+                (1, 1, 1),
+                (13, 33, 7),
+                (12, 32, 300),
+                (25, 70, 513),
+                (7, 65, 2),
+                (40, 5, 257),
+            ] {
+                let x = values(m * k, 1);
+                let w = values(n * k, 2);
+                let old = values(m * (n + 3), 3);
+                let tol = |want: &[f64], got: &[f32], scale: f64, what: &str| {
+                    for (idx, (g, w)) in got.iter().zip(want).enumerate() {
+                        assert!(
+                            (*g as f64 - w).abs() <= 1e-5 * scale.max(1.0),
+                            "{path:?} {what} {m}x{n}x{k} at {idx}: {g} vs {w}"
+                        );
+                    }
+                };
+                // Forward: out (m, n) = x (m, k) · wᵀ.
+                let mut xa = Vec::new();
+                to_pair_rows(&mut xa, &x, m, k);
+                let panel = Bf16Panel::transposed(&w, n, k);
+                let a = PairsA {
+                    data: &xa,
+                    row_stride: k.div_ceil(2),
+                    pair_stride: 1,
+                };
+                let want = reference(|i, p| x[i * k + p], |p, j| w[j * k + p], m, n, k);
+                let ldc = n + 3;
+                for accumulate in [false, true] {
+                    let mut c = old.clone();
+                    gemm_bf16_on(path, &mut c, ldc, accumulate, a, panel.as_b(), m, n, panel.pairs());
+                    let mut got = Vec::new();
+                    let mut full = Vec::new();
+                    for i in 0..m {
+                        for j in 0..ldc {
+                            if j >= n {
+                                assert_eq!(c[i * ldc + j], old[i * ldc + j], "padding written");
+                                continue;
+                            }
+                            got.push(c[i * ldc + j]);
+                            let base = if accumulate { old[i * ldc + j] as f64 } else { 0.0 };
+                            full.push(want[i * n + j] + base);
+                        }
+                    }
+                    tol(&full, &got, k as f64, "x·wᵀ");
+                }
+                // dx (m, k) = dout (m, n) · w (n, k).
+                let dout = values(m * n, 4);
+                let mut da = Vec::new();
+                to_pair_rows(&mut da, &dout, m, n);
+                let panel = Bf16Panel::direct(&w, n, k);
+                let a = PairsA {
+                    data: &da,
+                    row_stride: n.div_ceil(2),
+                    pair_stride: 1,
+                };
+                let mut dx = vec![0f32; m * k];
+                gemm_bf16_on(path, &mut dx, k, false, a, panel.as_b(), m, k, panel.pairs());
+                let want = reference(|i, p| dout[i * n + p], |p, j| w[p * k + j], m, k, n);
+                tol(&want, &dx, n as f64, "dout·w");
+                // dw (n, k) += doutᵀ (n, m) · x (m, k).
+                let (mut ai, mut bi) = (Vec::new(), Vec::new());
+                interleave_rows(&mut ai, &dout, m, n);
+                interleave_rows(&mut bi, &x, m, k);
+                let a = PairsA {
+                    data: &ai,
+                    row_stride: 1,
+                    pair_stride: n,
+                };
+                let mut dw = values(n * k, 5);
+                let before = dw.clone();
+                gemm_bf16_on(
+                    path,
+                    &mut dw,
+                    k,
+                    true,
+                    a,
+                    PairsB::interleaved(&bi, k),
+                    n,
+                    k,
+                    m.div_ceil(2),
+                );
+                let want: Vec<f64> = reference(|i, p| dout[p * n + i], |p, j| x[p * k + j], n, k, m)
+                    .iter()
+                    .zip(&before)
+                    .map(|(w, b)| w + *b as f64)
+                    .collect();
+                tol(&want, &dw, m as f64, "doutᵀ·x");
+            }
+        }
+    }
+
+    #[test]
+    fn bitwise_independent_of_thread_count_and_row_count() {
+        let (m, n, k) = (77, 90, 600);
+        let x = values(m * k, 4);
+        let w = values(n * k, 5);
+        let mut xa = Vec::new();
+        to_pair_rows(&mut xa, &x, m, k);
+        let panel = Bf16Panel::transposed(&w, n, k);
+        let run = |threads: usize, rows: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut c = vec![0f32; rows * n];
+            let a = PairsA {
+                data: &xa,
+                row_stride: k / 2,
+                pair_stride: 1,
+            };
+            pool.install(|| gemm_bf16(&mut c, n, false, a, panel.as_b(), rows, n, k / 2));
+            c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let one = run(1, m);
+        assert_eq!(one, run(2, m));
+        assert_eq!(one, run(5, m));
+        // A row alone (decode-sized call) gets the bits it gets among 77.
+        assert_eq!(&one[..n], &run(2, 1)[..]);
+    }
+
+    #[test]
+    fn conversions_lay_out_pairs() {
+        let src: Vec<f32> = (0..15).map(|i| i as f32).collect();
+        let mut rows = Vec::new();
+        to_pair_rows(&mut rows, &src, 3, 5);
+        assert_eq!(rows.len(), 9);
+        assert_eq!(rows[0], bf16_bits(0.0) | bf16_bits(1.0) << 16);
+        assert_eq!(rows[2], bf16_bits(4.0));
+        assert_eq!(rows[3], bf16_bits(5.0) | bf16_bits(6.0) << 16);
+        let mut il = Vec::new();
+        interleave_rows(&mut il, &src, 3, 5);
+        assert_eq!(il.len(), 10);
+        assert_eq!(il[1], bf16_bits(1.0) | bf16_bits(6.0) << 16);
+        assert_eq!(il[5 + 4], bf16_bits(14.0));
+    }
+}
