@@ -18,7 +18,13 @@ Ratios: time = PyTorch s/step ÷ rlx s/step (> 1 means rlx is faster); memory = 
 PyTorch peak RSS (< 1 means rlx uses less).
 
     python3 benches/train_step.py [--threads 2] [--batch 4] [--len 256] [--prompt 32]
-                                  [--steps 3] [--models gpt2,smollm2] [--json OUT]
+                                  [--steps 3] [--models gpt2,smollm2] [--compute f32|bf16]
+                                  [--json OUT]
+
+`--compute bf16`: rlx trains with `--train-compute bf16` (bf16 operands, f32 sums, f32 master
+weights); PyTorch runs the forward and loss under `torch.autocast("cpu", dtype=torch.bfloat16)`
+(f32 master weights and AdamW), the usual mixed-precision recipe. The loss of every step is
+printed side by side, so the two curves can be compared.
 """
 
 import argparse
@@ -108,10 +114,14 @@ def torch_worker(args) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=0.0)
     seconds, losses, grad_norms, cpu_seconds, wait_seconds = [], [], [], [], []
+    import contextlib
+    mixed = (torch.autocast("cpu", dtype=torch.bfloat16) if args.compute == "bf16"
+             else contextlib.nullcontext())
     for _ in range(args.steps + 1):
         before = cpu_and_wait_seconds()
         t = time.perf_counter()
-        loss = model(input_ids=ids, labels=labels).loss
+        with mixed:
+            loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -137,6 +147,7 @@ def torch_worker(args) -> int:
         "prompt_tokens": args.prompt,
         "loss_tokens": args.batch * (args.len - prompt),
         "lr": args.lr,
+        "compute": args.compute,
         "warmup_seconds": seconds[0],
         "step_seconds": timed,
         "step_cpu_seconds": cpu_seconds[1:] or None,
@@ -211,6 +222,7 @@ def time_rlx(path: Path, args) -> dict:
         "--train-prompt", str(args.prompt),
         "--steps", str(args.steps),
         "--lr", str(args.lr),
+        "--train-compute", args.compute,
     ], args.threads)
 
 
@@ -224,6 +236,7 @@ def time_torch(path: Path, args) -> dict:
         "--prompt", str(args.prompt),
         "--steps", str(args.steps),
         "--lr", str(args.lr),
+        "--compute", args.compute,
     ], args.threads)
 
 
@@ -235,6 +248,9 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--compute", choices=["f32", "bf16"], default="f32",
+                    help="precision of the matrix products (bf16: rlx --train-compute bf16 "
+                         "vs PyTorch bf16 autocast)")
     ap.add_argument("--models", default="gpt2,smollm2")
     ap.add_argument("--gpt2-dir", type=Path, default=ROOT / "bench-out" / "gpt2-124m-random")
     ap.add_argument("--smollm2-dir", type=Path, default=ROOT / "bench-out" / "smollm2-135m-f32")
@@ -272,7 +288,8 @@ def main() -> int:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     gib = 1024 ** 3
     print(f"SFT step: batch {args.batch} x {args.len} tokens ({args.prompt} prompt tokens unscored), "
-          f"full fine-tune, AdamW, {args.threads} threads, {platform.machine()}; "
+          f"full fine-tune, AdamW, {args.compute} compute, {args.threads} threads, "
+          f"{platform.machine()}; "
           f"best of {args.steps} timed steps after 1 warm-up")
     print(f"{'':34}{'rlx':>10}{'PyTorch':>10}{'ratio':>8}")
     for name, r in results.items():
@@ -297,7 +314,8 @@ def main() -> int:
         if m_ours and m_ref:
             print(f"{'  peak RSS (GiB)':34}{m_ours / gib:10.2f}{m_ref / gib:10.2f}"
                   f"{m_ours / m_ref:8.2f}")
-        print(f"{'  loss, warm-up step':34}{ours['losses'][0]:10.4f}{ref['losses'][0]:10.4f}")
+        for i, (a, b) in enumerate(zip(ours["losses"], ref["losses"])):
+            print(f"{f'  loss, step {i}':34}{a:10.4f}{b:10.4f}")
     return 0
 
 

@@ -194,6 +194,9 @@ struct BenchArgs {
     /// AdamW learning rate for the training steps.
     #[arg(long, default_value_t = 1e-5)]
     lr: f64,
+    /// Precision of the training steps' matrix products: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    train_compute: rlx::ComputeDtype,
 }
 
 fn main() -> ExitCode {
@@ -573,6 +576,7 @@ fn bench_train(a: &BenchArgs, batch: usize) -> CliResult {
     let peak_reset = reset_peak_rss();
     let config = rlx::TrainConfig {
         lr: a.lr as f32,
+        compute: a.train_compute,
         ..Default::default()
     };
     let mut trainer = rlx::Trainer::new(model, config)?;
@@ -615,6 +619,8 @@ fn bench_train(a: &BenchArgs, batch: usize) -> CliResult {
         "prompt_tokens": a.train_prompt,
         "loss_tokens": batch * (a.train_len - prompt),
         "lr": a.lr,
+        "compute": a.train_compute.name(),
+        "bf16_path": rlx::backend::cpu::bf16_gemm::bf16_path().name(),
         "warmup_seconds": seconds[0],
         "step_seconds": timed,
         "step_cpu_seconds": cpu_seconds.get(1..),

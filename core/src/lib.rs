@@ -40,7 +40,7 @@ pub use tokenizer::{TextStream, Tokenizer};
 pub use train::dpo::{DpoLoss, DpoStats};
 pub use train::grpo::{group_advantages, GrpoBatch, GrpoConfig, GrpoLossType, GrpoStats};
 pub use train::ppo::{ppo_advantages, Advantages, PpoConfig, PpoMinibatch, PpoStats};
-pub use train::{Schedule, StepStats, TrainConfig, Trainer};
+pub use train::{ComputeDtype, Schedule, StepStats, TrainConfig, Trainer};
 
 /// The library version (`CARGO_PKG_VERSION`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

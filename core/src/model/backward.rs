@@ -20,6 +20,7 @@ use crate::backend::cpu::zeroed;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 
+use super::bf16_compute::{LinearPanels, K, MLP, O, Q, V};
 use super::forward::{Scratch, Tape};
 use super::lora::LoraGrad;
 use super::weights::{Linear, Mlp, Norm};
@@ -372,7 +373,8 @@ impl Gradients {
 }
 
 /// `dx = dout · W`, `dW += doutᵀ · x`, `db += Σ dout` for one linear layer (no `dW`, `db`
-/// for a frozen base), plus its LoRA adapter's gradients and input gradient.
+/// for a frozen base), plus its LoRA adapter's gradients and input gradient. With bf16
+/// compute (`panels`) the products run on the weight's bf16 copy.
 fn linear_backward(
     mut dx: Option<&mut [f32]>,
     g: &mut LinearGrad,
@@ -380,21 +382,25 @@ fn linear_backward(
     x: &[f32],
     l: &Linear,
     t: usize,
+    panels: Option<&LinearPanels>,
 ) {
     let shape = l.w.shape();
     let (n, k) = (shape[0], shape[1]);
     let dw = (!g.w.is_empty()).then_some(g.w.as_mut_slice());
-    matmul_backward(
-        dx.as_deref_mut(),
-        dw,
-        g.b.as_deref_mut(),
-        dout,
-        x,
-        l.w.as_slice(),
-        t,
-        n,
-        k,
-    );
+    match panels {
+        Some(p) => p.backward(dx.as_deref_mut(), dw, g.b.as_deref_mut(), dout, x, t),
+        None => matmul_backward(
+            dx.as_deref_mut(),
+            dw,
+            g.b.as_deref_mut(),
+            dout,
+            x,
+            l.w.as_slice(),
+            t,
+            n,
+            k,
+        ),
+    }
     if let (Some(ad), Some(lg)) = (&l.lora, g.lora.as_mut()) {
         ad.backward(dx, lg, dout, x, t);
     }
@@ -535,6 +541,7 @@ impl Model {
         self.forward_taped(tokens, slots, &mut caches, &mut s, Some(&mut tape))?;
         let mut grads = Gradients::zeros(self);
         let head = w.lm_head();
+        let head_panels = self.bf16_compute.as_deref().and_then(|b| b.head.as_ref());
         let mut hidden = vec![0f32; LOSS_ROWS * c];
         let mut logits = vec![0f32; LOSS_ROWS * v];
         // (max, log Σ exp, entropy) of each selected row's logits, kept between the passes.
@@ -550,15 +557,18 @@ impl Model {
             for (i, sel) in chunk.iter().enumerate() {
                 hidden[i * c..(i + 1) * c].copy_from_slice(&s.h[sel.row * c..(sel.row + 1) * c]);
             }
-            matmul(
-                &mut logits[..m * v],
-                &hidden[..m * c],
-                head.as_slice(),
-                None,
-                m,
-                v,
-                c,
-            );
+            match head_panels {
+                Some(p) => p.forward(&mut logits[..m * v], &hidden[..m * c], None, m),
+                None => matmul(
+                    &mut logits[..m * v],
+                    &hidden[..m * c],
+                    head.as_slice(),
+                    None,
+                    m,
+                    v,
+                    c,
+                ),
+            }
         };
         // The logits of every selected row stay from this pass to the gradient pass when they
         // fit in KEPT_LOGITS_BYTES (PyTorch holds them all); otherwise they are recomputed.
@@ -668,17 +678,27 @@ impl Model {
                 Some(h) => h.as_mut_slice(),
                 None => grads.tok_emb.as_mut_slice(),
             };
-            matmul_backward(
-                Some(&mut dh_chunk[..m * c]),
-                head_trainable.then_some(dhead),
-                None,
-                buf,
-                &hidden[..m * c],
-                head.as_slice(),
-                m,
-                v,
-                c,
-            );
+            match head_panels {
+                Some(p) => p.backward(
+                    Some(&mut dh_chunk[..m * c]),
+                    head_trainable.then_some(dhead),
+                    None,
+                    buf,
+                    &hidden[..m * c],
+                    m,
+                ),
+                None => matmul_backward(
+                    Some(&mut dh_chunk[..m * c]),
+                    head_trainable.then_some(dhead),
+                    None,
+                    buf,
+                    &hidden[..m * c],
+                    head.as_slice(),
+                    m,
+                    v,
+                    c,
+                ),
+            }
             for (i, sel) in chunk.iter().enumerate() {
                 dhf[sel.row * c..(sel.row + 1) * c].copy_from_slice(&dh_chunk[i * c..(i + 1) * c]);
             }
@@ -761,6 +781,8 @@ impl Model {
             };
             let x_in = &tape.layers[l].x_in;
             let g = &mut grads.layers[l];
+            let panels = self.layer_panels(l);
+            let panel = |i: usize| panels.map(|p| &p[i]);
             // MLP block: x_out = x_mid + out_proj(act).
             let (out_proj, out_grad) = match &layer.mlp {
                 Mlp::Gelu { proj, .. } => (proj, 1),
@@ -773,16 +795,41 @@ impl Model {
                 &lt.act,
                 out_proj,
                 t,
+                panel(MLP + out_grad),
             );
             match &layer.mlp {
                 Mlp::Gelu { fc, .. } => {
                     gelu_tanh_backward(&mut dm1, &d_act, &lt.m1);
-                    linear_backward(Some(&mut dh), &mut g.mlp[0], &dm1, &lt.h2, fc, t);
+                    linear_backward(
+                        Some(&mut dh),
+                        &mut g.mlp[0],
+                        &dm1,
+                        &lt.h2,
+                        fc,
+                        t,
+                        panel(MLP),
+                    );
                 }
                 Mlp::SwiGlu { gate, up, .. } => {
                     silu_mul_backward(&mut dm1, &mut dm2, &d_act, &lt.m1, &lt.m2);
-                    linear_backward(Some(&mut dh), &mut g.mlp[0], &dm1, &lt.h2, gate, t);
-                    linear_backward(Some(&mut tmp), &mut g.mlp[1], &dm2, &lt.h2, up, t);
+                    linear_backward(
+                        Some(&mut dh),
+                        &mut g.mlp[0],
+                        &dm1,
+                        &lt.h2,
+                        gate,
+                        t,
+                        panel(MLP),
+                    );
+                    linear_backward(
+                        Some(&mut tmp),
+                        &mut g.mlp[1],
+                        &dm2,
+                        &lt.h2,
+                        up,
+                        t,
+                        panel(MLP + 1),
+                    );
                     add(&mut dh, &tmp);
                 }
             }
@@ -790,7 +837,15 @@ impl Model {
             add(&mut dx, &dnorm); // now d x_mid
 
             // Attention block: x_mid = x_in + o(att).
-            linear_backward(Some(&mut d_att), &mut g.o, &dx, &lt.att, &layer.o, t);
+            linear_backward(
+                Some(&mut d_att),
+                &mut g.o,
+                &dx,
+                &lt.att,
+                &layer.o,
+                t,
+                panel(O),
+            );
             let views: Vec<KvView<'_>> = caches
                 .iter()
                 .map(|cache| {
@@ -822,10 +877,34 @@ impl Model {
                 rope::apply_backward(&mut dq, cos, sin, heads.nh, heads.hs);
                 rope::apply_backward(&mut dk_rows, cos, sin, heads.nkv, heads.hs);
             }
-            linear_backward(Some(&mut dh), &mut g.q, &dq, &lt.h1, &layer.q, t);
-            linear_backward(Some(&mut tmp), &mut g.k, &dk_rows, &lt.h1, &layer.k, t);
+            linear_backward(
+                Some(&mut dh),
+                &mut g.q,
+                &dq,
+                &lt.h1,
+                &layer.q,
+                t,
+                panel(Q),
+            );
+            linear_backward(
+                Some(&mut tmp),
+                &mut g.k,
+                &dk_rows,
+                &lt.h1,
+                &layer.k,
+                t,
+                panel(K),
+            );
             add(&mut dh, &tmp);
-            linear_backward(Some(&mut tmp), &mut g.v, &dv_rows, &lt.h1, &layer.v, t);
+            linear_backward(
+                Some(&mut tmp),
+                &mut g.v,
+                &dv_rows,
+                &lt.h1,
+                &layer.v,
+                t,
+                panel(V),
+            );
             add(&mut dh, &tmp);
             self.norm_backward(&layer.attn_norm, &mut g.attn_norm, &mut dnorm, &dh, x_in);
             add(&mut dx, &dnorm); // now d x_in

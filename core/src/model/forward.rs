@@ -11,6 +11,7 @@ use crate::backend::cpu::rope;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 
+use super::bf16_compute::{LinearPanels, K, MLP, O, Q, V};
 use super::weights::{Layer, Linear, Mlp, Norm};
 use super::Model;
 
@@ -170,7 +171,8 @@ impl Model {
                 x_in: s.x.clone(),
                 ..Default::default()
             });
-            self.attention_inputs(layer, s, rope_tables.as_ref(), t);
+            let panels = self.layer_panels(l);
+            self.attention_inputs(layer, panels, s, rope_tables.as_ref(), t);
             for (i, slot) in slots.iter().enumerate() {
                 caches[slot.seq].write(
                     l,
@@ -205,15 +207,16 @@ impl Model {
     fn attention_inputs(
         &self,
         layer: &Layer,
+        panels: Option<&[LinearPanels]>,
         s: &mut Scratch,
         rope_tables: Option<&(Vec<f32>, Vec<f32>)>,
         t: usize,
     ) {
         let cfg = &self.config;
         self.norm(&layer.attn_norm, &mut s.h, &s.x);
-        linear(&mut s.q, &s.h, &layer.q, t);
-        linear(&mut s.k, &s.h, &layer.k, t);
-        linear(&mut s.v, &s.h, &layer.v, t);
+        linear(&mut s.q, &s.h, &layer.q, t, panels.map(|p| &p[Q]));
+        linear(&mut s.k, &s.h, &layer.k, t, panels.map(|p| &p[K]));
+        linear(&mut s.v, &s.h, &layer.v, t, panels.map(|p| &p[V]));
         if let Some((cos, sin)) = rope_tables {
             rope::apply(&mut s.q, cos, sin, cfg.num_heads, cfg.head_dim);
             rope::apply(&mut s.k, cos, sin, cfg.num_kv_heads, cfg.head_dim);
@@ -246,7 +249,9 @@ impl Model {
             })
             .collect();
         attention(&mut s.att, &s.q, slots, &views, heads);
-        linear(&mut s.out, &s.att, &layer.o, t);
+        let panels = self.layer_panels(l);
+        let mlp_panel = |i: usize| panels.map(|p| &p[MLP + i]);
+        linear(&mut s.out, &s.att, &layer.o, t, panels.map(|p| &p[O]));
         add_inplace(&mut s.x, &s.out);
         if let Some(lt) = lt.as_deref_mut() {
             lt.h1 = s.h.clone();
@@ -259,22 +264,22 @@ impl Model {
         self.norm(&layer.mlp_norm, &mut s.h, &s.x);
         match &layer.mlp {
             Mlp::Gelu { fc, proj } => {
-                linear(&mut s.m1, &s.h, fc, t);
+                linear(&mut s.m1, &s.h, fc, t, mlp_panel(0));
                 if let Some(lt) = lt.as_deref_mut() {
                     lt.m1 = s.m1[..t * f].to_vec();
                 }
                 gelu_tanh(&mut s.m1);
-                linear(&mut s.out, &s.m1, proj, t);
+                linear(&mut s.out, &s.m1, proj, t, mlp_panel(1));
             }
             Mlp::SwiGlu { gate, up, down } => {
-                linear(&mut s.m1, &s.h, gate, t);
-                linear(&mut s.m2, &s.h, up, t);
+                linear(&mut s.m1, &s.h, gate, t, mlp_panel(0));
+                linear(&mut s.m2, &s.h, up, t, mlp_panel(1));
                 if let Some(lt) = lt.as_deref_mut() {
                     lt.m1 = s.m1[..t * f].to_vec();
                     lt.m2 = s.m2[..t * f].to_vec();
                 }
                 silu_mul(&mut s.m1, &s.m2);
-                linear(&mut s.out, &s.m1, down, t);
+                linear(&mut s.out, &s.m1, down, t, mlp_panel(2));
             }
         }
         add_inplace(&mut s.x, &s.out);
@@ -299,7 +304,7 @@ impl Model {
         s.x.clear();
         s.x.extend_from_slice(&tape.layers[l].x_in);
         s.resize_for(&self.config, t);
-        self.attention_inputs(layer, s, tape.rope.as_ref(), t);
+        self.attention_inputs(layer, self.layer_panels(l), s, tape.rope.as_ref(), t);
         let mut lt = LayerTape {
             x_in: Vec::new(),
             ..Default::default()
@@ -331,13 +336,26 @@ impl Model {
             Norm::Rms { w } => rmsnorm(out, x, w.as_slice(), c, eps),
         }
     }
+
+    /// Layer `l`'s bf16 weight copies while a Trainer with bf16 compute runs its gradients.
+    pub(crate) fn layer_panels(&self, l: usize) -> Option<&[LinearPanels]> {
+        self.bf16_compute
+            .as_deref()
+            .and_then(|b| b.layers.get(l))
+            .map(Vec::as_slice)
+    }
 }
 
-/// `out (T, out) = x (T, in) · Wᵀ + b`.
-fn linear(out: &mut [f32], x: &[f32], layer: &Linear, t: usize) {
+/// `out (T, out) = x (T, in) · Wᵀ + b`; with bf16 compute (`panels`), on the weight's bf16 copy.
+fn linear(out: &mut [f32], x: &[f32], layer: &Linear, t: usize, panels: Option<&LinearPanels>) {
     let shape = layer.w.shape();
     let (n, k) = (shape[0], shape[1]);
     let bias = layer.b.as_ref().map(|b| b.as_slice());
+    if let Some(p) = panels {
+        p.forward(&mut out[..t * n], &x[..t * k], bias, t);
+        super::lora::add_adapter(out, x, layer, t);
+        return;
+    }
     if let Some(q) = layer.w.quant() {
         // Bit for bit the f32 product on the dequantized weights (see `quant_matmul`).
         quant_matmul(&mut out[..t * n], &x[..t * k], q, bias, t);

@@ -2,6 +2,7 @@
 //! `logits`, `logprobs` (here) and `generate` (in `generate.rs`).
 
 mod backward;
+mod bf16_compute;
 mod forward;
 pub mod lora;
 mod reward;
@@ -32,6 +33,7 @@ pub use backward::{
     Gradients, LayerGrads, LinearGrad, LogprobObjective, NormGrad, TokenObjective,
     TokenOutputGrads, TokenOutputs,
 };
+pub(crate) use bf16_compute::Bf16Weights;
 pub(crate) use forward::Scratch;
 pub use lora::{LoraAdapter, LoraConfig, LoraGrad};
 pub use reward::PairStats;
@@ -97,6 +99,9 @@ pub struct Model {
     source: PathBuf,
     /// Recompute each layer's activations in the backward pass instead of keeping them.
     gradient_checkpointing: bool,
+    /// Set by a Trainer with bf16 compute around its own gradient calls: the training
+    /// forward/backward's products then run on these bf16 copies of the weights.
+    bf16_compute: Option<Arc<bf16_compute::Bf16Weights>>,
     /// The weights on a CUDA device (`LoadOptions::device = cuda:N`); inference dispatches
     /// there when present.
     #[cfg(feature = "cuda")]
@@ -192,6 +197,7 @@ impl Model {
             pool,
             source: dir.to_path_buf(),
             gradient_checkpointing: false,
+            bf16_compute: None,
             #[cfg(feature = "cuda")]
             cuda: None,
             #[cfg(feature = "cuda")]
@@ -442,6 +448,7 @@ impl Model {
             pool,
             source: path.to_path_buf(),
             gradient_checkpointing: false,
+            bf16_compute: None,
             #[cfg(feature = "cuda")]
             cuda: None,
             #[cfg(feature = "cuda")]
@@ -515,6 +522,37 @@ impl Model {
     /// input and recomputes the layer's other activations during the backward pass — about
     /// one more forward of compute for activation memory of one layer instead of all.
     /// Gradients are identical either way.
+    /// bf16 copies of the weights' matrices for a Trainer with bf16 compute.
+    pub(crate) fn bf16_weights(&self) -> Result<Arc<Bf16Weights>> {
+        let has_head = self.require_lm_head().is_ok();
+        // Two bf16 copies of every matrix: the f32 weights' size again.
+        let bytes: usize = self
+            .weights
+            .layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .map(|l| l.w.as_slice().len() * 4)
+            .sum::<usize>()
+            + if has_head {
+                self.weights.lm_head().as_slice().len() * 4
+            } else {
+                0
+            };
+        crate::memory::ensure_fits(bytes as u64, "the bf16 copies of the weights")?;
+        Ok(Arc::new(self.install(|| Bf16Weights::new(&self.weights, has_head))))
+    }
+
+    /// Packs the current weights into `w`, copies made by [`Model::bf16_weights`] from this
+    /// model (same shapes).
+    pub(crate) fn refill_bf16_weights(&self, w: &mut Bf16Weights) {
+        self.install(|| w.refill(&self.weights));
+    }
+
+    /// Makes the training forward/backward use `w` (a Trainer's gradient calls) or f32.
+    pub(crate) fn set_bf16_compute(&mut self, w: Option<Arc<Bf16Weights>>) {
+        self.bf16_compute = w;
+    }
+
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.gradient_checkpointing = on;
     }

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::model::{LoadOptions, LoraConfig, Model};
 use crate::train::grpo::{GrpoConfig, GrpoLossType};
 use crate::train::ppo::PpoConfig;
-use crate::train::{Schedule, TrainConfig, Trainer};
+use crate::train::{ComputeDtype, Schedule, TrainConfig, Trainer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -47,6 +47,8 @@ pub struct OnPolicyJob {
     pub chat_template: bool,
     pub max_len: usize,
     pub gradient_checkpointing: bool,
+    /// Precision of the learner's matrix products (`f32` or `bf16`).
+    pub compute: ComputeDtype,
     pub seed: u64,
     pub save_every: u64,
     pub lr: f32,
@@ -96,6 +98,7 @@ impl Default for OnPolicyJob {
             chat_template: true,
             max_len: 512,
             gradient_checkpointing: false,
+            compute: ComputeDtype::F32,
             seed: 0,
             save_every: 0,
             lr: 1e-6,
@@ -185,6 +188,7 @@ impl OnPolicyJob {
             weight_decay: self.weight_decay,
             max_grad_norm: Some(self.max_grad_norm),
             schedule: Schedule::from_steps(self.warmup_steps, self.total_steps),
+            compute: self.compute,
             ..Default::default()
         }
     }

@@ -26,7 +26,7 @@ use crate::model::{LoadOptions, Model, VALUE_HEAD_BIAS, VALUE_HEAD_WEIGHT};
 use crate::tensor::Tensor;
 use crate::weights::SafetensorsCheckpoint;
 
-use super::{Schedule, TrainConfig, Trainer};
+use super::{ComputeDtype, Schedule, TrainConfig, Trainer};
 
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -46,7 +46,7 @@ fn config_json(c: &TrainConfig) -> Value {
     json!({
         "lr": c.lr, "beta1": c.beta1, "beta2": c.beta2, "eps": c.eps,
         "weight_decay": c.weight_decay, "max_grad_norm": c.max_grad_norm,
-        "schedule": schedule,
+        "schedule": schedule, "compute": c.compute.name(),
     })
 }
 
@@ -85,6 +85,15 @@ fn config_from_json(v: &Value, path: &Path) -> Result<TrainConfig> {
             ),
         },
         schedule,
+        // Checkpoints written before bf16 compute existed trained in f32.
+        compute: match &v["compute"] {
+            Value::Null => ComputeDtype::F32,
+            x => ComputeDtype::parse(
+                x.as_str()
+                    .ok_or_else(|| bad("`compute` must be \"f32\" or \"bf16\""))?,
+            )
+            .map_err(|e| bad(&e.to_string()))?,
+        },
     };
     config.validate()?;
     Ok(config)

@@ -211,11 +211,20 @@ impl Bf16Panel {
     /// `B = wᵀ` for a row-major `w (n, k)`: `B(q, j) = (w[j, 2q], w[j, 2q+1])` — the forward
     /// product `x · wᵀ`.
     pub fn transposed(w: &[f32], n: usize, k: usize) -> Self {
+        let mut panel = Bf16Panel::default();
+        panel.fill_transposed(w, n, k);
+        panel
+    }
+
+    /// [`Bf16Panel::transposed`] into this panel's memory (reused when the size allows).
+    pub fn fill_transposed(&mut self, w: &[f32], n: usize, k: usize) {
         let pairs = k.div_ceil(2);
         let w = &w[..n * k];
-        let mut data = vec![0u32; n.div_ceil(SLIVER) * pairs * SLIVER];
+        self.data.clear();
+        self.data.resize(n.div_ceil(SLIVER) * pairs * SLIVER, 0);
         if pairs > 0 {
-            data.par_chunks_mut(pairs * SLIVER)
+            self.data
+                .par_chunks_mut(pairs * SLIVER)
                 .enumerate()
                 .for_each(|(s, sliver)| {
                     for jj in 0..SLIVER.min(n - s * SLIVER) {
@@ -227,21 +236,27 @@ impl Bf16Panel {
                     }
                 });
         }
-        Bf16Panel {
-            data,
-            pairs,
-            cols: n,
-        }
+        self.pairs = pairs;
+        self.cols = n;
     }
 
     /// `B = w` for a row-major `w (rows, cols)`: `B(q, j) = (w[2q, j], w[2q+1, j])` — the
     /// backward product `dout · w`.
     pub fn direct(w: &[f32], rows: usize, cols: usize) -> Self {
+        let mut panel = Bf16Panel::default();
+        panel.fill_direct(w, rows, cols);
+        panel
+    }
+
+    /// [`Bf16Panel::direct`] into this panel's memory (reused when the size allows).
+    pub fn fill_direct(&mut self, w: &[f32], rows: usize, cols: usize) {
         let pairs = rows.div_ceil(2);
         let w = &w[..rows * cols];
-        let mut data = vec![0u32; cols.div_ceil(SLIVER) * pairs * SLIVER];
+        self.data.clear();
+        self.data.resize(cols.div_ceil(SLIVER) * pairs * SLIVER, 0);
         if pairs > 0 {
-            data.par_chunks_mut(pairs * SLIVER)
+            self.data
+                .par_chunks_mut(pairs * SLIVER)
                 .enumerate()
                 .for_each(|(s, sliver)| {
                     let (j0, width) = (s * SLIVER, SLIVER.min(cols - s * SLIVER));
@@ -260,11 +275,8 @@ impl Bf16Panel {
                     }
                 });
         }
-        Bf16Panel {
-            data,
-            pairs,
-            cols,
-        }
+        self.pairs = pairs;
+        self.cols = cols;
     }
 
     /// Pairs of the reduction (the padded depth over 2).

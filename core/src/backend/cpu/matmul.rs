@@ -97,21 +97,26 @@ pub fn matmul_backward(
         gemm(dw, k, true, dout_columns, x, k, n, k, rows);
     }
     if let Some(db) = db {
-        // Columns in parallel, rows in order within each column: no reduction is split.
-        let db = &mut db[..n];
-        let per_task = n.div_ceil(4 * rayon::current_num_threads().max(1)).max(64);
-        db.par_chunks_mut(per_task)
-            .enumerate()
-            .for_each(|(ci, chunk)| {
-                let j0 = ci * per_task;
-                for t in 0..rows {
-                    let src = &dout[t * n + j0..t * n + j0 + chunk.len()];
-                    for (b, g) in chunk.iter_mut().zip(src) {
-                        *b += g;
-                    }
-                }
-            });
+        bias_backward(db, dout, rows, n);
     }
+}
+
+/// `db (n) += Σ_t dout (t, n)`: columns in parallel, rows in order within each column, so no
+/// reduction is split.
+pub fn bias_backward(db: &mut [f32], dout: &[f32], rows: usize, n: usize) {
+    let db = &mut db[..n];
+    let per_task = n.div_ceil(4 * rayon::current_num_threads().max(1)).max(64);
+    db.par_chunks_mut(per_task)
+        .enumerate()
+        .for_each(|(ci, chunk)| {
+            let j0 = ci * per_task;
+            for t in 0..rows {
+                let src = &dout[t * n + j0..t * n + j0 + chunk.len()];
+                for (b, g) in chunk.iter_mut().zip(src) {
+                    *b += g;
+                }
+            }
+        });
 }
 
 #[derive(Clone, Copy)]
