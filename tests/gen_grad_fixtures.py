@@ -10,9 +10,16 @@ FOLDER/grads.safetensors (gradients under transformers' parameter names and layo
 For llama-f32 it also takes one AdamW step (clip_grad_norm_ 1.0; lr 1e-2, betas 0.9/0.95,
 eps 1e-8, weight decay 0.1 on linear weights only) and writes a few parameters after it to
 llama-f32/after_adamw.safetensors.
+
+`bf16_compute` writes FOLDER/grads_bf16.safetensors: the same loss's gradients with every
+linear layer (and the LM head) computing as rlx's bf16 compute does — operands rounded to
+bf16 (nearest even), products and sums in f32, outputs f32; dx = bf16(dy)·bf16(W) and
+dW = bf16(dy)ᵀ·bf16(x), the bias gradient summed from the unrounded dy — and its loss in
+grads_bf16.json. Run alone: `python3 tests/gen_grad_fixtures.py bf16`.
 """
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -44,6 +51,7 @@ def main() -> None:
         meta = {"sequences": sequences, "masks": masks, "loss": loss.item(),
                 "notes": "mean cross-entropy over masked tokens; gradients in HF layout"}
         (folder / "grads.json").write_text(json.dumps(meta) + "\n")
+        bf16_compute(folder, sequences, masks)
         if name == "llama-f32":
             adamw_step(model, folder)
             reward_model(folder, sequences)
@@ -51,6 +59,54 @@ def main() -> None:
             ppo(folder, sequences)
             lora(folder, sequences, masks)
             grpo(folder, sequences)
+
+
+class Bf16Product(torch.autograd.Function):
+    """y = bf16(x)·bf16(w)ᵀ + b in f32, and its backward with bf16 operands."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        xr, wr = x.to(torch.bfloat16).float(), w.to(torch.bfloat16).float()
+        ctx.save_for_backward(xr, wr)
+        ctx.has_bias = b is not None
+        y = xr @ wr.t()
+        return y + b if b is not None else y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xr, wr = ctx.saved_tensors
+        dyr = dy.to(torch.bfloat16).float()
+        dx = dyr @ wr
+        dw = dyr.reshape(-1, dyr.shape[-1]).t() @ xr.reshape(-1, xr.shape[-1])
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias else None
+        return dx, dw, db
+
+
+def bf16_compute(folder: Path, sequences, masks) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    linear, conv = torch.nn.Linear.forward, Conv1D.forward
+    torch.nn.Linear.forward = lambda self, x: Bf16Product.apply(x, self.weight, self.bias)
+    # GPT-2's Conv1D keeps its weight as (in, out).
+    Conv1D.forward = lambda self, x: Bf16Product.apply(x, self.weight.t(), self.bias)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        total, count = torch.zeros(()), 0
+        for ids, mask in zip(sequences, masks):
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+            for t in range(1, len(ids)):
+                if mask[t]:
+                    total = total - logp[t - 1, ids[t]]
+                    count += 1
+        loss = total / count
+        loss.backward()
+    finally:
+        torch.nn.Linear.forward, Conv1D.forward = linear, conv
+    grads = {n: p.grad.detach().contiguous() for n, p in model.named_parameters()}
+    save_file(grads, folder / "grads_bf16.safetensors")
+    meta = {"loss": loss.item(),
+            "notes": "sequences and masks of grads.json; bf16 operands, f32 sums (see the script)"}
+    (folder / "grads_bf16.json").write_text(json.dumps(meta) + "\n")
 
 
 def reward_model(folder: Path, sequences) -> None:
@@ -306,5 +362,15 @@ def adamw_step(model, folder: Path) -> None:
     save_file({n: params[n].detach().contiguous() for n in keep}, folder / "after_adamw.safetensors")
 
 
+def bf16_only() -> None:
+    for name in ["gpt2-f32", "llama-f32"]:
+        folder = FIXTURES / name
+        meta = json.loads((folder / "grads.json").read_text())
+        bf16_compute(folder, meta["sequences"], meta["masks"])
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["bf16"]:
+        bf16_only()
+    else:
+        main()

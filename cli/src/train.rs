@@ -18,9 +18,7 @@ use rlx::pipeline::data::{load, BadLine, Formatter};
 use rlx::pipeline::job::{OnPolicyJob, OnPolicyStage};
 use rlx::pipeline::supervised::{self, DpoOptions, RmOptions};
 use rlx::pipeline::{latest_checkpoint, Observer, Outcome, RunOptions, StageReport};
-use rlx::{
-    ComputeDtype, DpoLoss, LoadOptions, LoraConfig, Model, Schedule, TrainConfig, Trainer,
-};
+use rlx::{ComputeDtype, DpoLoss, LoadOptions, LoraConfig, Model, Schedule, TrainConfig, Trainer};
 use serde_json::Value;
 
 pub(crate) type CliResult<T = ()> = Result<T, Box<dyn std::error::Error>>;

@@ -116,7 +116,16 @@ fn main() {
                 row_stride: k.div_ceil(2),
                 pair_stride: 1,
             };
-            gemm_bf16(&mut out, n, false, a, fwd_panel.as_b(), t, n, fwd_panel.pairs());
+            gemm_bf16(
+                &mut out,
+                n,
+                false,
+                a,
+                fwd_panel.as_b(),
+                t,
+                n,
+                fwd_panel.pairs(),
+            );
         });
         let bf_dx = time(&mut || {
             to_pair_rows(&mut da, &dout, t, n);
@@ -125,7 +134,16 @@ fn main() {
                 row_stride: n.div_ceil(2),
                 pair_stride: 1,
             };
-            gemm_bf16(&mut dx, k, false, a, bwd_panel.as_b(), t, k, bwd_panel.pairs());
+            gemm_bf16(
+                &mut dx,
+                k,
+                false,
+                a,
+                bwd_panel.as_b(),
+                t,
+                k,
+                bwd_panel.pairs(),
+            );
         });
         let bf_dw = time(&mut || {
             interleave_rows(&mut di, &dout, t, n);
@@ -135,7 +153,16 @@ fn main() {
                 row_stride: 1,
                 pair_stride: n,
             };
-            gemm_bf16(&mut dw, k, true, a, PairsB::interleaved(&xi, k), n, k, t.div_ceil(2));
+            gemm_bf16(
+                &mut dw,
+                k,
+                true,
+                a,
+                PairsB::interleaved(&xi, k),
+                n,
+                k,
+                t.div_ceil(2),
+            );
         });
         println!(
             "    bf16 compute ({}): forward {bf_fwd:.0} GFLOP/s ({:.2}x f32), backward dx \

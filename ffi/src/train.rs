@@ -8,7 +8,7 @@
 use std::ffi::c_char;
 use std::sync::Mutex;
 
-use rlx_core::{LoadOptions, LoraConfig, Model, Schedule, TrainConfig, Trainer};
+use rlx_core::{ComputeDtype, LoadOptions, LoraConfig, Model, Schedule, TrainConfig, Trainer};
 
 use crate::handle::{self, Handle};
 use crate::model::{model_ref, path_from, rlx_model};
@@ -67,6 +67,11 @@ pub struct rlx_trainer_params {
     pub seed: u64,
     /// Worker threads (0 = one per CPU core).
     pub threads: u32,
+    /// Precision of the training matrix products: NULL or "f32" (the default), or "bf16"
+    /// (bf16 operands with f32 sums for every linear layer and the LM head; f32 master
+    /// weights, gradients and AdamW; about twice the product speed on CPUs with
+    /// AVX-512-BF16). CPU only.
+    pub compute_dtype: *const c_char,
 }
 
 /// What one step did.
@@ -97,7 +102,7 @@ pub struct rlx_step_stats {
 }
 
 /// The defaults: lr 1e-5, β (0.9, 0.999), ε 1e-8, no weight decay, clipping at 1, constant
-/// schedule, full fine-tuning, no new head, seed 0, threads 0.
+/// schedule, full fine-tuning, no new head, seed 0, threads 0, f32 compute.
 #[no_mangle]
 pub extern "C" fn rlx_trainer_default_params() -> rlx_trainer_params {
     rlx_trainer_params {
@@ -116,6 +121,7 @@ pub extern "C" fn rlx_trainer_default_params() -> rlx_trainer_params {
         head: RLX_HEAD_NONE,
         seed: 0,
         threads: 0,
+        compute_dtype: std::ptr::null(),
     }
 }
 
@@ -198,6 +204,15 @@ pub unsafe extern "C" fn rlx_trainer_create(
             weight_decay: p.weight_decay,
             max_grad_norm: (p.max_grad_norm > 0.0).then_some(p.max_grad_norm),
             schedule: Schedule::from_steps(p.warmup_steps, p.total_steps),
+            compute: if p.compute_dtype.is_null() {
+                ComputeDtype::F32
+            } else {
+                // SAFETY: the caller guarantees a non-NULL `compute_dtype` is NUL-terminated.
+                let name = unsafe { c_str(p.compute_dtype, "compute_dtype") }?
+                    .to_str()
+                    .map_err(|_| FfiError::invalid("`compute_dtype` is not valid UTF-8"))?;
+                ComputeDtype::parse(name)?
+            },
         };
         let threads = usize::try_from(p.threads)
             .map_err(|_| FfiError::invalid("`threads` does not fit this platform"))?;

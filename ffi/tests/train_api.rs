@@ -93,6 +93,40 @@ fn trainer_steps_saves_and_resumes() {
     }
 }
 
+/// `compute_dtype` "bf16": the products run in bf16 (a loss close to, but not equal to, the
+/// f32 step's) and training proceeds; an unknown name is RLX_INVALID_ARGUMENT, and NULL is f32.
+#[test]
+fn trainer_takes_a_compute_dtype() {
+    let mut p = rlx_trainer_default_params();
+    p.lr = 3e-3;
+    p.threads = 2;
+    let f32_trainer = create(&p);
+    let f32_loss = sft(f32_trainer).loss;
+    let bf16 = CString::new("bf16").unwrap();
+    p.compute_dtype = bf16.as_ptr();
+    let t = create(&p);
+    let first = sft(t);
+    assert!(first.loss != f32_loss && ((first.loss - f32_loss) / f32_loss).abs() < 1e-2);
+    assert!(sft(t).loss < first.loss);
+    let bad = CString::new("fp8").unwrap();
+    p.compute_dtype = bad.as_ptr();
+    let path = fixture("llama-f32");
+    let mut none = null_mut();
+    check(
+        unsafe { rlx_trainer_create(path.as_ptr(), &p, &mut none) },
+        rlx_status::RLX_INVALID_ARGUMENT,
+    );
+    assert!(
+        none.is_null() && last_error().contains("fp8"),
+        "{}",
+        last_error()
+    );
+    unsafe {
+        rlx_trainer_free(t);
+        rlx_trainer_free(f32_trainer);
+    }
+}
+
 #[test]
 fn reward_model_trains_and_scores_through_the_abi() {
     let mut p = rlx_trainer_default_params();

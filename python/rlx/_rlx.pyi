@@ -259,7 +259,11 @@ class Trainer:
         seed: int = 0,
         threads: int = 0,
         device: str = "cpu",
-    ) -> None: ...
+        compute_dtype: Literal["f32", "bf16"] = "f32",
+    ) -> None:
+        """``compute_dtype="bf16"``: the linear layers and the LM head multiply bf16 operands
+        with f32 sums (f32 master weights, gradients and AdamW); about twice the product
+        speed on CPUs with AVX-512-BF16. CPU only."""
     @staticmethod
     def resume(
         path: Union[str, PathLike[str]], threads: int = 0, device: str = "cpu"

@@ -225,11 +225,13 @@ impl PyTrainer {
     /// checkpoint has one) or "value" (a fresh PPO value head). `total_steps` > 0 selects
     /// linear warm-up over `warmup_steps` then cosine decay. `device`: "cpu", "cuda" or
     /// "cuda:N" (gradients and AdamW on the device; not yet verified on a GPU).
+    /// `compute_dtype`: "f32" or "bf16" (bf16 operands, f32 sums and master weights; CPU).
     #[new]
     #[pyo3(signature = (
         path, lr = 1e-5, weight_decay = 0.0, betas = (0.9, 0.999), eps = 1e-8,
         max_grad_norm = Some(1.0), warmup_steps = 0, total_steps = 0, lora = None,
         gradient_checkpointing = false, head = None, seed = 0, threads = 0, device = "cpu",
+        compute_dtype = "f32",
     ))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python keyword arguments
     fn new(
@@ -248,9 +250,11 @@ impl PyTrainer {
         seed: u64,
         threads: i64,
         device: &str,
+        compute_dtype: &str,
     ) -> PyResult<Self> {
         let threads = count(py, threads, "threads")?;
         let device: rlx::Device = device.parse().map_err(|e| to_py_err(py, e))?;
+        let compute = rlx::ComputeDtype::parse(compute_dtype).map_err(|e| to_py_err(py, e))?;
         let config = TrainConfig {
             lr: lr as f32,
             beta1: betas.0 as f32,
@@ -259,6 +263,7 @@ impl PyTrainer {
             weight_decay: weight_decay as f32,
             max_grad_norm: max_grad_norm.map(|m| m as f32),
             schedule: Schedule::from_steps(warmup_steps, total_steps),
+            compute,
         };
         let lora = lora.map(|l| l.inner.clone());
         let inner = py

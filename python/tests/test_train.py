@@ -52,6 +52,21 @@ def test_reward_dpo_and_grpo_steps():
     assert np.isfinite(s["loss"]) and s["clip_fraction"] == 0.0
 
 
+def test_bf16_compute_trains_close_to_f32_and_resumes(tmp_path):
+    f32 = rlx.Trainer(FIXTURE, lr=3e-3)
+    bf16 = rlx.Trainer(FIXTURE, lr=3e-3, compute_dtype="bf16")
+    a, b = f32.sft_step(SEQS, MASKS), bf16.sft_step(SEQS, MASKS)
+    # bf16 products: close to the f32 loss, not equal to it.
+    assert a["loss"] != b["loss"] and abs(b["loss"] - a["loss"]) < 1e-2 * a["loss"]
+    bf16.save(tmp_path / "ck")
+    nxt = bf16.sft_step(SEQS, MASKS)
+    assert nxt["loss"] < b["loss"]
+    resumed, _ = rlx.Trainer.resume(tmp_path / "ck")
+    assert resumed.sft_step(SEQS, MASKS)["loss"] == nxt["loss"]
+    with pytest.raises(ValueError, match="fp8"):
+        rlx.Trainer(FIXTURE, compute_dtype="fp8")
+
+
 def test_checkpoint_resume_continues_exactly(tmp_path):
     a = rlx.Trainer(FIXTURE, lr=1e-3)
     a.sft_step(SEQS, MASKS)

@@ -173,6 +173,7 @@ fn llama_trainer() -> rlx::Trainer {
         weight_decay: 0.1,
         max_grad_norm: Some(1.0),
         schedule: rlx::Schedule::Constant,
+        compute: rlx::ComputeDtype::F32,
     };
     rlx::Trainer::new(model, config).unwrap()
 }

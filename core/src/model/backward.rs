@@ -877,15 +877,7 @@ impl Model {
                 rope::apply_backward(&mut dq, cos, sin, heads.nh, heads.hs);
                 rope::apply_backward(&mut dk_rows, cos, sin, heads.nkv, heads.hs);
             }
-            linear_backward(
-                Some(&mut dh),
-                &mut g.q,
-                &dq,
-                &lt.h1,
-                &layer.q,
-                t,
-                panel(Q),
-            );
+            linear_backward(Some(&mut dh), &mut g.q, &dq, &lt.h1, &layer.q, t, panel(Q));
             linear_backward(
                 Some(&mut tmp),
                 &mut g.k,

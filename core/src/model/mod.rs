@@ -539,7 +539,9 @@ impl Model {
                 0
             };
         crate::memory::ensure_fits(bytes as u64, "the bf16 copies of the weights")?;
-        Ok(Arc::new(self.install(|| Bf16Weights::new(&self.weights, has_head))))
+        Ok(Arc::new(
+            self.install(|| Bf16Weights::new(&self.weights, has_head)),
+        ))
     }
 
     /// Packs the current weights into `w`, copies made by [`Model::bf16_weights`] from this

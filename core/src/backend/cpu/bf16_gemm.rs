@@ -124,7 +124,7 @@ pub fn to_pair_rows(out: &mut Vec<u32>, src: &[f32], rows: usize, cols: usize) {
         return;
     }
     let src = &src[..rows * cols];
-    out.par_chunks_mut(p * 64.max(1))
+    out.par_chunks_mut(p * 64)
         .enumerate()
         .for_each(|(chunk, dst)| {
             for (r, row_out) in dst.chunks_exact_mut(p).enumerate() {
@@ -153,22 +153,24 @@ pub fn interleave_rows(out: &mut Vec<u32>, src: &[f32], rows: usize, cols: usize
         return;
     }
     let src = &src[..rows * cols];
-    out.par_chunks_mut(cols * 16).enumerate().for_each(|(chunk, dst)| {
-        for (qi, pair_row) in dst.chunks_exact_mut(cols).enumerate() {
-            let q = chunk * 16 + qi;
-            let lo = &src[2 * q * cols..(2 * q + 1) * cols];
-            if 2 * q + 1 < rows {
-                let hi = &src[(2 * q + 1) * cols..(2 * q + 2) * cols];
-                for ((o, &l), &h) in pair_row.iter_mut().zip(lo).zip(hi) {
-                    *o = pair(l, h);
-                }
-            } else {
-                for (o, &l) in pair_row.iter_mut().zip(lo) {
-                    *o = pair(l, 0.0);
+    out.par_chunks_mut(cols * 16)
+        .enumerate()
+        .for_each(|(chunk, dst)| {
+            for (qi, pair_row) in dst.chunks_exact_mut(cols).enumerate() {
+                let q = chunk * 16 + qi;
+                let lo = &src[2 * q * cols..(2 * q + 1) * cols];
+                if 2 * q + 1 < rows {
+                    let hi = &src[(2 * q + 1) * cols..(2 * q + 2) * cols];
+                    for ((o, &l), &h) in pair_row.iter_mut().zip(lo).zip(hi) {
+                        *o = pair(l, h);
+                    }
+                } else {
+                    for (o, &l) in pair_row.iter_mut().zip(lo) {
+                        *o = pair(l, 0.0);
+                    }
                 }
             }
-        }
-    });
+        });
 }
 
 /// An A operand: `A(i, q) = data[i·row_stride + q·pair_stride]`.
@@ -643,7 +645,9 @@ mod tests {
         let mut out = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
-                out[i * n + j] = (0..depth).map(|p| rounded(a(i, p)) * rounded(b(p, j))).sum();
+                out[i * n + j] = (0..depth)
+                    .map(|p| rounded(a(i, p)) * rounded(b(p, j)))
+                    .sum();
             }
         }
         out
@@ -705,7 +709,17 @@ mod tests {
                 let ldc = n + 3;
                 for accumulate in [false, true] {
                     let mut c = old.clone();
-                    gemm_bf16_on(path, &mut c, ldc, accumulate, a, panel.as_b(), m, n, panel.pairs());
+                    gemm_bf16_on(
+                        path,
+                        &mut c,
+                        ldc,
+                        accumulate,
+                        a,
+                        panel.as_b(),
+                        m,
+                        n,
+                        panel.pairs(),
+                    );
                     let mut got = Vec::new();
                     let mut full = Vec::new();
                     for i in 0..m {
@@ -715,7 +729,11 @@ mod tests {
                                 continue;
                             }
                             got.push(c[i * ldc + j]);
-                            let base = if accumulate { old[i * ldc + j] as f64 } else { 0.0 };
+                            let base = if accumulate {
+                                old[i * ldc + j] as f64
+                            } else {
+                                0.0
+                            };
                             full.push(want[i * n + j] + base);
                         }
                     }
@@ -732,7 +750,17 @@ mod tests {
                     pair_stride: 1,
                 };
                 let mut dx = vec![0f32; m * k];
-                gemm_bf16_on(path, &mut dx, k, false, a, panel.as_b(), m, k, panel.pairs());
+                gemm_bf16_on(
+                    path,
+                    &mut dx,
+                    k,
+                    false,
+                    a,
+                    panel.as_b(),
+                    m,
+                    k,
+                    panel.pairs(),
+                );
                 let want = reference(|i, p| dout[i * n + p], |p, j| w[p * k + j], m, k, n);
                 tol(&want, &dx, n as f64, "dout·w");
                 // dw (n, k) += doutᵀ (n, m) · x (m, k).
@@ -757,11 +785,12 @@ mod tests {
                     k,
                     m.div_ceil(2),
                 );
-                let want: Vec<f64> = reference(|i, p| dout[p * n + i], |p, j| x[p * k + j], n, k, m)
-                    .iter()
-                    .zip(&before)
-                    .map(|(w, b)| w + *b as f64)
-                    .collect();
+                let want: Vec<f64> =
+                    reference(|i, p| dout[p * n + i], |p, j| x[p * k + j], n, k, m)
+                        .iter()
+                        .zip(&before)
+                        .map(|(w, b)| w + *b as f64)
+                        .collect();
                 tol(&want, &dw, m as f64, "doutᵀ·x");
             }
         }
