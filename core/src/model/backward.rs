@@ -32,6 +32,22 @@ const LOSS_ROWS: usize = 32;
 /// two passes (4 × 256 tokens of a 49k vocabulary need 176 MiB).
 const KEPT_LOGITS_BYTES: usize = 512 << 20;
 
+/// Tests lower the budget to run the recomputing path on small models.
+#[cfg(test)]
+static KEPT_LOGITS_OVERRIDE: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+fn kept_logits_budget() -> usize {
+    #[cfg(test)]
+    {
+        let o = KEPT_LOGITS_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed);
+        if o != usize::MAX {
+            return o;
+        }
+    }
+    KEPT_LOGITS_BYTES
+}
+
 /// An objective of per-token log-probs: given each sequence's selected log-probs, returns the
 /// loss and `∂loss/∂logp` of each.
 pub type LogprobObjective<'a> = dyn FnMut(&[Vec<f64>]) -> Result<(f64, Vec<Vec<f64>>)> + Send + 'a;
@@ -542,8 +558,15 @@ impl Model {
         let mut grads = Gradients::zeros(self);
         let head = w.lm_head();
         let head_panels = self.bf16_compute.as_deref().and_then(|b| b.head.as_ref());
-        let mut hidden = vec![0f32; LOSS_ROWS * c];
-        let mut logits = vec![0f32; LOSS_ROWS * v];
+        // The logits of every selected row stay from the statistics pass to the gradient pass
+        // when they fit in KEPT_LOGITS_BYTES (PyTorch holds them all): then each pass is one
+        // product over all of them, so the head (and its gradient) is streamed once, not once
+        // per LOSS_ROWS rows. Otherwise blocks of LOSS_ROWS rows are recomputed in the second
+        // pass. Either way each output gets the same chain of operations.
+        let keep = rows.len().saturating_mul(v) <= kept_logits_budget() / 4;
+        let block = if keep { rows.len().max(1) } else { LOSS_ROWS };
+        let mut hidden = vec![0f32; block * c];
+        let mut logits = vec![0f32; block * v];
         // (max, log Σ exp, entropy) of each selected row's logits, kept between the passes.
         let mut norms: Vec<(f64, f64, f64)> = Vec::with_capacity(rows.len());
         let n_seq = sequences.len();
@@ -570,21 +593,9 @@ impl Model {
                 ),
             }
         };
-        // The logits of every selected row stay from this pass to the gradient pass when they
-        // fit in KEPT_LOGITS_BYTES (PyTorch holds them all); otherwise they are recomputed.
-        let keep = rows.len().saturating_mul(v) <= KEPT_LOGITS_BYTES / 4;
-        let mut kept = if keep {
-            vec![0f32; rows.len() * v]
-        } else {
-            Vec::new()
-        };
-        for (ci, chunk) in rows.chunks(LOSS_ROWS).enumerate() {
+        for chunk in rows.chunks(block) {
             let m = chunk.len();
-            let buf = if keep {
-                &mut kept[ci * LOSS_ROWS * v..][..m * v]
-            } else {
-                &mut logits[..m * v]
-            };
+            let buf = &mut logits[..m * v];
             chunk_logits(chunk, &mut hidden, buf);
             let stats: Vec<(f64, f64, f64, f32)> = buf
                 .par_chunks(v)
@@ -638,20 +649,15 @@ impl Model {
         }
         let head_trainable = !grads.base_frozen();
         let mut dhf = vec![0f32; t * c];
-        let mut dh_chunk = vec![0f32; LOSS_ROWS * c];
+        let mut dh_chunk = vec![0f32; block * c];
         let mut taken = vec![0usize; n_seq];
-        for (ci, chunk) in rows.chunks(LOSS_ROWS).enumerate() {
+        for (ci, chunk) in rows.chunks(block).enumerate() {
             let m = chunk.len();
-            let buf = if keep {
-                for (i, sel) in chunk.iter().enumerate() {
-                    hidden[i * c..(i + 1) * c]
-                        .copy_from_slice(&s.h[sel.row * c..(sel.row + 1) * c]);
-                }
-                &mut kept[ci * LOSS_ROWS * v..][..m * v]
-            } else {
+            if !keep {
                 chunk_logits(chunk, &mut hidden, &mut logits);
-                &mut logits[..m * v]
-            };
+            }
+            // (With `keep` there is one block: `hidden` and `logits` still hold it.)
+            let buf = &mut logits[..m * v];
             let coefs: Vec<(f64, f64, usize)> = chunk
                 .iter()
                 .map(|sel| {
@@ -663,7 +669,7 @@ impl Model {
                 .collect();
             buf.par_chunks_mut(v).zip(&coefs).enumerate().for_each(
                 |(i, (row, &(dlogp, dent, target)))| {
-                    let (max, log_z, entropy) = norms[ci * LOSS_ROWS + i];
+                    let (max, log_z, entropy) = norms[ci * block + i];
                     // ∂logp/∂l_j = 1[j = target] − p_j;  ∂H/∂l_j = −p_j (log p_j + H).
                     for (j, l) in row.iter_mut().enumerate() {
                         let logp_j = *l as f64 - max - log_z;
@@ -944,4 +950,41 @@ fn training_bytes(model: &Model, t: usize) -> u64 {
         .saturating_add(f32_bytes(&[t, 4 * per_layer_full]))
         .saturating_add(f32_bytes(&[model.weights().trainable_parameter_count()]))
         .saturating_add(f32_bytes(&[t, cfg.vocab_size]).min(KEPT_LOGITS_BYTES as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LoadOptions;
+
+    /// With every selected row's logits kept, the head runs as one product per pass; without,
+    /// in blocks of LOSS_ROWS recomputed in the gradient pass. The gradients agree bit for bit
+    /// (each output is the same chain of operations either way).
+    #[test]
+    fn recomputed_logit_blocks_give_the_kept_gradients() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama-f32");
+        let model = Model::load(&dir, LoadOptions::default()).unwrap();
+        // 2 × 60 tokens, 100 selected rows: four blocks of LOSS_ROWS when recomputed.
+        let seqs: Vec<Vec<u32>> = (0..2u32)
+            .map(|s| (0..60u32).map(|i| 1 + (i * 37 + s * 11) % 300).collect())
+            .collect();
+        let masks: Vec<Vec<bool>> = seqs
+            .iter()
+            .map(|q| (0..q.len()).map(|i| i >= 10).collect())
+            .collect();
+        let bits = |(loss, g): (f64, Gradients)| {
+            let flat: Vec<Vec<u32>> = g
+                .flat()
+                .iter()
+                .map(|t| t.iter().map(|v| v.to_bits()).collect())
+                .collect();
+            (loss.to_bits(), flat)
+        };
+        let kept = bits(model.sft_gradients(&seqs, &masks).unwrap());
+        KEPT_LOGITS_OVERRIDE.store(0, std::sync::atomic::Ordering::Relaxed);
+        let recomputed = model.sft_gradients(&seqs, &masks);
+        KEPT_LOGITS_OVERRIDE.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
+        assert!(kept == bits(recomputed.unwrap()));
+    }
 }

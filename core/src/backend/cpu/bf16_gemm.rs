@@ -31,7 +31,7 @@ pub const SLIVER: usize = 32;
 
 /// Pairs of the reduction per block: a block of B (128 pairs × 32 columns = 16 KiB) stays in
 /// L1/L2 while every row tile of a task uses it.
-const KC_PAIRS: usize = 128;
+const KC_PAIRS: usize = 384;
 
 /// The kernels a process uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,7 +368,7 @@ pub(crate) fn gemm_bf16_on(
     );
 
     let mr = match path {
-        Bf16Path::Hardware => 12,
+        Bf16Path::Hardware => HARDWARE_ROWS,
         _ => EMULATED_ROWS,
     };
     // Blocks of outputs per task, as in `gemm`: whole rows of slivers first, narrower and then
@@ -396,39 +396,82 @@ pub(crate) fn gemm_bf16_on(
             let (rb, cb) = (task / col_blocks, task % col_blocks);
             let (r0, r1) = (rb * mb, ((rb + 1) * mb).min(m));
             let (c0, c1) = (cb * nb, ((cb + 1) * nb).min(n));
-            let mut q0 = 0;
-            while q0 < pairs {
-                let kc = KC_PAIRS.min(pairs - q0);
-                for col in (c0..c1).step_by(SLIVER) {
-                    for row in (r0..r1).step_by(mr) {
-                        let tile = Tile {
-                            c: dst.get(),
-                            c_offset: row * ldc + col,
-                            ldc,
-                            load: accumulate || q0 > 0,
-                            a: a.data[row * a.row_stride + q0 * a.pair_stride..].as_ptr(),
-                            a_row: a.row_stride,
-                            a_pair: a.pair_stride,
-                            b: b.data[col / SLIVER * b.sliver_stride + q0 * b.pair_stride..]
-                                .as_ptr(),
-                            b_pair: b.pair_stride,
-                            rows: mr.min(r1 - row),
-                            cols: SLIVER.min(c1 - col),
-                            pairs: kc,
-                        };
-                        // SAFETY: the asserts above bound every A index of rows < m and every
-                        // B index of columns < n over `pairs` pairs; the kernels read only
-                        // those (masked past `cols`); tasks own disjoint blocks of C.
-                        unsafe { tile.run(path) };
+            PACKED_A.with_borrow_mut(|packed| {
+                let mut q0 = 0;
+                while q0 < pairs {
+                    let kc = KC_PAIRS.min(pairs - q0);
+                    pack_a(packed, a, r0..r1, q0..q0 + kc, mr);
+                    for col in (c0..c1).step_by(SLIVER) {
+                        for (ti, row) in (r0..r1).step_by(mr).enumerate() {
+                            let tile = Tile {
+                                c: dst.get(),
+                                c_offset: row * ldc + col,
+                                ldc,
+                                load: accumulate || q0 > 0,
+                                a: packed[ti * kc * mr..].as_ptr(),
+                                b: b.data[col / SLIVER * b.sliver_stride + q0 * b.pair_stride..]
+                                    .as_ptr(),
+                                b_pair: b.pair_stride,
+                                rows: mr.min(r1 - row),
+                                cols: SLIVER.min(c1 - col),
+                                pairs: kc,
+                            };
+                            // SAFETY: the pack holds `kc` pairs of `mr` rows for this tile; the
+                            // asserts above bound every B index of columns < n over `pairs`
+                            // pairs, and the kernels read only those (masked past `cols`);
+                            // tasks own disjoint blocks of C.
+                            unsafe { tile.run(path) };
+                        }
                     }
+                    q0 += kc;
                 }
-                q0 += kc;
-            }
+            });
         });
+}
+
+thread_local! {
+    /// Each thread's packed block of A, reused across calls.
+    static PACKED_A: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Copies `A(rows, pairs)` as consecutive tiles of `mr` rows, each laid out pair-major
+/// (`[pair][mr]`, zero rows past the end): the kernel then reads one contiguous run with
+/// fixed offsets.
+fn pack_a(
+    dst: &mut Vec<u32>,
+    a: PairsA<'_>,
+    rows: std::ops::Range<usize>,
+    pairs: std::ops::Range<usize>,
+    mr: usize,
+) {
+    let kc = pairs.len();
+    dst.clear();
+    dst.resize(rows.len().next_multiple_of(mr) * kc, 0);
+    for (ti, tile) in dst.chunks_exact_mut(mr * kc).enumerate() {
+        let first = rows.start + ti * mr;
+        let height = mr.min(rows.end - first);
+        if a.row_stride == 1 {
+            // Interleaved rows (a transposed operand): each pair's `height` rows are contiguous.
+            for (q, out) in pairs.clone().zip(tile.chunks_exact_mut(mr)) {
+                let at = first + q * a.pair_stride;
+                out[..height].copy_from_slice(&a.data[at..at + height]);
+            }
+        } else {
+            for i in 0..height {
+                let row = &a.data[(first + i) * a.row_stride..];
+                for (q, v) in pairs.clone().zip(tile[i..].iter_mut().step_by(mr)) {
+                    *v = row[q * a.pair_stride];
+                }
+            }
+        }
+    }
 }
 
 /// Rows of the emulated tile.
 const EMULATED_ROWS: usize = 4;
+
+/// Rows of the AVX-512-BF16 tile.
+const HARDWARE_ROWS: usize = 12;
 
 /// One register tile: `rows` × `cols` (≤ 32) outputs over `pairs` pairs.
 struct Tile {
@@ -437,9 +480,8 @@ struct Tile {
     ldc: usize,
     /// Continue the sums already in C (else start from 0).
     load: bool,
+    /// `pairs` steps of MR values (rows past `rows` are zero).
     a: *const u32,
-    a_row: usize,
-    a_pair: usize,
     b: *const u32,
     b_pair: usize,
     rows: usize,
@@ -449,9 +491,9 @@ struct Tile {
 
 impl Tile {
     /// # Safety
-    /// A holds `pairs` pairs of `rows` rows from `a`, B `pairs` pair rows of `cols` columns
-    /// from `b` (the strides as given); the outputs are inside C and owned by this thread;
-    /// `path` is available here.
+    /// `a` holds `pairs` packed steps of this path's tile height, B `pairs` pair rows of
+    /// `cols` columns from `b`; the outputs are inside C and owned by this thread; `path` is
+    /// available here.
     unsafe fn run(&self, path: Bf16Path) {
         match path {
             #[cfg(target_arch = "x86_64")]
@@ -504,7 +546,7 @@ impl Tile {
                     hi[j] = f32::from_bits(v & 0xffff_0000);
                 }
                 for (i, acc) in acc.iter_mut().enumerate().take(rows) {
-                    let av = unsafe { *self.a.add((row + i) * self.a_row + q * self.a_pair) };
+                    let av = unsafe { *self.a.add(q * EMULATED_ROWS + row + i) };
                     let (alo, ahi) = (f32::from_bits(av << 16), f32::from_bits(av & 0xffff_0000));
                     for j in 0..SLIVER {
                         acc[j] += alo * lo[j];
@@ -527,7 +569,7 @@ impl Tile {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Tile;
+    use super::{Tile, HARDWARE_ROWS};
 
     /// # Safety
     /// AVX-512 F present; as [`Tile::run`].
@@ -583,20 +625,20 @@ mod x86 {
                 a[1] = unsafe { _mm512_maskz_loadu_ps(m1, p.add(16)) };
             }
         }
-        let rows: [*const u32; R] = std::array::from_fn(|i| t.a.wrapping_add(i * t.a_row));
-        let mut bp = t.b;
-        for q in 0..t.pairs {
+        let (mut ap, mut bp) = (t.a, t.b);
+        for _ in 0..t.pairs {
             let b0: __m512bh =
                 unsafe { std::mem::transmute(_mm512_maskz_loadu_epi32(m0, bp as *const i32)) };
             let b1: __m512bh = unsafe {
                 std::mem::transmute(_mm512_maskz_loadu_epi32(m1, bp.add(16) as *const i32))
             };
-            for (a, row) in acc.iter_mut().zip(&rows) {
-                let av = unsafe { *row.add(q * t.a_pair) };
+            for (i, a) in acc.iter_mut().enumerate() {
+                let av = unsafe { *ap.add(i) };
                 let av: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(av as i32)) };
                 a[0] = _mm512_dpbf16_ps(a[0], av, b0);
                 a[1] = _mm512_dpbf16_ps(a[1], av, b1);
             }
+            ap = ap.wrapping_add(HARDWARE_ROWS);
             bp = bp.wrapping_add(t.b_pair);
         }
         for (i, a) in acc.iter().enumerate() {
