@@ -131,6 +131,43 @@ pub struct Gradients {
     pub(crate) device: Option<std::sync::Arc<crate::backend::cuda::DeviceGrads>>,
 }
 
+/// The memory of one training step's activations (the tape, the working buffers, the logits)
+/// and gradients, handed from step to step by a Trainer: each step refills it instead of
+/// faulting in fresh pages, and it stays in one place instead of moving between the allocator
+/// arenas of whichever worker thread runs the step.
+#[derive(Default)]
+pub(crate) struct TrainingBuffers {
+    tape: Tape,
+    scratch: Scratch,
+    hidden: Vec<f32>,
+    logits: Vec<f32>,
+    /// Gradients of an earlier step of the same model (so the same layout), zeroed before use.
+    pub(crate) grads: Option<Gradients>,
+}
+
+/// Where a Trainer lends its [`TrainingBuffers`] to its model for one gradient call. A clone
+/// of the model starts with an empty slot.
+#[derive(Default)]
+pub(crate) struct BufferSlot(std::sync::Mutex<Option<TrainingBuffers>>);
+
+impl Clone for BufferSlot {
+    fn clone(&self) -> Self {
+        BufferSlot::default()
+    }
+}
+
+impl BufferSlot {
+    pub(crate) fn put(&self, buffers: TrainingBuffers) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(buffers);
+        }
+    }
+
+    pub(crate) fn take(&self) -> Option<TrainingBuffers> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
 fn zero_linear(l: &Linear, frozen: bool) -> LinearGrad {
     LinearGrad {
         w: if frozen {
@@ -169,6 +206,13 @@ fn zero_norm(n: &Norm, frozen: bool) -> NormGrad {
 }
 
 impl Gradients {
+    /// Sets every value to zero (in parallel, in the vectors' own memory).
+    fn fill_zero(&mut self) {
+        self.flat_mut()
+            .into_par_iter()
+            .for_each(|g| g.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0)));
+    }
+
     pub(crate) fn zeros(model: &Model) -> Self {
         Self::zeros_with(model, model.weights().base_frozen())
     }
@@ -549,13 +593,19 @@ impl Model {
             .iter()
             .map(|s| KvCache::new(cfg, s.as_ref().len()))
             .collect::<Result<Vec<_>>>()?;
-        let mut s = Scratch::default();
-        let mut tape = Tape {
-            checkpointed: self.gradient_checkpointing(),
-            ..Default::default()
-        };
+        // Buffers lent by a Trainer (see `TrainingBuffers`), or fresh ones.
+        let mut lent = self.training_buffers.take().unwrap_or_default();
+        let mut s = std::mem::take(&mut lent.scratch);
+        let mut tape = std::mem::take(&mut lent.tape);
+        tape.checkpointed = self.gradient_checkpointing();
         self.forward_taped(tokens, slots, &mut caches, &mut s, Some(&mut tape))?;
-        let mut grads = Gradients::zeros(self);
+        let mut grads = match lent.grads.take() {
+            Some(mut g) => {
+                g.fill_zero();
+                g
+            }
+            None => Gradients::zeros(self),
+        };
         let head = w.lm_head();
         let head_panels = self.bf16_compute.as_deref().and_then(|b| b.head.as_ref());
         // The logits of every selected row stay from the statistics pass to the gradient pass
@@ -565,8 +615,12 @@ impl Model {
         // pass. Either way each output gets the same chain of operations.
         let keep = rows.len().saturating_mul(v) <= kept_logits_budget() / 4;
         let block = if keep { rows.len().max(1) } else { LOSS_ROWS };
-        let mut hidden = vec![0f32; block * c];
-        let mut logits = vec![0f32; block * v];
+        let mut hidden = std::mem::take(&mut lent.hidden);
+        let mut logits = std::mem::take(&mut lent.logits);
+        for (buf, len) in [(&mut hidden, block * c), (&mut logits, block * v)] {
+            buf.clear();
+            buf.resize(len, 0.0);
+        }
         // (max, log Σ exp, entropy) of each selected row's logits, kept between the passes.
         let mut norms: Vec<(f64, f64, f64)> = Vec::with_capacity(rows.len());
         let n_seq = sequences.len();
@@ -733,6 +787,13 @@ impl Model {
             }
         }
         self.backbone_backward(tokens, slots, &caches, &tape, &dhf, &mut grads);
+        self.training_buffers.put(TrainingBuffers {
+            tape,
+            scratch: s,
+            hidden,
+            logits,
+            grads: None,
+        });
         Ok((loss, grads))
     }
 

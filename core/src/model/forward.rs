@@ -159,17 +159,22 @@ impl Model {
             .rope_inv_freq
             .as_ref()
             .map(|f| rope::tables(f, &s.positions));
+        // A tape handed in from an earlier step keeps its vectors' memory: they are refilled
+        // in place (no fresh pages for the largest allocation of a training step).
+        let mut recycled = Vec::new();
         if let Some(tape) = tape.as_deref_mut() {
-            tape.layers.clear();
+            recycled = std::mem::take(&mut tape.layers);
+            recycled.reverse();
             tape.rope = rope_tables.clone();
         }
         for (l, layer) in self.weights.layers.iter().enumerate() {
             // With checkpointing the tape keeps only each layer's input; the backward pass
             // recomputes the rest one layer at a time.
             let full_tape = tape.as_ref().is_some_and(|tp| !tp.checkpointed);
-            let mut lt = tape.as_ref().map(|_| LayerTape {
-                x_in: s.x.clone(),
-                ..Default::default()
+            let mut lt = tape.as_ref().map(|_| {
+                let mut lt = recycled.pop().unwrap_or_default();
+                lt.x_in.clone_from(&s.x);
+                lt
             });
             let panels = self.layer_panels(l);
             self.attention_inputs(layer, panels, s, rope_tables.as_ref(), t);
@@ -194,7 +199,7 @@ impl Model {
             }
         }
         if let Some(tape) = tape {
-            tape.x_final = s.x.clone();
+            tape.x_final.clone_from(&s.x);
         }
         self.norm(&self.weights.final_norm, &mut s.h, &s.x);
         for (cache, &next) in caches.iter_mut().zip(&s.next_pos) {
@@ -254,10 +259,10 @@ impl Model {
         linear(&mut s.out, &s.att, &layer.o, t, panels.map(|p| &p[O]));
         add_inplace(&mut s.x, &s.out);
         if let Some(lt) = lt.as_deref_mut() {
-            lt.h1 = s.h.clone();
-            lt.q = s.q.clone();
-            lt.att = s.att.clone();
-            lt.x_mid = s.x.clone();
+            lt.h1.clone_from(&s.h);
+            lt.q.clone_from(&s.q);
+            lt.att.clone_from(&s.att);
+            lt.x_mid.clone_from(&s.x);
         }
 
         // MLP block.
@@ -266,7 +271,7 @@ impl Model {
             Mlp::Gelu { fc, proj } => {
                 linear(&mut s.m1, &s.h, fc, t, mlp_panel(0));
                 if let Some(lt) = lt.as_deref_mut() {
-                    lt.m1 = s.m1[..t * f].to_vec();
+                    copy_into(&mut lt.m1, &s.m1[..t * f]);
                 }
                 gelu_tanh(&mut s.m1);
                 linear(&mut s.out, &s.m1, proj, t, mlp_panel(1));
@@ -275,8 +280,8 @@ impl Model {
                 linear(&mut s.m1, &s.h, gate, t, mlp_panel(0));
                 linear(&mut s.m2, &s.h, up, t, mlp_panel(1));
                 if let Some(lt) = lt.as_deref_mut() {
-                    lt.m1 = s.m1[..t * f].to_vec();
-                    lt.m2 = s.m2[..t * f].to_vec();
+                    copy_into(&mut lt.m1, &s.m1[..t * f]);
+                    copy_into(&mut lt.m2, &s.m2[..t * f]);
                 }
                 silu_mul(&mut s.m1, &s.m2);
                 linear(&mut s.out, &s.m1, down, t, mlp_panel(2));
@@ -284,8 +289,8 @@ impl Model {
         }
         add_inplace(&mut s.x, &s.out);
         if let Some(lt) = lt {
-            lt.h2 = s.h.clone();
-            lt.act = s.m1[..t * f].to_vec();
+            lt.h2.clone_from(&s.h);
+            copy_into(&mut lt.act, &s.m1[..t * f]);
         }
     }
 
@@ -344,6 +349,12 @@ impl Model {
             .and_then(|b| b.layers.get(l))
             .map(Vec::as_slice)
     }
+}
+
+/// `dst = src`, in `dst`'s memory when it has the room.
+fn copy_into(dst: &mut Vec<f32>, src: &[f32]) {
+    dst.clear();
+    dst.extend_from_slice(src);
 }
 
 /// `out (T, out) = x (T, in) · Wᵀ + b`; with bf16 compute (`panels`), on the weight's bf16 copy.

@@ -29,6 +29,7 @@ use crate::tokenizer::Tokenizer;
 use crate::tokenizer_gguf::tokenizer_from_gguf;
 use crate::weights::{config_from_gguf, GgufFile, GgufSource, SafetensorsCheckpoint};
 
+pub(crate) use backward::TrainingBuffers;
 pub use backward::{
     Gradients, LayerGrads, LinearGrad, LogprobObjective, NormGrad, TokenObjective,
     TokenOutputGrads, TokenOutputs,
@@ -102,6 +103,8 @@ pub struct Model {
     /// Set by a Trainer with bf16 compute around its own gradient calls: the training
     /// forward/backward's products then run on these bf16 copies of the weights.
     bf16_compute: Option<Arc<bf16_compute::Bf16Weights>>,
+    /// Activation and gradient buffers a Trainer lends for its gradient calls.
+    training_buffers: backward::BufferSlot,
     /// The weights on a CUDA device (`LoadOptions::device = cuda:N`); inference dispatches
     /// there when present.
     #[cfg(feature = "cuda")]
@@ -198,6 +201,7 @@ impl Model {
             source: dir.to_path_buf(),
             gradient_checkpointing: false,
             bf16_compute: None,
+            training_buffers: Default::default(),
             #[cfg(feature = "cuda")]
             cuda: None,
             #[cfg(feature = "cuda")]
@@ -449,6 +453,7 @@ impl Model {
             source: path.to_path_buf(),
             gradient_checkpointing: false,
             bf16_compute: None,
+            training_buffers: Default::default(),
             #[cfg(feature = "cuda")]
             cuda: None,
             #[cfg(feature = "cuda")]
@@ -548,6 +553,16 @@ impl Model {
     /// model (same shapes).
     pub(crate) fn refill_bf16_weights(&self, w: &mut Bf16Weights) {
         self.install(|| w.refill(&self.weights));
+    }
+
+    /// Lends a Trainer's buffers to the next gradient call.
+    pub(crate) fn lend_training_buffers(&self, buffers: TrainingBuffers) {
+        self.training_buffers.put(buffers);
+    }
+
+    /// Takes back the buffers lent (refilled by the call, or untouched).
+    pub(crate) fn reclaim_training_buffers(&self) -> Option<TrainingBuffers> {
+        self.training_buffers.take()
     }
 
     /// Makes the training forward/backward use `w` (a Trainer's gradient calls) or f32.

@@ -205,6 +205,10 @@ pub struct Trainer {
     bf16: Option<std::sync::Arc<crate::model::Bf16Weights>>,
     /// The copies hold the current weights.
     bf16_fresh: bool,
+    /// Activation buffers kept between steps (lent to the model for each gradient call).
+    buffers: Option<crate::model::TrainingBuffers>,
+    /// Gradients of the last step, reused (zeroed) by the next: a CPU model only.
+    spare_grads: Option<Gradients>,
 }
 
 /// Gradients accumulated over micro-batches: `Σ wᵢ·gᵢ`, `Σ wᵢ·lossᵢ` and `Σ wᵢ`.
@@ -230,6 +234,12 @@ impl Trainer {
         // Gradients and updates are f32; a model loaded with quantized blocks trains on their
         // f32 values.
         model.dequantize_weights();
+        // The optimizer writes every trainable tensor: their private copies (of a mapped file,
+        // or of values shared with another model) are made here, before any step's buffers
+        // exist, instead of in the middle of the first update.
+        for (t, _) in model.weights_mut().params_mut() {
+            t.as_mut_slice();
+        }
         let (names, sizes): (Vec<String>, Vec<usize>) = model
             .weights_mut()
             .named_params_mut()
@@ -276,6 +286,8 @@ impl Trainer {
             pending: None,
             bf16: None,
             bf16_fresh: false,
+            buffers: None,
+            spare_grads: None,
         })
     }
 
@@ -299,6 +311,9 @@ impl Trainer {
             self.bf16_fresh = true;
         }
         self.model.set_bf16_compute(self.bf16.clone());
+        let mut buffers = self.buffers.take().unwrap_or_default();
+        buffers.grads = self.spare_grads.take();
+        self.model.lend_training_buffers(buffers);
         #[cfg(feature = "cuda")]
         let out = {
             match self.model.sync_device() {
@@ -314,7 +329,27 @@ impl Trainer {
         #[cfg(not(feature = "cuda"))]
         let out = f(&self.model);
         self.model.set_bf16_compute(None);
+        if let Some(mut buffers) = self.model.reclaim_training_buffers() {
+            self.spare_grads = buffers.grads.take();
+            self.buffers = Some(buffers);
+        }
         out
+    }
+
+    /// Keeps `grads` (this trainer's layout) for the next gradient call to refill.
+    fn recycle(&mut self, grads: Gradients) {
+        // On a CUDA model the backbone's gradients live on the device; nothing to keep.
+        if self.on_device == 0 {
+            self.spare_grads = Some(grads);
+        }
+    }
+
+    /// Frees the activation and gradient buffers kept between steps (they are made again by
+    /// the next step). A Trainer keeps them so that each step refills the same memory; this
+    /// returns it, e.g. before a long generation phase.
+    pub fn release_buffers(&mut self) {
+        self.buffers = None;
+        self.spare_grads = None;
     }
 
     /// AdamW's moments of every trainable tensor (`(m, v)` in `params_mut` order), copied from
@@ -375,6 +410,7 @@ impl Trainer {
         // the next gradients.
         self.bf16 = None;
         self.bf16_fresh = false;
+        self.release_buffers();
         &mut self.model
     }
 
@@ -522,6 +558,7 @@ impl Trainer {
                 p.loss += loss * weight;
                 p.weight += weight;
                 p.micro_batches += 1;
+                self.recycle(grads);
             }
         }
         Ok(())
@@ -609,6 +646,7 @@ impl Trainer {
         let grad_norm = norm_sq.sqrt();
         if !(loss.is_finite() && grad_norm.is_finite()) {
             self.skipped += 1;
+            self.recycle(grads);
             return Ok(StepStats {
                 loss,
                 grad_norm,
@@ -698,6 +736,8 @@ impl Trainer {
                     }
                 });
         }
+        drop(grads_flat);
+        self.recycle(grads);
         self.step += 1;
         Ok(StepStats {
             loss,
