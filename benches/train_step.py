@@ -273,9 +273,9 @@ def main() -> int:
     if args.rlx == RLX and "rlx" in engines:
         subprocess.run(["cargo", "build", "--release", "-q", "-p", "rlx-cli"], cwd=ROOT,
                        check=True)
-    makers = {"gpt2": (make_gpt2, args.gpt2_dir, "GPT-2-124M shape (random), f32"),
+    makers = {"gpt2": (make_gpt2, args.gpt2_dir, f"GPT-2-124M shape (random), {args.compute}"),
               "smollm2": (lambda p: make_smollm2(p, args.rlx), args.smollm2_dir,
-                          "SmolLM2-135M, f32")}
+                          f"SmolLM2-135M, {args.compute}")}
     results = {}
     for name in args.models.split(","):
         if name not in makers:

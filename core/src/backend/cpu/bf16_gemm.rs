@@ -113,6 +113,36 @@ fn pair(lo: f32, hi: f32) -> u32 {
     bf16_bits(lo) | (bf16_bits(hi) << 16)
 }
 
+/// `out[q] = (src[2q], src[2q+1])` for `q < out.len()`, a zero past the end of `src`.
+fn convert_pairs(out: &mut [u32], src: &[f32]) {
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if bf16_path() == Bf16Path::Hardware {
+        // SAFETY: the hardware path was chosen after detecting AVX-512 F/BW/BF16.
+        done = unsafe { x86::convert_pairs(out, src) };
+    }
+    for (q, o) in out.iter_mut().enumerate().skip(done) {
+        let lo = src.get(2 * q).copied().unwrap_or(0.0);
+        let hi = src.get(2 * q + 1).copied().unwrap_or(0.0);
+        *o = pair(lo, hi);
+    }
+}
+
+/// `out[j] = (lo[j], hi[j])`, or `(lo[j], 0)` without `hi`.
+fn convert_interleaved(out: &mut [u32], lo: &[f32], hi: Option<&[f32]>) {
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if let (Bf16Path::Hardware, Some(hi)) = (bf16_path(), hi) {
+        // SAFETY: the hardware path was chosen after detecting AVX-512 F/BW/BF16.
+        done = unsafe { x86::convert_interleaved(out, lo, hi) };
+    }
+    for (j, o) in out.iter_mut().enumerate().skip(done) {
+        *o = pair(lo[j], hi.map_or(0.0, |h| h[j]));
+    }
+}
+
 /// A bf16 copy of a row-major `(rows, cols)` matrix as rows of pairs: `out[r·P + q] = (src[r,
 /// 2q], src[r, 2q+1])` with `P = ⌈cols/2⌉` (a zero pads an odd row). As an A operand it is the
 /// matrix itself (`row_stride` P, `pair_stride` 1).
@@ -129,14 +159,7 @@ pub fn to_pair_rows(out: &mut Vec<u32>, src: &[f32], rows: usize, cols: usize) {
         .for_each(|(chunk, dst)| {
             for (r, row_out) in dst.chunks_exact_mut(p).enumerate() {
                 let row = chunk * 64 + r;
-                let row_in = &src[row * cols..(row + 1) * cols];
-                let (evens, tail) = row_in.split_at(cols & !1);
-                for (o, two) in row_out.iter_mut().zip(evens.chunks_exact(2)) {
-                    *o = pair(two[0], two[1]);
-                }
-                if let Some(&last) = tail.first() {
-                    row_out[p - 1] = pair(last, 0.0);
-                }
+                convert_pairs(row_out, &src[row * cols..(row + 1) * cols]);
             }
         });
 }
@@ -159,16 +182,8 @@ pub fn interleave_rows(out: &mut Vec<u32>, src: &[f32], rows: usize, cols: usize
             for (qi, pair_row) in dst.chunks_exact_mut(cols).enumerate() {
                 let q = chunk * 16 + qi;
                 let lo = &src[2 * q * cols..(2 * q + 1) * cols];
-                if 2 * q + 1 < rows {
-                    let hi = &src[(2 * q + 1) * cols..(2 * q + 2) * cols];
-                    for ((o, &l), &h) in pair_row.iter_mut().zip(lo).zip(hi) {
-                        *o = pair(l, h);
-                    }
-                } else {
-                    for (o, &l) in pair_row.iter_mut().zip(lo) {
-                        *o = pair(l, 0.0);
-                    }
-                }
+                let hi = (2 * q + 1 < rows).then(|| &src[(2 * q + 1) * cols..(2 * q + 2) * cols]);
+                convert_interleaved(pair_row, lo, hi);
             }
         });
 }
@@ -229,11 +244,19 @@ impl Bf16Panel {
                 .par_chunks_mut(pairs * SLIVER)
                 .enumerate()
                 .for_each(|(s, sliver)| {
-                    for jj in 0..SLIVER.min(n - s * SLIVER) {
-                        let row = &w[(s * SLIVER + jj) * k..][..k];
-                        for q in 0..pairs {
-                            let hi = if 2 * q + 1 < k { row[2 * q + 1] } else { 0.0 };
-                            sliver[q * SLIVER + jj] = pair(row[2 * q], hi);
+                    // Each weight row to pairs (a contiguous, vectorised conversion), then the
+                    // sliver's rows transposed into pair-major order a block of pairs at a time.
+                    let width = SLIVER.min(n - s * SLIVER);
+                    let mut rows = vec![0u32; width * pairs];
+                    for (jj, out) in rows.chunks_exact_mut(pairs).enumerate() {
+                        convert_pairs(out, &w[(s * SLIVER + jj) * k..][..k]);
+                    }
+                    for q0 in (0..pairs).step_by(16) {
+                        let q1 = (q0 + 16).min(pairs);
+                        for (jj, row) in rows.chunks_exact(pairs).enumerate() {
+                            for q in q0..q1 {
+                                sliver[q * SLIVER + jj] = row[q];
+                            }
                         }
                     }
                 });
@@ -264,16 +287,8 @@ impl Bf16Panel {
                     let (j0, width) = (s * SLIVER, SLIVER.min(cols - s * SLIVER));
                     for (q, out) in sliver.chunks_exact_mut(SLIVER).enumerate() {
                         let lo = &w[2 * q * cols + j0..][..width];
-                        if 2 * q + 1 < rows {
-                            let hi = &w[(2 * q + 1) * cols + j0..][..width];
-                            for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
-                                *o = pair(l, h);
-                            }
-                        } else {
-                            for (o, &l) in out.iter_mut().zip(lo) {
-                                *o = pair(l, 0.0);
-                            }
-                        }
+                        let hi = (2 * q + 1 < rows).then(|| &w[(2 * q + 1) * cols + j0..][..width]);
+                        convert_interleaved(&mut out[..width], lo, hi);
                     }
                 });
         }
@@ -587,6 +602,53 @@ mod x86 {
         unsafe { t.emulated() }
     }
 
+    /// [`super::convert_pairs`] 16 pairs at a time with `vcvtne2ps2bf16` (nearest even; like the
+    /// dot products, it treats denormal inputs as zero); returns how many pairs it wrote.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and BF16 present.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn convert_pairs(out: &mut [u32], src: &[f32]) -> usize {
+        let blocks = (out.len() / 16).min(src.len() / 32);
+        for b in 0..blocks {
+            // SAFETY: 32 values from 32·b and 16 pairs from 16·b are in bounds (`blocks`).
+            unsafe {
+                let lo = _mm512_loadu_ps(src.as_ptr().add(32 * b));
+                let hi = _mm512_loadu_ps(src.as_ptr().add(32 * b + 16));
+                // 16-bit lanes 0..16 of the result are `lo`'s values in order, so each 32-bit
+                // lane is the pair (src[2q], src[2q+1]).
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(out.as_mut_ptr().add(16 * b).cast(), v);
+            }
+        }
+        16 * blocks
+    }
+
+    /// [`super::convert_interleaved`] 16 values at a time; returns how many it wrote.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and BF16 present.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn convert_interleaved(out: &mut [u32], lo: &[f32], hi: &[f32]) -> usize {
+        let n = out.len().min(lo.len()).min(hi.len()) / 16;
+        // 16-bit lanes 0..16 hold `lo`, 16..32 `hi`: take them alternately.
+        let order = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        for b in 0..n {
+            // SAFETY: 16 values from 16·b of each input and 16 outputs are in bounds (`n`).
+            unsafe {
+                let l = _mm512_loadu_ps(lo.as_ptr().add(16 * b));
+                let h = _mm512_loadu_ps(hi.as_ptr().add(16 * b));
+                let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(h, l));
+                let v = _mm512_permutexvar_epi16(order, v);
+                _mm512_storeu_si512(out.as_mut_ptr().add(16 * b).cast(), v);
+            }
+        }
+        16 * n
+    }
+
     /// # Safety
     /// AVX-512 F, BW and BF16 present; as [`Tile::run`].
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -865,6 +927,37 @@ mod tests {
         assert_eq!(one, run(5, m));
         // A row alone (decode-sized call) gets the bits it gets among 77.
         assert_eq!(&one[..n], &run(2, 1)[..]);
+    }
+
+    /// The vector conversions (AVX-512-BF16 where present) give the scalar rounding's bits on
+    /// normal values, ties included, on lengths with tails.
+    #[test]
+    fn vector_conversions_round_like_the_scalar_one() {
+        let values: Vec<f32> = (0..141)
+            .map(|i| match i % 5 {
+                // Exactly halfway between two bf16 values: ties to even.
+                0 => f32::from_bits(0x3f80_8000 + ((i as u32) << 16)),
+                1 => -(i as f32) * 1.37e-3,
+                2 => f32::from_bits(0x4120_7fff),
+                3 => 1e30 / (i as f32 + 1.0),
+                _ => (i as f32).sin(),
+            })
+            .collect();
+        for len in [1usize, 31, 32, 33, 70, 141] {
+            let src = &values[..len];
+            let mut out = vec![0u32; len.div_ceil(2)];
+            convert_pairs(&mut out, src);
+            for (q, &o) in out.iter().enumerate() {
+                let hi = src.get(2 * q + 1).copied().unwrap_or(0.0);
+                assert_eq!(o, pair(src[2 * q], hi), "pairs, len {len}, q {q}");
+            }
+            let (lo, hi) = (&values[..len], &values[141 - len..]);
+            let mut out = vec![0u32; len];
+            convert_interleaved(&mut out, lo, Some(hi));
+            for (j, &o) in out.iter().enumerate() {
+                assert_eq!(o, pair(lo[j], hi[j]), "interleaved, len {len}, j {j}");
+            }
+        }
     }
 
     #[test]
