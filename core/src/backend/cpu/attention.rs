@@ -301,6 +301,7 @@ pub struct KvGrad<'a> {
 
 /// Softmax weights of one (token, head) over positions `0..=pos`, recomputed as the forward
 /// did (max first, then the normalizer), written to `weights[..=pos]`.
+#[inline(always)]
 fn softmax_weights(
     weights: &mut [f32],
     qh: &[f32],
@@ -308,6 +309,7 @@ fn softmax_weights(
     off: usize,
     kv_dim: usize,
     hs: usize,
+    dot: impl Fn(&[f32], &[f32]) -> f32,
 ) {
     let scale = 1.0 / (hs as f32).sqrt();
     for (p, w) in weights.iter_mut().enumerate() {
@@ -322,6 +324,114 @@ fn softmax_weights(
     let inv = 1.0 / z;
     for w in weights.iter_mut() {
         *w *= inv;
+    }
+}
+
+/// One (token, head) of the backward: fills its softmax weights `w` and score gradients `ds`
+/// (length pos + 1) and, given `dqh`, writes its query gradient. Generic over the dot product
+/// and AXPY so that the AVX2 build ([`x86_backward`]) inlines them — the same operations.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_terms(
+    (qh, doh, oh): (&[f32], &[f32], &[f32]),
+    cache: KvView<'_>,
+    (off, kv_dim, hs): (usize, usize, usize),
+    w: &mut [f32],
+    ds: &mut [f32],
+    dqh: Option<&mut [f32]>,
+    dot: impl Fn(&[f32], &[f32]) -> f32 + Copy,
+    axpy: impl Fn(&mut [f32], f32, &[f32]),
+) {
+    softmax_weights(w, qh, cache, off, kv_dim, hs, dot);
+    let d_o = dot(doh, oh);
+    for (p, (d, wp)) in ds.iter_mut().zip(w.iter()).enumerate() {
+        *d = wp * (dot(doh, &cache.v[p * kv_dim + off..][..hs]) - d_o);
+    }
+    if let Some(dqh) = dqh {
+        let scale = 1.0 / (hs as f32).sqrt();
+        dqh.fill(0.0);
+        for (p, d) in ds.iter().enumerate() {
+            axpy(dqh, d * scale, &cache.k[p * kv_dim + off..][..hs]);
+        }
+    }
+}
+
+/// One (token, head)'s share of its KV head's key/value gradients: `dk_p += ds_p·scale·q`,
+/// `dv_p += w_p·do` for each position `p` (rows of `kv_dim` values from `dk`/`dv`, columns
+/// `off..off + hs`).
+///
+/// # Safety
+/// `dk` and `dv` hold `len` values, nothing else touches these columns meanwhile.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn kv_terms(
+    (qh, doh): (&[f32], &[f32]),
+    (w, ds): (&[f32], &[f32]),
+    (dk, dv, len): (SendPtr, SendPtr, usize),
+    (off, kv_dim, hs): (usize, usize, usize),
+    axpy: impl Fn(&mut [f32], f32, &[f32]),
+) {
+    let scale = 1.0 / (hs as f32).sqrt();
+    for (p, (&wp, &d)) in w.iter().zip(ds).enumerate() {
+        let row = p * kv_dim + off;
+        assert!(
+            row + hs <= len,
+            "attention_backward: gradient rows too short"
+        );
+        // SAFETY: in bounds (asserted); exclusive per the caller.
+        let (dk_row, dv_row) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(dk.get().add(row), hs),
+                std::slice::from_raw_parts_mut(dv.get().add(row), hs),
+            )
+        };
+        axpy(dk_row, d * scale, qh);
+        axpy(dv_row, wp, doh);
+    }
+}
+
+/// [`backward_terms`] and [`kv_terms`] compiled with AVX2 and FMA, so the dot products and
+/// AXPYs inline instead of a call (and an ISA check) per position.
+#[cfg(target_arch = "x86_64")]
+mod x86_backward {
+    use super::super::simd::x86;
+    use super::{KvView, SendPtr};
+
+    /// # Safety
+    /// AVX2 and FMA are present.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn terms(
+        vectors: (&[f32], &[f32], &[f32]),
+        cache: KvView<'_>,
+        shape: (usize, usize, usize),
+        w: &mut [f32],
+        ds: &mut [f32],
+        dqh: Option<&mut [f32]>,
+    ) {
+        super::backward_terms(
+            vectors,
+            cache,
+            shape,
+            w,
+            ds,
+            dqh,
+            |a, b| x86::dot(a, b),
+            |y, a, x| x86::axpy(y, a, x),
+        )
+    }
+
+    /// # Safety
+    /// AVX2 and FMA are present; as [`super::kv_terms`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn kv(
+        vectors: (&[f32], &[f32]),
+        weights: (&[f32], &[f32]),
+        grads: (SendPtr, SendPtr, usize),
+        shape: (usize, usize, usize),
+    ) {
+        // SAFETY: per the caller.
+        unsafe { super::kv_terms(vectors, weights, grads, shape, |y, a, x| x86::axpy(y, a, x)) }
     }
 }
 
@@ -378,18 +488,21 @@ fn backward_with_cache_limit(
     let Heads { nh, nkv, hs } = heads;
     let group = nh / nkv;
     let kv_dim = nkv * hs;
-    let scale = 1.0 / (hs as f32).sqrt();
-    // Fills `w` and `ds` (length pos + 1) for (token, head) `i`.
-    let terms = |i: usize, w: &mut [f32], ds: &mut [f32]| {
+    // Fills `w` and `ds` (length pos + 1) for (token, head) `i`, and its query gradient when
+    // given `dqh`.
+    let terms = |i: usize, w: &mut [f32], ds: &mut [f32], dqh: Option<&mut [f32]>| {
         let (t, h) = (i / nh, i % nh);
         let cache = kv[slots[t].seq];
         let at = t * nh * hs + h * hs;
-        let (qh, doh, oh) = (&q[at..at + hs], &dout[at..at + hs], &out[at..at + hs]);
-        let off = (h / group) * hs;
-        softmax_weights(w, qh, cache, off, kv_dim, hs);
-        let d_o = dot(doh, oh);
-        for (p, (d, wp)) in ds.iter_mut().zip(w.iter()).enumerate() {
-            *d = wp * (dot(doh, &cache.v[p * kv_dim + off..][..hs]) - d_o);
+        let vectors = (&q[at..at + hs], &dout[at..at + hs], &out[at..at + hs]);
+        let shape = ((h / group) * hs, kv_dim, hs);
+        match isa() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: isa() reports AVX2 and FMA only after detecting them.
+            Isa::Avx2Fma | Isa::Avx512 => unsafe {
+                x86_backward::terms(vectors, cache, shape, w, ds, dqh)
+            },
+            _ => backward_terms(vectors, cache, shape, w, ds, dqh, dot, axpy),
         }
     };
     let lens: Vec<usize> = (0..slots.len() * nh)
@@ -420,14 +533,7 @@ fn backward_with_cache_limit(
             }
         }
         let dq_of = |i: usize, dqh: &mut [f32], w: &mut [f32], ds: &mut [f32]| {
-            let (t, h) = (i / nh, i % nh);
-            let cache = kv[slots[t].seq];
-            let off = (h / group) * hs;
-            terms(i, w, ds);
-            dqh.fill(0.0);
-            for (p, d) in ds.iter().enumerate() {
-                axpy(dqh, d * scale, &cache.k[p * kv_dim + off..][..hs]);
-            }
+            terms(i, w, ds, Some(dqh));
         };
         if cached {
             dq.par_chunks_mut(hs)
@@ -474,25 +580,20 @@ fn backward_with_cache_limit(
                 } else {
                     w_scratch.resize(lens[i], 0.0);
                     ds_scratch.resize(lens[i], 0.0);
-                    terms(i, &mut w_scratch, &mut ds_scratch);
+                    terms(i, &mut w_scratch, &mut ds_scratch, None);
                     (&w_scratch, &ds_scratch)
                 };
-                for (p, (&wp, &d)) in w.iter().zip(ds).enumerate() {
-                    let row = p * kv_dim + off;
-                    assert!(
-                        row + hs <= len,
-                        "attention_backward: gradient rows too short"
-                    );
-                    // SAFETY: in bounds (asserted); only task (seq, kh) writes columns
-                    // off..off + hs of sequence seq's rows, and nothing reads them meanwhile.
-                    let (dk_row, dv_row) = unsafe {
-                        (
-                            std::slice::from_raw_parts_mut(dk.get().add(row), hs),
-                            std::slice::from_raw_parts_mut(dv.get().add(row), hs),
-                        )
-                    };
-                    axpy(dk_row, d * scale, qh);
-                    axpy(dv_row, wp, doh);
+                let shape = (off, kv_dim, hs);
+                match isa() {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: isa() reports AVX2 and FMA only after detecting them; only task
+                    // (seq, kh) writes columns off..off + hs of sequence seq's rows, and nothing
+                    // reads them meanwhile.
+                    Isa::Avx2Fma | Isa::Avx512 => unsafe {
+                        x86_backward::kv((qh, doh), (w, ds), (dk, dv, len), shape)
+                    },
+                    // SAFETY: as above.
+                    _ => unsafe { kv_terms((qh, doh), (w, ds), (dk, dv, len), shape, axpy) },
                 }
             }
         }
