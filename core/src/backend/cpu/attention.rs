@@ -8,6 +8,7 @@
 
 use rayon::prelude::*;
 
+use super::gemm::{gemm, Strided};
 use super::simd::{axpy, dot, exp, isa, Isa};
 use super::SendPtr;
 
@@ -459,6 +460,9 @@ pub fn attention_backward(
     kv: &[KvView<'_>],
     heads: Heads,
 ) {
+    if let Some(spans) = whole_sequences(slots, dkv.len()) {
+        return backward_by_products(dq, dkv, dout, out, q, kv, heads, &spans);
+    }
     backward_with_cache_limit(
         dq,
         dkv,
@@ -470,6 +474,199 @@ pub fn attention_backward(
         heads,
         CACHED_WEIGHTS_LIMIT,
     )
+}
+
+/// `data[at..]` read as a matrix with the given strides.
+fn strided(data: &[f32], at: usize, row_stride: usize, col_stride: usize) -> Strided<'_> {
+    Strided {
+        data: &data[at..],
+        row_stride,
+        col_stride,
+    }
+}
+
+/// Longest sequence whose backward runs as matrix products: two `(L, L)` f32 buffers per task
+/// (32 MiB at this length).
+const PRODUCTS_MAX_LEN: usize = 2048;
+
+/// `(first token, length)` of every sequence when the call holds each one whole — its tokens
+/// side by side at positions `0, 1, …` (a training forward from empty caches) — and none is
+/// longer than [`PRODUCTS_MAX_LEN`]; otherwise `None`.
+fn whole_sequences(slots: &[Slot], n_seq: usize) -> Option<Vec<(usize, usize)>> {
+    let mut spans = vec![(0usize, 0usize); n_seq];
+    let mut t = 0;
+    while t < slots.len() {
+        let seq = slots[t].seq;
+        let span = spans.get_mut(seq)?;
+        if span.1 != 0 || slots[t].pos != 0 {
+            return None;
+        }
+        let mut len = 0;
+        while t + len < slots.len() && slots[t + len].seq == seq {
+            if slots[t + len].pos != len {
+                return None;
+            }
+            len += 1;
+        }
+        if len > PRODUCTS_MAX_LEN {
+            return None;
+        }
+        *span = (t, len);
+        t += len;
+    }
+    Some(spans)
+}
+
+/// [`attention_backward`] for whole sequences (see [`whole_sequences`]), as matrix products per
+/// (sequence, KV head) on [`gemm`], for each of its query heads in order:
+/// `S = Q·Kᵀ/√HS`, `P = softmax(S)` over `j ≤ i`, `dP = dO·Vᵀ`,
+/// `dS = P ∘ (dP − rowsum(dO ∘ O))/√HS`, `dQ = dS·K`, `dK += dSᵀ·Q`, `dV += Pᵀ·dO`.
+/// Each value is a fixed sequence of operations (gemm's chains, rows in order), so nothing
+/// depends on the thread count; the numbers differ in rounding from the per-position path.
+#[allow(clippy::too_many_arguments)]
+fn backward_by_products(
+    dq: &mut [f32],
+    dkv: &mut [KvGrad<'_>],
+    dout: &[f32],
+    out: &[f32],
+    q: &[f32],
+    kv: &[KvView<'_>],
+    heads: Heads,
+    spans: &[(usize, usize)],
+) {
+    let Heads { nh, nkv, hs } = heads;
+    let (group, kv_dim, qd) = (nh / nkv, nkv * hs, nh * hs);
+    let scale = 1.0 / (hs as f32).sqrt();
+    let tokens: usize = spans.iter().map(|s| s.1).sum();
+    assert!(
+        dq.len() >= tokens * qd && dout.len() >= tokens * qd && out.len() >= tokens * qd,
+        "attention_backward: buffers too short"
+    );
+    let dq_ptr = SendPtr(dq.as_mut_ptr());
+    let grads: Vec<(SendPtr, SendPtr, usize)> = dkv
+        .iter_mut()
+        .map(|g| {
+            let len = g.dk.len().min(g.dv.len());
+            (SendPtr(g.dk.as_mut_ptr()), SendPtr(g.dv.as_mut_ptr()), len)
+        })
+        .collect();
+    (0..spans.len() * nkv).into_par_iter().for_each(|task| {
+        let (seq, g) = (task / nkv, task % nkv);
+        let (t0, l) = spans[seq];
+        if l == 0 {
+            return;
+        }
+        let (cache, off) = (kv[seq], g * hs);
+        let (dk, dv, len) = grads[seq];
+        assert!(
+            (l - 1) * kv_dim + off + hs <= len.min(cache.k.len()).min(cache.v.len()),
+            "attention_backward: cache rows too short"
+        );
+        // Kᵀ and Vᵀ of this KV head, (HS, L), as gemm's row-major right operands.
+        let (mut kt, mut vt) = (vec![0f32; hs * l], vec![0f32; hs * l]);
+        for p in 0..l {
+            for c in 0..hs {
+                kt[c * l + p] = cache.k[p * kv_dim + off + c];
+                vt[c * l + p] = cache.v[p * kv_dim + off + c];
+            }
+        }
+        let (mut probs, mut dscores) = (vec![0f32; l * l], vec![0f32; l * l]);
+        let (mut dq_h, mut dk_acc, mut dv_acc) =
+            (vec![0f32; l * hs], vec![0f32; l * hs], vec![0f32; l * hs]);
+        for h in g * group..(g + 1) * group {
+            let at = t0 * qd + h * hs;
+            let rows = |data| strided(data, at, qd, 1);
+            gemm(&mut probs, l, false, rows(q), &kt, l, l, l, hs);
+            gemm(&mut dscores, l, false, rows(dout), &vt, l, l, l, hs);
+            for i in 0..l {
+                let p = &mut probs[i * l..(i + 1) * l];
+                let (live, masked) = p.split_at_mut(i + 1);
+                let mut max = f32::NEG_INFINITY;
+                for x in live.iter_mut() {
+                    *x *= scale;
+                    max = max.max(*x);
+                }
+                let mut z = 0f32;
+                for x in live.iter_mut() {
+                    *x = exp(*x - max);
+                    z += *x;
+                }
+                let inv = 1.0 / z;
+                live.iter_mut().for_each(|x| *x *= inv);
+                masked.fill(0.0);
+                let row = at + i * qd;
+                let d_o = dot(&dout[row..row + hs], &out[row..row + hs]);
+                let ds = &mut dscores[i * l..(i + 1) * l];
+                for (d, &pj) in ds.iter_mut().zip(live.iter()) {
+                    *d = pj * (*d - d_o) * scale;
+                }
+                ds[i + 1..].fill(0.0);
+            }
+            let by_rows = |data| strided(data, 0, l, 1);
+            let by_columns = |data| strided(data, 0, 1, l);
+            gemm(
+                &mut dq_h,
+                hs,
+                false,
+                by_rows(&dscores),
+                &cache.k[off..],
+                kv_dim,
+                l,
+                hs,
+                l,
+            );
+            gemm(
+                &mut dk_acc,
+                hs,
+                true,
+                by_columns(&dscores),
+                &q[at..],
+                qd,
+                l,
+                hs,
+                l,
+            );
+            gemm(
+                &mut dv_acc,
+                hs,
+                true,
+                by_columns(&probs),
+                &dout[at..],
+                qd,
+                l,
+                hs,
+                l,
+            );
+            for (i, src) in dq_h.chunks_exact(hs).enumerate() {
+                // SAFETY: row t0 + i < tokens of dq (asserted), columns h·HS.. of it; only this
+                // task writes query head h of sequence seq's rows.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), dq_ptr.get().add(at + i * qd), hs)
+                };
+            }
+        }
+        for (p, (dks, dvs)) in dk_acc
+            .chunks_exact(hs)
+            .zip(dv_acc.chunks_exact(hs))
+            .enumerate()
+        {
+            let row = p * kv_dim + off;
+            // SAFETY: in bounds (asserted above); only task (seq, g) touches columns
+            // off..off + hs of sequence seq's rows, and nothing reads them meanwhile.
+            let (dk_row, dv_row) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(dk.get().add(row), hs),
+                    std::slice::from_raw_parts_mut(dv.get().add(row), hs),
+                )
+            };
+            for (a, b) in dk_row.iter_mut().zip(dks) {
+                *a += b;
+            }
+            for (a, b) in dv_row.iter_mut().zip(dvs) {
+                *a += b;
+            }
+        }
+    });
 }
 
 /// [`attention_backward`] with the cache limit as a parameter (tests run both ways).
@@ -647,6 +844,29 @@ mod tests {
             &[KvView { k: &k, v: &v }],
             heads,
         );
+        // The per-position path (whole sequences here, so `attention_backward` took the
+        // products) gives the same gradients up to rounding.
+        let mut dq1 = vec![0f32; len * qd];
+        let (mut dk1, mut dv1) = (vec![0f32; len * kvd], vec![0f32; len * kvd]);
+        backward_with_cache_limit(
+            &mut dq1,
+            &mut [KvGrad {
+                dk: &mut dk1,
+                dv: &mut dv1,
+            }],
+            &r,
+            &out,
+            &q,
+            &slots,
+            &[KvView { k: &k, v: &v }],
+            heads,
+            usize::MAX,
+        );
+        for (a, b) in [(&dq, &dq1), (&dk, &dk1), (&dv, &dv1)] {
+            for (x, y) in a.iter().zip(b.iter()) {
+                assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+            }
+        }
         // Recomputing the weights in the second pass gives the same bits as keeping them.
         let mut dq2 = vec![0f32; len * qd];
         let (mut dk2, mut dv2) = (vec![0f32; len * kvd], vec![0f32; len * kvd]);
@@ -665,9 +885,9 @@ mod tests {
             0,
         );
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&dq), bits(&dq2));
-        assert_eq!(bits(&dk), bits(&dk2));
-        assert_eq!(bits(&dv), bits(&dv2));
+        assert_eq!(bits(&dq1), bits(&dq2));
+        assert_eq!(bits(&dk1), bits(&dk2));
+        assert_eq!(bits(&dv1), bits(&dv2));
         let eps = 1e-3f32;
         let fd = |f: &dyn Fn(f32) -> f64| (f(eps) - f(-eps)) / (2.0 * eps as f64);
         for (i, g) in dq.iter().enumerate() {
