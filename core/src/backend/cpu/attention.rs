@@ -423,6 +423,21 @@ mod x86_backward {
     }
 
     /// # Safety
+    /// AVX2 and FMA are present.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn softmax_rows(
+        buffers: (&mut [f32], &mut [f32], usize),
+        dout: &[f32],
+        out: &[f32],
+        at: usize,
+        qd: usize,
+        hs: usize,
+    ) {
+        super::softmax_rows(buffers, dout, out, at, qd, hs, |a, b| x86::dot(a, b))
+    }
+
+    /// # Safety
     /// AVX2 and FMA are present; as [`super::kv_terms`].
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn kv(
@@ -517,6 +532,47 @@ fn whole_sequences(slots: &[Slot], n_seq: usize) -> Option<Vec<(usize, usize)>> 
     Some(spans)
 }
 
+/// The row-wise part of [`backward_by_products`] for `rows` tokens: `probs` holds `Q·Kᵀ` and
+/// becomes the causal softmax of its scaled rows; `dscores` holds `dO·Vᵀ` and becomes `dS/√HS`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn softmax_rows(
+    (probs, dscores, rows): (&mut [f32], &mut [f32], usize),
+    dout: &[f32],
+    out: &[f32],
+    at: usize,
+    qd: usize,
+    hs: usize,
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+) {
+    let scale = 1.0 / (hs as f32).sqrt();
+    let l = probs.len().min(dscores.len()) / rows.max(1);
+    for i in 0..rows {
+        let p = &mut probs[i * l..(i + 1) * l];
+        let (live, masked) = p.split_at_mut(i + 1);
+        let mut max = f32::NEG_INFINITY;
+        for x in live.iter_mut() {
+            *x *= scale;
+            max = max.max(*x);
+        }
+        let mut z = 0f32;
+        for x in live.iter_mut() {
+            *x = exp(*x - max);
+            z += *x;
+        }
+        let inv = 1.0 / z;
+        live.iter_mut().for_each(|x| *x *= inv);
+        masked.fill(0.0);
+        let row = at + i * qd;
+        let d_o = dot(&dout[row..row + hs], &out[row..row + hs]);
+        let ds = &mut dscores[i * l..(i + 1) * l];
+        for (d, &pj) in ds.iter_mut().zip(live.iter()) {
+            *d = pj * (*d - d_o) * scale;
+        }
+        ds[i + 1..].fill(0.0);
+    }
+}
+
 /// [`attention_backward`] for whole sequences (see [`whole_sequences`]), as matrix products per
 /// (sequence, KV head) on [`gemm`], for each of its query heads in order:
 /// `S = Q·Kᵀ/√HS`, `P = softmax(S)` over `j ≤ i`, `dP = dO·Vᵀ`,
@@ -536,7 +592,6 @@ fn backward_by_products(
 ) {
     let Heads { nh, nkv, hs } = heads;
     let (group, kv_dim, qd) = (nh / nkv, nkv * hs, nh * hs);
-    let scale = 1.0 / (hs as f32).sqrt();
     let tokens: usize = spans.iter().map(|s| s.1).sum();
     assert!(
         dq.len() >= tokens * qd && dout.len() >= tokens * qd && out.len() >= tokens * qd,
@@ -578,29 +633,13 @@ fn backward_by_products(
             let rows = |data| strided(data, at, qd, 1);
             gemm(&mut probs, l, false, rows(q), &kt, l, l, l, hs);
             gemm(&mut dscores, l, false, rows(dout), &vt, l, l, l, hs);
-            for i in 0..l {
-                let p = &mut probs[i * l..(i + 1) * l];
-                let (live, masked) = p.split_at_mut(i + 1);
-                let mut max = f32::NEG_INFINITY;
-                for x in live.iter_mut() {
-                    *x *= scale;
-                    max = max.max(*x);
-                }
-                let mut z = 0f32;
-                for x in live.iter_mut() {
-                    *x = exp(*x - max);
-                    z += *x;
-                }
-                let inv = 1.0 / z;
-                live.iter_mut().for_each(|x| *x *= inv);
-                masked.fill(0.0);
-                let row = at + i * qd;
-                let d_o = dot(&dout[row..row + hs], &out[row..row + hs]);
-                let ds = &mut dscores[i * l..(i + 1) * l];
-                for (d, &pj) in ds.iter_mut().zip(live.iter()) {
-                    *d = pj * (*d - d_o) * scale;
-                }
-                ds[i + 1..].fill(0.0);
+            match isa() {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: isa() reports AVX2 and FMA only after detecting them.
+                Isa::Avx2Fma | Isa::Avx512 => unsafe {
+                    x86_backward::softmax_rows((&mut probs, &mut dscores, l), dout, out, at, qd, hs)
+                },
+                _ => softmax_rows((&mut probs, &mut dscores, l), dout, out, at, qd, hs, dot),
             }
             let by_rows = |data| strided(data, 0, l, 1);
             let by_columns = |data| strided(data, 0, 1, l);
