@@ -425,6 +425,7 @@ impl Setup {
                     },
                 )?;
                 t.model_mut().set_gradient_checkpointing(self.checkpointing);
+                t.set_compute(self.train.compute)?;
                 return Ok((t, Some(extra)));
             }
             eprintln!("no checkpoint in {}; starting fresh", self.out.display());

@@ -337,3 +337,30 @@ fn checkpoints_keep_the_compute_dtype_and_bad_names_are_errors() {
     let err = ComputeDtype::parse("fp8").unwrap_err().to_string();
     assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
 }
+
+/// A panic inside a gradient call (Python turns it into an exception and the trainer lives on)
+/// leaves the model computing in f32 again: its log-probs are the f32 model's, bit for bit.
+#[test]
+fn a_panicking_gradient_call_leaves_no_bf16_state() {
+    let (seqs, masks) = batch();
+    let mut trainer = Trainer::new(load("llama-f32", 2), config(ComputeDtype::Bf16)).unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        trainer.gradients_with(|m| -> rlx::Result<()> {
+            m.sft_gradients(&seqs, &masks)?;
+            panic!("objective failed");
+        })
+    }));
+    assert!(caught.is_err());
+    let fresh = load("llama-f32", 2);
+    let want = fresh.logprobs(&seqs, 1.0).unwrap();
+    assert_eq!(trainer.model().logprobs(&seqs, 1.0).unwrap(), want);
+    // A clone made while the copies are lent does not keep them either.
+    let clone = trainer
+        .gradients_with(|m| Ok::<_, rlx::Error>(m.clone()))
+        .unwrap();
+    assert_eq!(clone.logprobs(&seqs, 1.0).unwrap(), want);
+    // And the trainer still trains.
+    assert!(trainer.sft_step(&seqs, &masks).unwrap().loss.is_finite());
+    trainer.set_compute(ComputeDtype::F32).unwrap();
+    assert_eq!(trainer.config().compute, ComputeDtype::F32);
+}

@@ -145,6 +145,31 @@ pub(crate) struct TrainingBuffers {
     pub(crate) grads: Option<Gradients>,
 }
 
+impl TrainingBuffers {
+    /// Bytes these buffers already hold: memory a step reuses rather than asks for.
+    fn held_bytes(&self) -> u64 {
+        let grads = self
+            .grads
+            .as_ref()
+            .map_or(0, |g| g.flat().iter().map(|t| t.len() * 4).sum::<usize>());
+        (self.tape.held_bytes()
+            + self.scratch.held_bytes()
+            + (self.hidden.capacity() + self.logits.capacity()) * 4
+            + grads) as u64
+    }
+
+    /// Zeroed gradients of `model`: the recycled ones (same model, so same layout) or new.
+    pub(crate) fn zeroed_gradients(&mut self, model: &Model) -> Gradients {
+        match self.grads.take() {
+            Some(mut g) => {
+                g.fill_zero();
+                g
+            }
+            None => Gradients::zeros(model),
+        }
+    }
+}
+
 /// Where a Trainer lends its [`TrainingBuffers`] to its model for one gradient call. A clone
 /// of the model starts with an empty slot.
 #[derive(Default)]
@@ -207,7 +232,7 @@ fn zero_norm(n: &Norm, frozen: bool) -> NormGrad {
 
 impl Gradients {
     /// Sets every value to zero (in parallel, in the vectors' own memory).
-    fn fill_zero(&mut self) {
+    pub(crate) fn fill_zero(&mut self) {
         self.flat_mut()
             .into_par_iter()
             .for_each(|g| g.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0)));
@@ -588,26 +613,26 @@ impl Model {
         let cfg = self.config();
         let w = self.weights();
         let (t, c, v) = (tokens.len(), cfg.hidden_size, cfg.vocab_size);
-        crate::memory::ensure_fits(training_bytes(self, t), "the training step's activations")?;
+        // Buffers lent by a Trainer (see `TrainingBuffers`), or fresh ones; what they already
+        // hold is not asked for again.
+        let lent = self.training_buffers.take();
+        let was_lent = lent.is_some();
+        let mut lent = lent.unwrap_or_default();
+        crate::memory::ensure_fits(
+            training_bytes(self, t).saturating_sub(lent.held_bytes()),
+            "the training step's activations",
+        )?;
         let mut caches = sequences
             .iter()
             .map(|s| KvCache::new(cfg, s.as_ref().len()))
             .collect::<Result<Vec<_>>>()?;
-        // Buffers lent by a Trainer (see `TrainingBuffers`), or fresh ones.
-        let mut lent = self.training_buffers.take().unwrap_or_default();
         let mut s = std::mem::take(&mut lent.scratch);
         let mut tape = std::mem::take(&mut lent.tape);
         tape.checkpointed = self.gradient_checkpointing();
         self.forward_taped(tokens, slots, &mut caches, &mut s, Some(&mut tape))?;
-        let mut grads = match lent.grads.take() {
-            Some(mut g) => {
-                g.fill_zero();
-                g
-            }
-            None => Gradients::zeros(self),
-        };
+        let mut grads = lent.zeroed_gradients(self);
         let head = w.lm_head();
-        let head_panels = self.bf16_compute.as_deref().and_then(|b| b.head.as_ref());
+        let head_panels = self.bf16_compute.0.as_deref().and_then(|b| b.head.as_ref());
         // The logits of every selected row stay from the statistics pass to the gradient pass
         // when they fit in KEPT_LOGITS_BYTES (PyTorch holds them all): then each pass is one
         // product over all of them, so the head (and its gradient) is streamed once, not once
@@ -666,7 +691,8 @@ impl Model {
                     // H = −Σ p log p = log Z − E_p[l − max].
                     let entropy = log_z - zl / z;
                     // Rounded to f32 exactly as `logprobs` and `generate` report it, so a ratio
-                    // against log-probs recorded at rollout time is exactly 1.
+                    // against log-probs recorded at rollout time is exactly 1 (with f32
+                    // compute; bf16 products move the log-probs slightly).
                     let logp = (row[sel.target as usize] as f64 - max - log_z) as f32;
                     (max, log_z, entropy, logp)
                 })
@@ -781,13 +807,16 @@ impl Model {
             }
         }
         self.backbone_backward(tokens, slots, &caches, &tape, &dhf, &mut grads);
-        self.training_buffers.put(TrainingBuffers {
-            tape,
-            scratch: s,
-            hidden,
-            logits,
-            grads: None,
-        });
+        // Back to the Trainer that lent them; a call outside a Trainer keeps nothing.
+        if was_lent {
+            self.training_buffers.put(TrainingBuffers {
+                tape,
+                scratch: s,
+                hidden,
+                logits,
+                grads: None,
+            });
+        }
         Ok((loss, grads))
     }
 
@@ -1024,8 +1053,8 @@ pub(crate) fn add(a: &mut [f32], b: &[f32]) {
 
 /// What a training step over `t` tokens allocates beyond the weights: KV caches, the tape of
 /// activations (all layers, or one layer's input each with checkpointing), the gradients (of
-/// the trainable tensors only: with LoRA, the adapters), the kept logits (bounded), and the
-/// working buffers of one layer.
+/// the trainable tensors only: with LoRA, the adapters), the kept logits (bounded), the
+/// working buffers of one layer and the attention backward's score matrices.
 fn training_bytes(model: &Model, t: usize) -> u64 {
     use crate::memory::f32_bytes;
     let cfg = model.config();
@@ -1045,6 +1074,13 @@ fn training_bytes(model: &Model, t: usize) -> u64 {
         .saturating_add(f32_bytes(&[t, 4 * per_layer_full]))
         .saturating_add(f32_bytes(&[model.weights().trainable_parameter_count()]))
         .saturating_add(f32_bytes(&[t, cfg.vocab_size]).min(KEPT_LOGITS_BYTES as u64))
+        // The attention backward's (L, L) score buffers, two per running task (L ≤ 2048).
+        .saturating_add(f32_bytes(&[
+            rayon::current_num_threads(),
+            2,
+            t.min(2048),
+            t.min(2048),
+        ]))
 }
 
 #[cfg(test)]
@@ -1081,5 +1117,7 @@ mod tests {
         let recomputed = model.sft_gradients(&seqs, &masks);
         KEPT_LOGITS_OVERRIDE.store(usize::MAX, std::sync::atomic::Ordering::Relaxed);
         assert!(kept == bits(recomputed.unwrap()));
+        // Outside a Trainer a gradient call keeps none of its buffers.
+        assert!(model.training_buffers.take().is_none());
     }
 }

@@ -36,11 +36,22 @@ fn with_buffers<R>(f: impl FnOnce(&mut Vec<u32>, &mut Vec<u32>) -> R) -> R {
     BUFFERS.with(|cell| match cell.try_borrow_mut() {
         Ok(mut bufs) => {
             let [a, b] = &mut *bufs;
-            f(a, b)
+            let out = f(a, b);
+            // Layer-sized buffers stay; a large one (the LM head's, vocabulary-wide) is freed,
+            // so no worker thread keeps one between steps.
+            for buf in [a, b] {
+                if buf.capacity() > KEPT_BUFFER_VALUES {
+                    *buf = Vec::new();
+                }
+            }
+            out
         }
         Err(_) => f(&mut Vec::new(), &mut Vec::new()),
     })
 }
+
+/// The most values (32 MiB) a thread's conversion buffer keeps between products.
+const KEPT_BUFFER_VALUES: usize = 8 << 20;
 
 /// A weight `w (n, k)` packed for `x · wᵀ` (`fwd`) and for `dout · w` (`bwd`).
 #[derive(Debug)]
@@ -155,6 +166,17 @@ impl LinearPanels {
     }
 }
 
+/// The bf16 copies a Trainer lends its model for one gradient call. A clone of the model does
+/// not get them (it would keep using copies that go stale).
+#[derive(Default)]
+pub(crate) struct LentCopies(pub(crate) Option<std::sync::Arc<Bf16Weights>>);
+
+impl Clone for LentCopies {
+    fn clone(&self) -> Self {
+        LentCopies(None)
+    }
+}
+
 /// The packed bf16 copies of a model's matrices for one optimizer step.
 #[derive(Debug)]
 pub(crate) struct Bf16Weights {
@@ -180,9 +202,26 @@ impl Bf16Weights {
         }
     }
 
-    /// Packs the current values of `w` (the weights these copies were made from, same
-    /// shapes) into the same memory: no fresh pages after each optimizer step.
-    pub(crate) fn refill(&mut self, w: &ModelWeights) {
+    /// Packs the current values of `w` into the same memory (no fresh pages after each
+    /// optimizer step); false, and nothing changed, when `w`'s matrices are not the shapes
+    /// these copies were made for.
+    pub(crate) fn refill(&mut self, w: &ModelWeights) -> bool {
+        let same_shape =
+            |p: &LinearPanels, t: &crate::tensor::Tensor| t.shape() == [p.n, p.k].as_slice();
+        let layers_match = self.layers.len() == w.layers.len()
+            && self.layers.iter().zip(&w.layers).all(|(panels, layer)| {
+                let linears = layer.linears();
+                panels.len() == linears.len()
+                    && panels.iter().zip(linears).all(|(p, l)| same_shape(p, &l.w))
+            });
+        if !layers_match
+            || self
+                .head
+                .as_ref()
+                .is_some_and(|h| !same_shape(h, w.lm_head()))
+        {
+            return false;
+        }
         for (panels, layer) in self.layers.iter_mut().zip(&w.layers) {
             for (p, l) in panels.iter_mut().zip(layer.linears()) {
                 p.refill(l.w.as_slice());
@@ -191,5 +230,6 @@ impl Bf16Weights {
         if let Some(h) = self.head.as_mut() {
             h.refill(w.lm_head().as_slice());
         }
+        true
     }
 }

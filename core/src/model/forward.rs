@@ -39,6 +39,16 @@ pub(crate) struct Scratch {
 }
 
 impl Scratch {
+    /// Bytes its buffers hold (capacities).
+    pub(crate) fn held_bytes(&self) -> usize {
+        [
+            &self.x, &self.h, &self.q, &self.k, &self.v, &self.att, &self.out, &self.m1, &self.m2,
+        ]
+        .iter()
+        .map(|b| b.capacity() * 4)
+        .sum()
+    }
+
     /// Sizes every per-layer buffer (all but the residual stream `x`) for `t` tokens.
     fn resize_for(&mut self, cfg: &crate::config::ModelConfig, t: usize) {
         let (c, qd, kvd, f) = (
@@ -92,6 +102,32 @@ pub(crate) struct Tape {
     /// Gradient checkpointing: `layers` keep only `x_in`; the backward pass recomputes the
     /// rest of each layer when it reaches it.
     pub checkpointed: bool,
+}
+
+impl LayerTape {
+    fn held_bytes(&self) -> usize {
+        [
+            &self.x_in,
+            &self.h1,
+            &self.q,
+            &self.att,
+            &self.x_mid,
+            &self.h2,
+            &self.m1,
+            &self.m2,
+            &self.act,
+        ]
+        .iter()
+        .map(|b| b.capacity() * 4)
+        .sum()
+    }
+}
+
+impl Tape {
+    /// Bytes its vectors hold (capacities).
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.layers.iter().map(LayerTape::held_bytes).sum::<usize>() + self.x_final.capacity() * 4
+    }
 }
 
 impl Model {
@@ -173,6 +209,13 @@ impl Model {
             let full_tape = tape.as_ref().is_some_and(|tp| !tp.checkpointed);
             let mut lt = tape.as_ref().map(|_| {
                 let mut lt = recycled.pop().unwrap_or_default();
+                if !full_tape {
+                    // A checkpointed tape keeps only the input: no memory for the rest.
+                    lt = LayerTape {
+                        x_in: std::mem::take(&mut lt.x_in),
+                        ..Default::default()
+                    };
+                }
                 lt.x_in.clone_from(&s.x);
                 lt
             });
@@ -345,6 +388,7 @@ impl Model {
     /// Layer `l`'s bf16 weight copies while a Trainer with bf16 compute runs its gradients.
     pub(crate) fn layer_panels(&self, l: usize) -> Option<&[LinearPanels]> {
         self.bf16_compute
+            .0
             .as_deref()
             .and_then(|b| b.layers.get(l))
             .map(Vec::as_slice)

@@ -102,7 +102,7 @@ pub struct Model {
     gradient_checkpointing: bool,
     /// Set by a Trainer with bf16 compute around its own gradient calls: the training
     /// forward/backward's products then run on these bf16 copies of the weights.
-    bf16_compute: Option<Arc<bf16_compute::Bf16Weights>>,
+    bf16_compute: bf16_compute::LentCopies,
     /// Activation and gradient buffers a Trainer lends for its gradient calls.
     training_buffers: backward::BufferSlot,
     /// The weights on a CUDA device (`LoadOptions::device = cuda:N`); inference dispatches
@@ -200,7 +200,7 @@ impl Model {
             pool,
             source: dir.to_path_buf(),
             gradient_checkpointing: false,
-            bf16_compute: None,
+            bf16_compute: Default::default(),
             training_buffers: Default::default(),
             #[cfg(feature = "cuda")]
             cuda: None,
@@ -452,7 +452,7 @@ impl Model {
             pool,
             source: path.to_path_buf(),
             gradient_checkpointing: false,
-            bf16_compute: None,
+            bf16_compute: Default::default(),
             training_buffers: Default::default(),
             #[cfg(feature = "cuda")]
             cuda: None,
@@ -549,10 +549,10 @@ impl Model {
         ))
     }
 
-    /// Packs the current weights into `w`, copies made by [`Model::bf16_weights`] from this
-    /// model (same shapes).
-    pub(crate) fn refill_bf16_weights(&self, w: &mut Bf16Weights) {
-        self.install(|| w.refill(&self.weights));
+    /// Packs the current weights into `w` (copies made by [`Model::bf16_weights`]); false when
+    /// the matrices' shapes changed since (then make new copies).
+    pub(crate) fn refill_bf16_weights(&self, w: &mut Bf16Weights) -> bool {
+        self.install(|| w.refill(&self.weights))
     }
 
     /// Lends a Trainer's buffers to the next gradient call.
@@ -567,7 +567,7 @@ impl Model {
 
     /// Makes the training forward/backward use `w` (a Trainer's gradient calls) or f32.
     pub(crate) fn set_bf16_compute(&mut self, w: Option<Arc<Bf16Weights>>) {
-        self.bf16_compute = w;
+        self.bf16_compute = bf16_compute::LentCopies(w);
     }
 
     pub fn set_gradient_checkpointing(&mut self, on: bool) {

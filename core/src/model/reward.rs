@@ -226,6 +226,15 @@ impl Model {
         }
         self.install(|| {
             let c = self.config().hidden_size;
+            // Gradients lent by a Trainer are refilled; the buffers go back to it unchanged.
+            let mut lent = self.training_buffers.take();
+            let mut grads = match lent.as_mut() {
+                Some(b) => b.zeroed_gradients(self),
+                None => Gradients::zeros(self),
+            };
+            if let Some(b) = lent {
+                self.training_buffers.put(b);
+            }
             let mut s = Scratch::default();
             let mut tape = Tape {
                 checkpointed: self.gradient_checkpointing(),
@@ -237,7 +246,6 @@ impl Model {
                 caches,
                 last,
             } = self.packed_forward(&all, &mut s, Some(&mut tape))?;
-            let mut grads = Gradients::zeros(self);
             let mut dhf = vec![0f32; tokens.len() * c];
             let stats = pair_objective(
                 &s.h,

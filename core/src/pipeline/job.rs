@@ -293,6 +293,7 @@ impl OnPolicyJob {
                 let (mut t, extra) = Trainer::resume(&ck, self.load_options())?;
                 t.model_mut()
                     .set_gradient_checkpointing(self.gradient_checkpointing);
+                t.set_compute(self.compute)?;
                 return Ok((t, Some(extra)));
             }
             observer.message(&format!(

@@ -304,9 +304,13 @@ impl Trainer {
         if self.config.compute == ComputeDtype::Bf16 && !self.bf16_fresh {
             // Only this trainer holds the copies between gradient calls, so they can be
             // refilled in place; a model changed through `model_mut` gets new ones.
-            match self.bf16.as_mut().and_then(std::sync::Arc::get_mut) {
+            let refilled = match self.bf16.as_mut().and_then(std::sync::Arc::get_mut) {
                 Some(w) => self.model.refill_bf16_weights(w),
-                None => self.bf16 = Some(self.model.bf16_weights()?),
+                None => false,
+            };
+            if !refilled {
+                self.bf16 = None;
+                self.bf16 = Some(self.model.bf16_weights()?);
             }
             self.bf16_fresh = true;
         }
@@ -314,26 +318,47 @@ impl Trainer {
         let mut buffers = self.buffers.take().unwrap_or_default();
         buffers.grads = self.spare_grads.take();
         self.model.lend_training_buffers(buffers);
-        #[cfg(feature = "cuda")]
-        let out = {
-            match self.model.sync_device() {
-                Ok(()) => {
-                    self.model.set_gradients_on_device(self.device.is_some());
-                    let out = f(&self.model);
-                    self.model.set_gradients_on_device(false);
-                    out
-                }
-                Err(e) => Err(e),
+        // A panic in `f` (PyO3 turns it into an exception and the trainer lives on) must not
+        // leave the model computing in bf16 or keeping the lent buffers.
+        let on_device = {
+            #[cfg(feature = "cuda")]
+            {
+                self.device.is_some()
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                false
             }
         };
-        #[cfg(not(feature = "cuda"))]
-        let out = f(&self.model);
+        let model = &mut self.model;
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            #[cfg(feature = "cuda")]
+            {
+                model.sync_device()?;
+                model.set_gradients_on_device(on_device);
+                let out = f(model);
+                model.set_gradients_on_device(false);
+                out
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = on_device;
+                f(model)
+            }
+        }));
         self.model.set_bf16_compute(None);
         if let Some(mut buffers) = self.model.reclaim_training_buffers() {
             self.spare_grads = buffers.grads.take();
             self.buffers = Some(buffers);
         }
-        out
+        match out {
+            Ok(out) => out,
+            Err(panic) => {
+                #[cfg(feature = "cuda")]
+                self.model.set_gradients_on_device(false);
+                std::panic::resume_unwind(panic)
+            }
+        }
     }
 
     /// Keeps `grads` (this trainer's layout) for the next gradient call to refill.
@@ -406,11 +431,11 @@ impl Trainer {
 
     /// The model, for changes outside the optimizer (e.g. a fresh head before training).
     pub fn model_mut(&mut self) -> &mut Model {
-        // The weights may change (shapes too: LoRA, heads): bf16 copies are made again before
-        // the next gradients.
-        self.bf16 = None;
+        // The weights may change (shapes too: LoRA, heads): the bf16 copies are refilled (or
+        // made again, if shapes changed) before the next gradients, and gradients of the old
+        // layout are not reused. The activation buffers fit any model.
         self.bf16_fresh = false;
-        self.release_buffers();
+        self.spare_grads = None;
         &mut self.model
     }
 
@@ -420,6 +445,19 @@ impl Trainer {
 
     pub fn config(&self) -> &TrainConfig {
         &self.config
+    }
+
+    /// Changes the precision of the next steps' products (e.g. the run's setting after
+    /// [`Trainer::resume`], which restores the checkpoint's). CPU only for bf16.
+    pub fn set_compute(&mut self, compute: ComputeDtype) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if compute == ComputeDtype::Bf16 && self.model.cuda()?.is_some() {
+            return Err(Error::invalid(
+                "bf16 compute is a CPU training setting; a Trainer on a CUDA device trains in f32",
+            ));
+        }
+        self.config.compute = compute;
+        Ok(())
     }
 
     pub fn step_count(&self) -> u64 {

@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{gemm, Strided};
+use super::gemm::{gemm, gemm_serial, Strided};
 use super::simd::{axpy, dot, exp, isa, Isa};
 use super::SendPtr;
 
@@ -605,6 +605,11 @@ fn backward_by_products(
             (SendPtr(g.dk.as_mut_ptr()), SendPtr(g.dv.as_mut_ptr()), len)
         })
         .collect();
+    // With enough tasks to keep every thread busy, each runs its products on its own thread:
+    // a task waiting inside a parallel product could otherwise start further tasks, and so
+    // hold more (L, L) buffers than there are threads.
+    let serial = spans.len() * nkv >= 2 * rayon::current_num_threads();
+    let product = if serial { gemm_serial } else { gemm };
     (0..spans.len() * nkv).into_par_iter().for_each(|task| {
         let (seq, g) = (task / nkv, task % nkv);
         let (t0, l) = spans[seq];
@@ -631,8 +636,8 @@ fn backward_by_products(
         for h in g * group..(g + 1) * group {
             let at = t0 * qd + h * hs;
             let rows = |data| strided(data, at, qd, 1);
-            gemm(&mut probs, l, false, rows(q), &kt, l, l, l, hs);
-            gemm(&mut dscores, l, false, rows(dout), &vt, l, l, l, hs);
+            product(&mut probs, l, false, rows(q), &kt, l, l, l, hs);
+            product(&mut dscores, l, false, rows(dout), &vt, l, l, l, hs);
             match isa() {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: isa() reports AVX2 and FMA only after detecting them.
@@ -643,7 +648,7 @@ fn backward_by_products(
             }
             let by_rows = |data| strided(data, 0, l, 1);
             let by_columns = |data| strided(data, 0, 1, l);
-            gemm(
+            product(
                 &mut dq_h,
                 hs,
                 false,
@@ -654,7 +659,7 @@ fn backward_by_products(
                 hs,
                 l,
             );
-            gemm(
+            product(
                 &mut dk_acc,
                 hs,
                 true,
@@ -665,7 +670,7 @@ fn backward_by_products(
                 hs,
                 l,
             );
-            gemm(
+            product(
                 &mut dv_acc,
                 hs,
                 true,

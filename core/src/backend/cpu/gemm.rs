@@ -43,13 +43,31 @@ pub fn gemm(
     n: usize,
     depth: usize,
 ) {
-    gemm_on(isa(), c, ldc, accumulate, a, b, ldb, m, n, depth)
+    gemm_on(isa(), true, c, ldc, accumulate, a, b, ldb, m, n, depth)
+}
+
+/// [`gemm`] on the calling thread only (the same values): for callers that are already one of
+/// many parallel tasks.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_serial(
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    a: Strided<'_>,
+    b: &[f32],
+    ldb: usize,
+    m: usize,
+    n: usize,
+    depth: usize,
+) {
+    gemm_on(isa(), false, c, ldc, accumulate, a, b, ldb, m, n, depth)
 }
 
 /// [`gemm`] on a given instruction set (which must be available: at most [`isa()`]).
 #[allow(clippy::too_many_arguments)]
 fn gemm_on(
     isa: Isa,
+    parallel: bool,
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
@@ -68,7 +86,7 @@ fn gemm_on(
         return;
     }
     assert!(
-        ldc >= n && (m - 1) * ldc + n <= c.len(),
+        ldc >= n && last_index(&[(m - 1, ldc)], n - 1).is_some_and(|e| e < c.len()),
         "gemm: C too short"
     );
     if depth == 0 {
@@ -80,10 +98,14 @@ fn gemm_on(
         return;
     }
     assert!(
-        (m - 1) * a.row_stride + (depth - 1) * a.col_stride < a.data.len(),
+        last_index(&[(m - 1, a.row_stride), (depth - 1, a.col_stride)], 0)
+            .is_some_and(|e| e < a.data.len()),
         "gemm: A too short"
     );
-    assert!((depth - 1) * ldb + n <= b.len(), "gemm: B too short");
+    assert!(
+        last_index(&[(depth - 1, ldb)], n - 1).is_some_and(|e| e < b.len()),
+        "gemm: B too short"
+    );
 
     let (mr, nr) = match isa {
         #[cfg(target_arch = "x86_64")]
@@ -96,7 +118,11 @@ fn gemm_on(
     // for all its columns, and its block of B for all its rows (the packing of B, a read of B
     // from memory, is what tall blocks amortize); narrower and then shorter blocks only as far as
     // needed to give every thread a few tasks.
-    let threads = rayon::current_num_threads().max(1);
+    let threads = if parallel {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
     let (mut mb, mut nb) = (32 * mr, n.next_multiple_of(nr));
     while m.div_ceil(mb) * n.div_ceil(nb) < 3 * threads {
         if nb > 8 * nr {
@@ -113,41 +139,54 @@ fn gemm_on(
     }
     let (row_blocks, col_blocks) = (m.div_ceil(mb), n.div_ceil(nb));
     let dst = SendPtr(c.as_mut_ptr());
-    (0..row_blocks * col_blocks)
-        .into_par_iter()
-        .for_each(|task| {
-            let (rb, cb) = (task / col_blocks, task % col_blocks);
-            let (r0, r1) = (rb * mb, ((rb + 1) * mb).min(m));
-            let (c0, c1) = (cb * nb, ((cb + 1) * nb).min(n));
-            PACKS.with_borrow_mut(|(pa, pb)| {
-                let mut p0 = 0;
-                while p0 < depth {
-                    let kc = KC.min(depth - p0);
-                    pack_a(pa, a, r0..r1, p0..p0 + kc, mr);
-                    pack_b(pb, b, ldb, c0..c1, p0..p0 + kc, nr);
-                    for (si, col) in (c0..c1).step_by(nr).enumerate() {
-                        for (ti, row) in (r0..r1).step_by(mr).enumerate() {
-                            let tile = Tile {
-                                c: dst.get(),
-                                c_offset: row * ldc + col,
-                                ldc,
-                                load: accumulate || p0 > 0,
-                                a: pa[ti * kc * mr..].as_ptr(),
-                                b: pb[si * kc * nr..].as_ptr(),
-                                rows: mr.min(r1 - row),
-                                cols: nr.min(c1 - col),
-                                depth: kc,
-                            };
-                            // SAFETY: the packs hold `kc` steps of `mr` rows (`nr` columns) for
-                            // this tile; C is bounded by the asserts above (row < m, col < n) and
-                            // tasks own disjoint blocks of it.
-                            unsafe { tile.run(isa) };
-                        }
+    let run_task = |task: usize| {
+        let (rb, cb) = (task / col_blocks, task % col_blocks);
+        let (r0, r1) = (rb * mb, ((rb + 1) * mb).min(m));
+        let (c0, c1) = (cb * nb, ((cb + 1) * nb).min(n));
+        PACKS.with_borrow_mut(|(pa, pb)| {
+            let mut p0 = 0;
+            while p0 < depth {
+                let kc = KC.min(depth - p0);
+                pack_a(pa, a, r0..r1, p0..p0 + kc, mr);
+                pack_b(pb, b, ldb, c0..c1, p0..p0 + kc, nr);
+                for (si, col) in (c0..c1).step_by(nr).enumerate() {
+                    for (ti, row) in (r0..r1).step_by(mr).enumerate() {
+                        let tile = Tile {
+                            c: dst.get(),
+                            c_offset: row * ldc + col,
+                            ldc,
+                            load: accumulate || p0 > 0,
+                            a: pa[ti * kc * mr..].as_ptr(),
+                            b: pb[si * kc * nr..].as_ptr(),
+                            rows: mr.min(r1 - row),
+                            cols: nr.min(c1 - col),
+                            depth: kc,
+                        };
+                        // SAFETY: the packs hold `kc` steps of `mr` rows (`nr` columns) for
+                        // this tile; C is bounded by the asserts above (row < m, col < n) and
+                        // tasks own disjoint blocks of it.
+                        unsafe { tile.run(isa) };
                     }
-                    p0 += kc;
                 }
-            });
+                p0 += kc;
+            }
         });
+    };
+    if parallel {
+        (0..row_blocks * col_blocks)
+            .into_par_iter()
+            .for_each(run_task);
+    } else {
+        (0..row_blocks * col_blocks).for_each(run_task);
+    }
+}
+
+/// `Σ count·stride + extra` — the last index an operand's bounds check covers — or `None` on
+/// overflow (strides that large cannot index any slice), so the checks cannot wrap.
+pub(crate) fn last_index(terms: &[(usize, usize)], extra: usize) -> Option<usize> {
+    terms.iter().try_fold(extra, |acc, &(count, stride)| {
+        count.checked_mul(stride).and_then(|x| acc.checked_add(x))
+    })
 }
 
 thread_local! {
@@ -328,7 +367,7 @@ mod x86 {
             for (i, a) in acc.iter_mut().enumerate() {
                 let p = unsafe { t.c.add(t.c_offset + i * t.ldc) };
                 a[0] = unsafe { _mm512_maskz_loadu_ps(m0, p) };
-                a[1] = unsafe { _mm512_maskz_loadu_ps(m1, p.add(16)) };
+                a[1] = unsafe { _mm512_maskz_loadu_ps(m1, p.wrapping_add(16)) };
             }
         }
         let (mut ap, mut bp) = (t.a, t.b);
@@ -346,7 +385,7 @@ mod x86 {
         for (i, a) in acc.iter().enumerate() {
             let p = unsafe { t.c.add(t.c_offset + i * t.ldc) };
             unsafe { _mm512_mask_storeu_ps(p, m0, a[0]) };
-            unsafe { _mm512_mask_storeu_ps(p.add(16), m1, a[1]) };
+            unsafe { _mm512_mask_storeu_ps(p.wrapping_add(16), m1, a[1]) };
         }
     }
 
@@ -375,7 +414,7 @@ mod x86 {
             for (i, a) in acc.iter_mut().enumerate() {
                 let p = unsafe { t.c.add(t.c_offset + i * t.ldc) };
                 a[0] = unsafe { _mm256_maskload_ps(p, m0) };
-                a[1] = unsafe { _mm256_maskload_ps(p.add(8), m1) };
+                a[1] = unsafe { _mm256_maskload_ps(p.wrapping_add(8), m1) };
             }
         }
         let (mut ap, mut bp) = (t.a, t.b);
@@ -393,7 +432,7 @@ mod x86 {
         for (i, a) in acc.iter().enumerate() {
             let p = unsafe { t.c.add(t.c_offset + i * t.ldc) };
             unsafe { _mm256_maskstore_ps(p, m0, a[0]) };
-            unsafe { _mm256_maskstore_ps(p.add(8), m1, a[1]) };
+            unsafe { _mm256_maskstore_ps(p.wrapping_add(8), m1, a[1]) };
         }
     }
 }
@@ -492,7 +531,7 @@ mod tests {
         ] {
             let run = |isa| {
                 let mut c = values(m * n, 8);
-                gemm_on(isa, &mut c, n, true, a_op, &b, n, m, n, depth);
+                gemm_on(isa, true, &mut c, n, true, a_op, &b, n, m, n, depth);
                 c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             };
             assert_eq!(run(Isa::Avx2Fma), run(Isa::Avx512));
