@@ -29,6 +29,18 @@ from transformers import AutoModelForCausalLM
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+def sft_loss(model, sequences, masks):
+    """Mean over the masked tokens of -log p(token | prefix), each sequence on its own."""
+    total, count = torch.zeros(()), 0
+    for ids, mask in zip(sequences, masks):
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        for t in range(1, len(ids)):
+            if mask[t]:
+                total = total - logp[t - 1, ids[t]]
+                count += 1
+    return total / count
+
+
 def main() -> None:
     for name in ["gpt2-f32", "llama-f32"]:
         folder = FIXTURES / name
@@ -36,15 +48,7 @@ def main() -> None:
         cases = json.loads((folder / "reference.json").read_text())["cases"]
         sequences = [cases[1]["input_ids"], cases[2]["input_ids"]]
         masks = [[t >= 3 for t in range(len(sequences[0]))], [t >= 5 for t in range(len(sequences[1]))]]
-        total, count = torch.zeros(()), 0
-        for ids, mask in zip(sequences, masks):
-            x = torch.tensor([ids])
-            logp = torch.log_softmax(model(x).logits[0].float(), -1)
-            for t in range(1, len(ids)):
-                if mask[t]:
-                    total = total - logp[t - 1, ids[t]]
-                    count += 1
-        loss = total / count
+        loss = sft_loss(model, sequences, masks)
         loss.backward()
         grads = {n: p.grad.detach().contiguous() for n, p in model.named_parameters()}
         save_file(grads, folder / "grads.safetensors")
@@ -91,14 +95,7 @@ def bf16_compute(folder: Path, sequences, masks) -> None:
     Conv1D.forward = lambda self, x: Bf16Product.apply(x, self.weight.t(), self.bias)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        total, count = torch.zeros(()), 0
-        for ids, mask in zip(sequences, masks):
-            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-            for t in range(1, len(ids)):
-                if mask[t]:
-                    total = total - logp[t - 1, ids[t]]
-                    count += 1
-        loss = total / count
+        loss = sft_loss(model, sequences, masks)
         loss.backward()
     finally:
         torch.nn.Linear.forward, Conv1D.forward = linear, conv
@@ -321,14 +318,7 @@ def lora(folder: Path, sequences, masks) -> None:
     model.peft_config["default"].base_model_name_or_path = "llama-f32"
     model.save_pretrained(folder / "lora")
     (folder / "lora" / "README.md").unlink(missing_ok=True)  # PEFT's model-card template
-    total, count = torch.zeros(()), 0
-    for ids, mask in zip(sequences, masks):
-        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
-        for t in range(1, len(ids)):
-            if mask[t]:
-                total = total - logp[t - 1, ids[t]]
-                count += 1
-    loss = total / count
+    loss = sft_loss(model, sequences, masks)
     loss.backward()
     strip = lambda n: n.replace(".default", "")
     tensors = {f"grad.{strip(n)}": p.grad.clone() for n, p in lora_params.items()}

@@ -114,7 +114,7 @@ fn main() {
             let a = PairsA {
                 data: &xa,
                 row_stride: k.div_ceil(2),
-                pair_stride: 1,
+                col_stride: 1,
             };
             gemm_bf16(
                 &mut out,
@@ -132,7 +132,7 @@ fn main() {
             let a = PairsA {
                 data: &da,
                 row_stride: n.div_ceil(2),
-                pair_stride: 1,
+                col_stride: 1,
             };
             gemm_bf16(
                 &mut dx,
@@ -151,7 +151,7 @@ fn main() {
             let a = PairsA {
                 data: &di,
                 row_stride: 1,
-                pair_stride: n,
+                col_stride: n,
             };
             gemm_bf16(
                 &mut dw,

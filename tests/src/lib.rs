@@ -428,3 +428,14 @@ pub fn f64_rows(v: &Value) -> Vec<Vec<f64>> {
 pub fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("fixture file")).expect("JSON")
 }
+
+/// `(rows, cols)` → `(cols, rows)`: GPT-2's Conv1D layout from rlx's `[out, in]`.
+pub fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
+}

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use rlx::{LoadOptions, Model};
-use rlx_tests::{assert_rel_close, f32_values, fixture, id_lists};
+use rlx_tests::{assert_rel_close, f32_values, fixture, id_lists, transpose};
 
 /// (sequences, masks, loss, gradients by name as (shape, values)).
 type GradReference = (
@@ -61,17 +61,6 @@ fn llama_sft_gradients_match_pytorch() {
     for (name, g) in named {
         assert_close(&name, g, &want[&name].1);
     }
-}
-
-/// `(rows, cols)` → `(cols, rows)`.
-fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = v[r * cols + c];
-        }
-    }
-    out
 }
 
 #[test]

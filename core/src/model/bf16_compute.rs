@@ -86,7 +86,7 @@ impl LinearPanels {
             let a = PairsA {
                 data: xa,
                 row_stride: k.div_ceil(2),
-                pair_stride: 1,
+                col_stride: 1,
             };
             gemm_bf16(
                 &mut out[..t * n],
@@ -127,7 +127,7 @@ impl LinearPanels {
                 let a = PairsA {
                     data: first,
                     row_stride: n.div_ceil(2),
-                    pair_stride: 1,
+                    col_stride: 1,
                 };
                 gemm_bf16(
                     &mut dx[..t * k],
@@ -146,7 +146,7 @@ impl LinearPanels {
                 let a = PairsA {
                     data: first,
                     row_stride: 1,
-                    pair_stride: n,
+                    col_stride: n,
                 };
                 gemm_bf16(
                     &mut dw[..n * k],

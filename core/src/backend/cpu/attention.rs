@@ -491,6 +491,17 @@ pub fn attention_backward(
     )
 }
 
+/// Each sequence's key and value gradients as raw pointers with their common length, for
+/// tasks that write disjoint columns of them.
+fn gradient_pointers(dkv: &mut [KvGrad<'_>]) -> Vec<(SendPtr, SendPtr, usize)> {
+    dkv.iter_mut()
+        .map(|g| {
+            let len = g.dk.len().min(g.dv.len());
+            (SendPtr(g.dk.as_mut_ptr()), SendPtr(g.dv.as_mut_ptr()), len)
+        })
+        .collect()
+}
+
 /// `data[at..]` read as a matrix with the given strides.
 fn strided(data: &[f32], at: usize, row_stride: usize, col_stride: usize) -> Strided<'_> {
     Strided {
@@ -598,13 +609,7 @@ fn backward_by_products(
         "attention_backward: buffers too short"
     );
     let dq_ptr = SendPtr(dq.as_mut_ptr());
-    let grads: Vec<(SendPtr, SendPtr, usize)> = dkv
-        .iter_mut()
-        .map(|g| {
-            let len = g.dk.len().min(g.dv.len());
-            (SendPtr(g.dk.as_mut_ptr()), SendPtr(g.dv.as_mut_ptr()), len)
-        })
-        .collect();
+    let grads = gradient_pointers(dkv);
     // With enough tasks to keep every thread busy, each runs its products on its own thread:
     // a task waiting inside a parallel product could otherwise start further tasks, and so
     // hold more (L, L) buffers than there are threads.
@@ -795,13 +800,7 @@ fn backward_with_cache_limit(
     for (t, slot) in slots.iter().enumerate() {
         tokens_of[slot.seq].push(t);
     }
-    let grads: Vec<(SendPtr, SendPtr, usize)> = dkv
-        .iter_mut()
-        .map(|g| {
-            let len = g.dk.len().min(g.dv.len());
-            (SendPtr(g.dk.as_mut_ptr()), SendPtr(g.dv.as_mut_ptr()), len)
-        })
-        .collect();
+    let grads = gradient_pointers(dkv);
     let (w_all, ds_all) = (&w_all, &ds_all);
     (0..dkv.len() * nkv).into_par_iter().for_each(|task| {
         let (seq, kh) = (task / nkv, task % nkv);

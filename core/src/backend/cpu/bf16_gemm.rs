@@ -23,7 +23,7 @@
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
-use super::gemm::last_index;
+use super::gemm::{last_index, output_blocks, pack_a, Strided};
 use super::simd::{isa, Isa};
 use super::SendPtr;
 
@@ -102,12 +102,6 @@ pub fn bf16_bits(x: f32) -> u32 {
     } else {
         rounded
     }
-}
-
-/// The f32 value of bf16 bits.
-#[inline(always)]
-pub fn bf16_value(bits: u32) -> f32 {
-    f32::from_bits(bits << 16)
 }
 
 #[inline(always)]
@@ -190,13 +184,9 @@ pub fn interleave_rows(out: &mut Vec<u32>, src: &[f32], rows: usize, cols: usize
         });
 }
 
-/// An A operand: `A(i, q) = data[i·row_stride + q·pair_stride]`.
-#[derive(Clone, Copy)]
-pub struct PairsA<'a> {
-    pub data: &'a [u32],
-    pub row_stride: usize,
-    pub pair_stride: usize,
-}
+/// An A operand: `A(i, q) = data[i·row_stride + q·col_stride]` (gemm's strided view, of
+/// pairs).
+pub type PairsA<'a> = Strided<'a, u32>;
 
 /// A B operand: `B(q, j) = data[(j / 32)·sliver_stride + q·pair_stride + j % 32]`.
 #[derive(Clone, Copy)]
@@ -223,7 +213,6 @@ impl<'a> PairsB<'a> {
 pub struct Bf16Panel {
     data: Vec<u32>,
     pairs: usize,
-    cols: usize,
 }
 
 impl Bf16Panel {
@@ -264,7 +253,6 @@ impl Bf16Panel {
                 });
         }
         self.pairs = pairs;
-        self.cols = n;
     }
 
     /// `B = w` for a row-major `w (rows, cols)`: `B(q, j) = (w[2q, j], w[2q+1, j])` — the
@@ -295,16 +283,11 @@ impl Bf16Panel {
                 });
         }
         self.pairs = pairs;
-        self.cols = cols;
     }
 
     /// Pairs of the reduction (the padded depth over 2).
     pub fn pairs(&self) -> usize {
         self.pairs
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
     }
 
     pub fn as_b(&self) -> PairsB<'_> {
@@ -313,10 +296,6 @@ impl Bf16Panel {
             sliver_stride: self.pairs * SLIVER,
             pair_stride: SLIVER,
         }
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.data.len() * 4
     }
 }
 
@@ -374,7 +353,7 @@ pub(crate) fn gemm_bf16_on(
         return;
     }
     assert!(
-        last_index(&[(m - 1, a.row_stride), (pairs - 1, a.pair_stride)], 0)
+        last_index(&[(m - 1, a.row_stride), (pairs - 1, a.col_stride)], 0)
             .is_some_and(|e| e < a.data.len()),
         "gemm_bf16: A too short"
     );
@@ -395,23 +374,7 @@ pub(crate) fn gemm_bf16_on(
         Bf16Path::Hardware => HARDWARE_ROWS,
         _ => EMULATED_ROWS,
     };
-    // Blocks of outputs per task, as in `gemm`: whole rows of slivers first, narrower and then
-    // shorter blocks only as far as needed to give every thread a few tasks.
-    let threads = rayon::current_num_threads().max(1);
-    let (mut mb, mut nb) = (32 * mr, n.next_multiple_of(SLIVER));
-    while m.div_ceil(mb) * n.div_ceil(nb) < 3 * threads {
-        if nb > 8 * SLIVER {
-            nb = (nb / 2).next_multiple_of(SLIVER);
-        } else if mb > 4 * mr {
-            mb = (mb / 2).next_multiple_of(mr);
-        } else if nb > SLIVER {
-            nb = (nb / 2).next_multiple_of(SLIVER);
-        } else if mb > mr {
-            mb = (mb / 2).next_multiple_of(mr);
-        } else {
-            break;
-        }
-    }
+    let (mb, nb) = output_blocks(m, n, mr, SLIVER, rayon::current_num_threads());
     let (row_blocks, col_blocks) = (m.div_ceil(mb), n.div_ceil(nb));
     let dst = SendPtr(c.as_mut_ptr());
     (0..row_blocks * col_blocks)
@@ -424,7 +387,7 @@ pub(crate) fn gemm_bf16_on(
                 let mut q0 = 0;
                 while q0 < pairs {
                     let kc = KC_PAIRS.min(pairs - q0);
-                    pack_a(packed, a, r0..r1, q0..q0 + kc, mr);
+                    pack_a(packed, a, r0..r1, q0..q0 + kc, mr, 0);
                     for col in (c0..c1).step_by(SLIVER) {
                         for (ti, row) in (r0..r1).step_by(mr).enumerate() {
                             let tile = Tile {
@@ -456,39 +419,6 @@ pub(crate) fn gemm_bf16_on(
 thread_local! {
     /// Each thread's packed block of A, reused across calls.
     static PACKED_A: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Copies `A(rows, pairs)` as consecutive tiles of `mr` rows, each laid out pair-major
-/// (`[pair][mr]`, zero rows past the end): the kernel then reads one contiguous run with
-/// fixed offsets.
-fn pack_a(
-    dst: &mut Vec<u32>,
-    a: PairsA<'_>,
-    rows: std::ops::Range<usize>,
-    pairs: std::ops::Range<usize>,
-    mr: usize,
-) {
-    let kc = pairs.len();
-    dst.clear();
-    dst.resize(rows.len().next_multiple_of(mr) * kc, 0);
-    for (ti, tile) in dst.chunks_exact_mut(mr * kc).enumerate() {
-        let first = rows.start + ti * mr;
-        let height = mr.min(rows.end - first);
-        if a.row_stride == 1 {
-            // Interleaved rows (a transposed operand): each pair's `height` rows are contiguous.
-            for (q, out) in pairs.clone().zip(tile.chunks_exact_mut(mr)) {
-                let at = first + q * a.pair_stride;
-                out[..height].copy_from_slice(&a.data[at..at + height]);
-            }
-        } else {
-            for i in 0..height {
-                let row = &a.data[(first + i) * a.row_stride..];
-                for (q, v) in pairs.clone().zip(tile[i..].iter_mut().step_by(mr)) {
-                    *v = row[q * a.pair_stride];
-                }
-            }
-        }
-    }
 }
 
 /// Rows of the emulated tile.
@@ -731,6 +661,11 @@ mod tests {
 
     use super::super::test_values as values;
 
+    /// The f32 value of bf16 bits.
+    fn bf16_value(bits: u32) -> f32 {
+        f32::from_bits(bits << 16)
+    }
+
     fn rounded(x: f32) -> f64 {
         bf16_value(bf16_bits(x)) as f64
     }
@@ -821,7 +756,7 @@ mod tests {
                 let a = PairsA {
                     data: &xa,
                     row_stride: k.div_ceil(2),
-                    pair_stride: 1,
+                    col_stride: 1,
                 };
                 let want = reference(|i, p| x[i * k + p], |p, j| w[j * k + p], m, n, k);
                 let ldc = n + 3;
@@ -865,7 +800,7 @@ mod tests {
                 let a = PairsA {
                     data: &da,
                     row_stride: n.div_ceil(2),
-                    pair_stride: 1,
+                    col_stride: 1,
                 };
                 let mut dx = vec![0f32; m * k];
                 gemm_bf16_on(
@@ -888,7 +823,7 @@ mod tests {
                 let a = PairsA {
                     data: &ai,
                     row_stride: 1,
-                    pair_stride: n,
+                    col_stride: n,
                 };
                 let mut dw = values(n * k, 5);
                 let before = dw.clone();
@@ -931,7 +866,7 @@ mod tests {
             let a = PairsA {
                 data: &xa,
                 row_stride: k / 2,
-                pair_stride: 1,
+                col_stride: 1,
             };
             pool.install(|| gemm_bf16(&mut c, n, false, a, panel.as_b(), rows, n, k / 2));
             c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
@@ -947,6 +882,12 @@ mod tests {
     /// normal values, ties included, on lengths with tails.
     #[test]
     fn vector_conversions_round_like_the_scalar_one() {
+        if bf16_path() != Bf16Path::Hardware {
+            println!(
+                "skipped: no AVX-512-BF16 here (or RLX_ISA caps it): the scalar rounding only"
+            );
+            return;
+        }
         let values: Vec<f32> = (0..141)
             .map(|i| match i % 5 {
                 // Exactly halfway between two bf16 values: ties to even.
@@ -982,7 +923,7 @@ mod tests {
         let a = PairsA {
             data: &data,
             row_stride: 1,
-            pair_stride: 1,
+            col_stride: 1,
         };
         let b = PairsB::interleaved(&data, 1);
         let mut c = [0f32; 1];
@@ -995,7 +936,7 @@ mod tests {
             let wide_a = PairsA {
                 data: &[0u32; 4],
                 row_stride: usize::MAX / 2 + 1,
-                pair_stride: 1,
+                col_stride: 1,
             };
             let mut c = [0f32; 4];
             gemm_bf16(&mut c, 1, false, wide_a, b, 3, 1, 1);

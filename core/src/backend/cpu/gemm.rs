@@ -19,8 +19,8 @@ use super::SendPtr;
 
 /// A matrix read element by element: `A(i, p) = data[i * row_stride + p * col_stride]`.
 #[derive(Clone, Copy)]
-pub struct Strided<'a> {
-    pub data: &'a [f32],
+pub struct Strided<'a, T = f32> {
+    pub data: &'a [T],
     pub row_stride: usize,
     pub col_stride: usize,
 }
@@ -114,29 +114,12 @@ fn gemm_on(
         Isa::Avx2Fma => (x86::MR256, 16),
         _ => (4, 16),
     };
-    // Blocks of outputs per task. A task packs its block of A once per step block and reuses it
-    // for all its columns, and its block of B for all its rows (the packing of B, a read of B
-    // from memory, is what tall blocks amortize); narrower and then shorter blocks only as far as
-    // needed to give every thread a few tasks.
     let threads = if parallel {
-        rayon::current_num_threads().max(1)
+        rayon::current_num_threads()
     } else {
         1
     };
-    let (mut mb, mut nb) = (32 * mr, n.next_multiple_of(nr));
-    while m.div_ceil(mb) * n.div_ceil(nb) < 3 * threads {
-        if nb > 8 * nr {
-            nb = (nb / 2).next_multiple_of(nr);
-        } else if mb > 4 * mr {
-            mb = (mb / 2).next_multiple_of(mr);
-        } else if nb > nr {
-            nb = (nb / 2).next_multiple_of(nr);
-        } else if mb > mr {
-            mb = (mb / 2).next_multiple_of(mr);
-        } else {
-            break;
-        }
-    }
+    let (mb, nb) = output_blocks(m, n, mr, nr, threads);
     let (row_blocks, col_blocks) = (m.div_ceil(mb), n.div_ceil(nb));
     let dst = SendPtr(c.as_mut_ptr());
     let run_task = |task: usize| {
@@ -147,7 +130,7 @@ fn gemm_on(
             let mut p0 = 0;
             while p0 < depth {
                 let kc = KC.min(depth - p0);
-                pack_a(pa, a, r0..r1, p0..p0 + kc, mr);
+                pack_a(pa, a, r0..r1, p0..p0 + kc, mr, 0.0);
                 pack_b(pb, b, ldb, c0..c1, p0..p0 + kc, nr);
                 for (si, col) in (c0..c1).step_by(nr).enumerate() {
                     for (ti, row) in (r0..r1).step_by(mr).enumerate() {
@@ -196,18 +179,49 @@ thread_local! {
     };
 }
 
+/// Blocks of outputs per task (`mb` rows × `nb` columns): a task packs its block of A once per
+/// step block and reuses it for all its columns, and its block of B for all its rows (the
+/// packing of B, a read of B from memory, is what tall blocks amortize); narrower and then
+/// shorter blocks only as far as needed to give every thread a few tasks.
+pub(crate) fn output_blocks(
+    m: usize,
+    n: usize,
+    mr: usize,
+    nr: usize,
+    threads: usize,
+) -> (usize, usize) {
+    let threads = threads.max(1);
+    let (mut mb, mut nb) = (32 * mr, n.next_multiple_of(nr));
+    while m.div_ceil(mb) * n.div_ceil(nb) < 3 * threads {
+        if nb > 8 * nr {
+            nb = (nb / 2).next_multiple_of(nr);
+        } else if mb > 4 * mr {
+            mb = (mb / 2).next_multiple_of(mr);
+        } else if nb > nr {
+            nb = (nb / 2).next_multiple_of(nr);
+        } else if mb > mr {
+            mb = (mb / 2).next_multiple_of(mr);
+        } else {
+            break;
+        }
+    }
+    (mb, nb)
+}
+
 /// Copies `A(rows, steps)` as consecutive tiles of `mr` rows, each laid out step-major
-/// (`[step][mr]`), zero-padding the last tile: the kernel then reads one contiguous run.
-fn pack_a(
-    dst: &mut Vec<f32>,
-    a: Strided<'_>,
+/// (`[step][mr]`), padding the last tile with `zero`: the kernel then reads one contiguous
+/// run. Also packs the bf16 pairs of `bf16_gemm`.
+pub(crate) fn pack_a<T: Copy>(
+    dst: &mut Vec<T>,
+    a: Strided<'_, T>,
     rows: std::ops::Range<usize>,
     steps: std::ops::Range<usize>,
     mr: usize,
+    zero: T,
 ) {
     let kc = steps.len();
     dst.clear();
-    dst.resize(rows.len().next_multiple_of(mr) * kc, 0.0);
+    dst.resize(rows.len().next_multiple_of(mr) * kc, zero);
     for (ti, tile) in dst.chunks_exact_mut(mr * kc).enumerate() {
         let first = rows.start + ti * mr;
         let height = mr.min(rows.end - first);
