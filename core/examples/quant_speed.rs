@@ -1,7 +1,9 @@
 //! Times the quantized products on SmolLM2-135M's decode shapes (one layer's maps repeated to the
-//! model's 30 layers, plus the Q8_0 LM head), reporting weight GB/s; and prefill rows.
+//! model's 30 layers, plus the Q8_0 LM head), reporting weight GB/s; and prefill rows; beside
+//! them the same blocks with 8-bit activations and the f32 weights.
 //!
 //!     cargo run --release -p rlx --example quant_speed [threads]
+use rlx::backend::cpu::int8_matmul::int8_matmul;
 use rlx::backend::cpu::matmul::matmul;
 use rlx::backend::cpu::quant_matmul::{quant_matmul, QuantMatrix};
 use rlx::weights::quant::GgmlType;
@@ -70,6 +72,23 @@ fn main() {
             });
             best = best.min(s.elapsed().as_secs_f64());
         }
+        // The same blocks with 8-bit activations (`int8_activations`).
+        let mut best_int8 = f64::MAX;
+        for _ in 0..if rows == 1 { 30 } else { 3 } {
+            let s = Instant::now();
+            pool.install(|| {
+                for (ty, n, k, data) in &mats {
+                    let w = QuantMatrix {
+                        ty: *ty,
+                        data,
+                        n: *n,
+                        k: *k,
+                    };
+                    int8_matmul(&mut out[..rows * n], &x[..rows * k], w, None, rows);
+                }
+            });
+            best_int8 = best_int8.min(s.elapsed().as_secs_f64());
+        }
         // The same products on f32 weights, side by side.
         let dense: Vec<Vec<f32>> = mats
             .iter()
@@ -86,10 +105,11 @@ fn main() {
             best_f32 = best_f32.min(s.elapsed().as_secs_f64());
         }
         println!(
-            "rows {rows:4}: {:7.2} ms per pass ({:6.1} weight GB/s, {:7.1} rows/s); f32 weights {:7.2} ms",
+            "rows {rows:4}: {:7.2} ms per pass ({:6.1} weight GB/s, {:7.1} rows/s); int8 activations {:7.2} ms; f32 weights {:7.2} ms",
             best * 1e3,
             total as f64 / best / 1e9,
             rows as f64 / best,
+            best_int8 * 1e3,
             best_f32 * 1e3
         );
     }

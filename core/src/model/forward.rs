@@ -6,7 +6,6 @@ use crate::backend::cpu::activation::{add_inplace, gelu_tanh, silu_mul};
 use crate::backend::cpu::attention::{attention, Heads, KvView, Slot};
 use crate::backend::cpu::matmul::matmul;
 use crate::backend::cpu::norm::{layernorm, rmsnorm};
-use crate::backend::cpu::quant_matmul::quant_matmul;
 use crate::backend::cpu::rope;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
@@ -262,9 +261,30 @@ impl Model {
     ) {
         let cfg = &self.config;
         self.norm(&layer.attn_norm, &mut s.h, &s.x);
-        linear(&mut s.q, &s.h, &layer.q, t, panels.map(|p| &p[Q]));
-        linear(&mut s.k, &s.h, &layer.k, t, panels.map(|p| &p[K]));
-        linear(&mut s.v, &s.h, &layer.v, t, panels.map(|p| &p[V]));
+        linear(
+            &mut s.q,
+            &s.h,
+            &layer.q,
+            t,
+            panels.map(|p| &p[Q]),
+            self.int8_activations,
+        );
+        linear(
+            &mut s.k,
+            &s.h,
+            &layer.k,
+            t,
+            panels.map(|p| &p[K]),
+            self.int8_activations,
+        );
+        linear(
+            &mut s.v,
+            &s.h,
+            &layer.v,
+            t,
+            panels.map(|p| &p[V]),
+            self.int8_activations,
+        );
         if let Some((cos, sin)) = rope_tables {
             rope::apply(&mut s.q, cos, sin, cfg.num_heads, cfg.head_dim);
             rope::apply(&mut s.k, cos, sin, cfg.num_kv_heads, cfg.head_dim);
@@ -299,7 +319,14 @@ impl Model {
         attention(&mut s.att, &s.q, slots, &views, heads);
         let panels = self.layer_panels(l);
         let mlp_panel = |i: usize| panels.map(|p| &p[MLP + i]);
-        linear(&mut s.out, &s.att, &layer.o, t, panels.map(|p| &p[O]));
+        linear(
+            &mut s.out,
+            &s.att,
+            &layer.o,
+            t,
+            panels.map(|p| &p[O]),
+            self.int8_activations,
+        );
         add_inplace(&mut s.x, &s.out);
         if let Some(lt) = lt.as_deref_mut() {
             lt.h1.clone_from(&s.h);
@@ -312,22 +339,43 @@ impl Model {
         self.norm(&layer.mlp_norm, &mut s.h, &s.x);
         match &layer.mlp {
             Mlp::Gelu { fc, proj } => {
-                linear(&mut s.m1, &s.h, fc, t, mlp_panel(0));
+                linear(&mut s.m1, &s.h, fc, t, mlp_panel(0), self.int8_activations);
                 if let Some(lt) = lt.as_deref_mut() {
                     copy_into(&mut lt.m1, &s.m1[..t * f]);
                 }
                 gelu_tanh(&mut s.m1);
-                linear(&mut s.out, &s.m1, proj, t, mlp_panel(1));
+                linear(
+                    &mut s.out,
+                    &s.m1,
+                    proj,
+                    t,
+                    mlp_panel(1),
+                    self.int8_activations,
+                );
             }
             Mlp::SwiGlu { gate, up, down } => {
-                linear(&mut s.m1, &s.h, gate, t, mlp_panel(0));
-                linear(&mut s.m2, &s.h, up, t, mlp_panel(1));
+                linear(
+                    &mut s.m1,
+                    &s.h,
+                    gate,
+                    t,
+                    mlp_panel(0),
+                    self.int8_activations,
+                );
+                linear(&mut s.m2, &s.h, up, t, mlp_panel(1), self.int8_activations);
                 if let Some(lt) = lt.as_deref_mut() {
                     copy_into(&mut lt.m1, &s.m1[..t * f]);
                     copy_into(&mut lt.m2, &s.m2[..t * f]);
                 }
                 silu_mul(&mut s.m1, &s.m2);
-                linear(&mut s.out, &s.m1, down, t, mlp_panel(2));
+                linear(
+                    &mut s.out,
+                    &s.m1,
+                    down,
+                    t,
+                    mlp_panel(2),
+                    self.int8_activations,
+                );
             }
         }
         add_inplace(&mut s.x, &s.out);
@@ -402,7 +450,14 @@ fn copy_into(dst: &mut Vec<f32>, src: &[f32]) {
 }
 
 /// `out (T, out) = x (T, in) · Wᵀ + b`; with bf16 compute (`panels`), on the weight's bf16 copy.
-fn linear(out: &mut [f32], x: &[f32], layer: &Linear, t: usize, panels: Option<&LinearPanels>) {
+fn linear(
+    out: &mut [f32],
+    x: &[f32],
+    layer: &Linear,
+    t: usize,
+    panels: Option<&LinearPanels>,
+    int8_activations: bool,
+) {
     let shape = layer.w.shape();
     let (n, k) = (shape[0], shape[1]);
     let bias = layer.b.as_ref().map(|b| b.as_slice());
@@ -412,8 +467,7 @@ fn linear(out: &mut [f32], x: &[f32], layer: &Linear, t: usize, panels: Option<&
         return;
     }
     if let Some(q) = layer.w.quant() {
-        // Bit for bit the f32 product on the dequantized weights (see `quant_matmul`).
-        quant_matmul(&mut out[..t * n], &x[..t * k], q, bias, t);
+        super::quantized_product(int8_activations, &mut out[..t * n], &x[..t * k], q, bias, t);
         super::lora::add_adapter(out, x, layer, t);
         return;
     }

@@ -13,6 +13,7 @@ pub mod activation;
 pub mod attention;
 pub mod bf16_gemm;
 pub mod gemm;
+pub mod int8_matmul;
 pub mod matmul;
 pub mod norm;
 pub mod quant_matmul;

@@ -43,7 +43,7 @@ impl QuantMatrix<'_> {
         }
     }
 
-    fn row_bytes(&self) -> usize {
+    pub(super) fn row_bytes(&self) -> usize {
         self.k / self.ty.block_size() * self.ty.type_size()
     }
 }
@@ -82,13 +82,25 @@ pub fn quant_matmul_on(
         return;
     }
     let level = level.min(isa());
+    let dst = SendPtr(out.as_mut_ptr());
+    for_each_rect(rows, n, w.row_bytes(), |rect| {
+        // SAFETY: tasks cover disjoint rectangles of `out`, which holds rows*n values
+        // (asserted); operand lengths were asserted above.
+        unsafe { compute_rect(level, dst.get(), x, w, bias, rect) };
+    });
+}
+
+/// Splits a product of `rows` inputs over `n` weight rows of `row_bytes` bytes into disjoint
+/// rectangles of outputs and runs `run` on each, in parallel when there are several. The split
+/// depends on the sizes only; each output's arithmetic does not depend on it.
+pub(super) fn for_each_rect(rows: usize, n: usize, row_bytes: usize, run: impl Fn(Rect) + Sync) {
     let threads = rayon::current_num_threads().max(1);
     // Row blocks of activations share each dequantized weight chunk; columns are split so a
     // task's weights stay in L2 while its row groups pass over them. Small products (a decode
     // step's k/v projections) get fewer tasks: each costs a thread hand-off.
     let row_block = if rows <= 6 { rows } else { 48.min(rows) };
     let row_blocks = rows.div_ceil(row_block);
-    let work = rows * n * w.row_bytes();
+    let work = rows * n * row_bytes;
     // One task, or a multiple of the thread count (3 tasks on 2 threads would idle one).
     let tasks_wanted = if work < 2 * MIN_TASK_BYTES {
         1
@@ -98,25 +110,21 @@ pub fn quant_matmul_on(
     let col_blocks_wanted = tasks_wanted.div_ceil(row_blocks).max(1);
     let mut col_block = n.div_ceil(col_blocks_wanted).next_multiple_of(NC);
     if rows > 6 {
-        col_block = col_block.min((256 * 1024 / w.row_bytes()).next_multiple_of(NC).max(NC));
+        col_block = col_block.min((256 * 1024 / row_bytes).next_multiple_of(NC).max(NC));
     }
     let col_blocks = n.div_ceil(col_block);
-    let dst = SendPtr(out.as_mut_ptr());
-    let run = |task: usize| {
+    let task = |task: usize| {
         let (rb, cb) = (task / col_blocks, task % col_blocks);
-        let rect = Rect {
+        run(Rect {
             r0: rb * row_block,
             r1: ((rb + 1) * row_block).min(rows),
             c0: cb * col_block,
             c1: ((cb + 1) * col_block).min(n),
-        };
-        // SAFETY: tasks cover disjoint rectangles of `out`, which holds rows*n values
-        // (asserted); operand lengths were asserted above.
-        unsafe { compute_rect(level, dst.get(), x, w, bias, rect) };
+        })
     };
     match row_blocks * col_blocks {
-        1 => run(0),
-        tasks => (0..tasks).into_par_iter().for_each(run),
+        1 => task(0),
+        tasks => (0..tasks).into_par_iter().for_each(task),
     }
 }
 
@@ -126,17 +134,17 @@ const MIN_TASK_BYTES: usize = 64 * 1024;
 /// stream, so mostly rows the next tiles read). Decode streams every weight from DRAM once;
 /// ~3 KB in flight per row being read covers the memory latency (measured on the default
 /// Q4_1 model, 2 threads: 512 B → 86 tok/s, 1536 → 106, 3072 → 111, 6144 → 106).
-const PREFETCH: usize = 3072;
+pub(super) const PREFETCH: usize = 3072;
 
 /// Weight rows processed side by side (independent FMA chains when there is one input row).
-const NC: usize = 4;
+pub(super) const NC: usize = 4;
 
 #[derive(Clone, Copy)]
-struct Rect {
-    r0: usize,
-    r1: usize,
-    c0: usize,
-    c1: usize,
+pub(super) struct Rect {
+    pub(super) r0: usize,
+    pub(super) r1: usize,
+    pub(super) c0: usize,
+    pub(super) c1: usize,
 }
 
 /// Type codes for the kernels' const parameter.

@@ -1,0 +1,741 @@
+//! `out[T, N] = x[T, K] · w[N, K]ᵀ + bias` for Q4_0, Q4_1 and Q8_0 weights with the activations
+//! quantized as well: each input row to 8-bit integers in blocks of 32 with one f32 scale per
+//! block, so a block's 32 products are one integer dot product (`vpdpbusd` with AVX-512 VNNI,
+//! `vpmaddubsw` + `vpmaddwd` with AVX2) and one multiply-add of its scale — llama.cpp's way of
+//! running these files, several times less arithmetic per weight than dequantizing each weight
+//! to f32 ([`super::quant_matmul`], which stays exact).
+//!
+//! Opt-in (`LoadOptions::int8_activations`): results differ from the dequantized f32 model by the
+//! rounding of the activations (each value within half its block's step, `amax / 254`). They do
+//! not depend on the instruction set, the thread count or how many rows a call holds — every
+//! path computes, per input row and block `b` of 32 values:
+//!
+//! - `amax = max |x|`, `d_x = amax / 127`, `q_i = round_half_even(x_i · (127 / amax))` (all 0
+//!   when `amax` is 0; a block holding NaN or ±inf gets `d_x = NaN`, so the outputs it feeds are
+//!   NaN rather than a silently finite number);
+//!
+//! and per output, 8 f32 lanes from zero, for each block in order, lane `l` (values
+//! `4l .. 4l + 4` of the block):
+//!
+//! - `p_l = Σ w_i · q_i`, exact in integers (`w_i`: Q4_0 nibble − 8, Q4_1 nibble, Q8_0 byte);
+//! - `acc_l = fma(p_l, d_w · d_x, acc_l)`; Q4_1 also `acc_l = fma(s_l, m_w · d_x, acc_l)` with
+//!   `s_l = Σ q_i` (its offset `m_w` times the block's activations);
+//!
+//! then the fixed pairwise sum of the 8 lanes ([`super::simd::reduce8`]) and the bias. So
+//! `generate` and `logprobs` still agree bit for bit with each other.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::quant_matmul::{for_each_rect, QuantMatrix, Rect, BLOCK, NC, PREFETCH};
+use super::simd::{isa, reduce8, Isa};
+use super::SendPtr;
+use crate::weights::quant::GgmlType;
+
+/// Whether [`int8_matmul`] runs `ty` (other types stay on the exact kernels).
+pub fn supports(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+}
+
+/// How the integer dot products run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Int8Path {
+    /// Plain Rust, one value at a time.
+    Scalar,
+    /// `vpmaddubsw` + `vpmaddwd` (AVX2, FMA, F16C).
+    Avx2,
+    /// `vpdpbusd` (AVX-512 VNNI with VL and BW).
+    Vnni,
+}
+
+impl Int8Path {
+    /// The fastest path this CPU has within the `RLX_ISA` cap.
+    pub fn detect() -> Int8Path {
+        static PATH: std::sync::OnceLock<Int8Path> = std::sync::OnceLock::new();
+        *PATH.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let level = isa();
+                if level >= Isa::Avx2Fma && is_x86_feature_detected!("f16c") {
+                    if level >= Isa::Avx512
+                        && is_x86_feature_detected!("avx512vnni")
+                        && is_x86_feature_detected!("avx512bw")
+                    {
+                        return Int8Path::Vnni;
+                    }
+                    return Int8Path::Avx2;
+                }
+            }
+            Int8Path::Scalar
+        })
+    }
+}
+
+/// `out[t*n + j] = Σ_i x[t*k + i] · w[j, i] + bias[j]` for `t < rows` with 8-bit activations
+/// (see the module notes). Panics when `w.ty` is not [`supports`]ed or the operands do not
+/// match (callers check both).
+pub fn int8_matmul(
+    out: &mut [f32],
+    x: &[f32],
+    w: QuantMatrix<'_>,
+    bias: Option<&[f32]>,
+    rows: usize,
+) {
+    int8_matmul_on(Int8Path::detect(), out, x, w, bias, rows)
+}
+
+/// [`int8_matmul`] on a chosen path (capped at what the machine has).
+pub fn int8_matmul_on(
+    path: Int8Path,
+    out: &mut [f32],
+    x: &[f32],
+    w: QuantMatrix<'_>,
+    bias: Option<&[f32]>,
+    rows: usize,
+) {
+    let (n, k) = (w.n, w.k);
+    assert!(
+        supports(w.ty)
+            && QuantMatrix::supports(w.ty, k)
+            && x.len() >= rows * k
+            && w.data.len() >= n * w.row_bytes()
+            && out.len() >= rows * n
+            && bias.is_none_or(|b| b.len() >= n),
+        "int8_matmul operands do not match"
+    );
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let path = path.min(Int8Path::detect());
+    thread_local! {
+        static ROWS: RefCell<QuantRows> = RefCell::new(QuantRows::default());
+    }
+    let dst = SendPtr(out.as_mut_ptr());
+    let run = |xs: &mut QuantRows| {
+        xs.fill(path, &x[..rows * k], rows, k);
+        let xs = &*xs;
+        for_each_rect(rows, n, w.row_bytes(), |rect| {
+            // SAFETY: tasks cover disjoint rectangles of `out` (rows*n values, asserted); `xs`
+            // holds `rows` quantized rows of k values; `path` is capped at the machine's.
+            unsafe { compute_rect(path, dst.get(), xs, w, bias, rect) };
+        });
+    };
+    // A call made while this thread's buffer is in use (a task stolen while waiting) gets its
+    // own.
+    ROWS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut xs) => run(&mut xs),
+        Err(_) => run(&mut QuantRows::default()),
+    });
+}
+
+/// Input rows quantized in blocks of 32.
+#[derive(Default)]
+struct QuantRows {
+    /// `rows × k` values.
+    q: Vec<i8>,
+    /// One scale per block (`rows × k/32`).
+    d: Vec<f32>,
+    /// Per block, the 8 lane sums `Σ q` of four values each, as integers and as f32.
+    lane_sums: Vec<i32>,
+    lane_sums_f32: Vec<f32>,
+}
+
+/// Values quantized per thread task when a call's rows are quantized in parallel.
+const QUANTIZE_TASK_VALUES: usize = 1 << 15;
+
+impl QuantRows {
+    fn fill(&mut self, path: Int8Path, x: &[f32], rows: usize, k: usize) {
+        let nb = k / BLOCK;
+        self.q.resize(rows * k, 0);
+        self.d.resize(rows * nb, 0.0);
+        self.lane_sums.resize(rows * nb * 8, 0);
+        self.lane_sums_f32.resize(rows * nb * 8, 0.0);
+        let row = |((((x, q), d), sums), sums_f32): RowParts<'_>| {
+            for (b, d) in d.iter_mut().enumerate() {
+                let (v, l) = (b * BLOCK, b * 8);
+                *d = quantize_block(
+                    path,
+                    &x[v..v + BLOCK],
+                    &mut q[v..v + BLOCK],
+                    &mut sums[l..l + 8],
+                    &mut sums_f32[l..l + 8],
+                );
+            }
+        };
+        let parts = (
+            x.chunks_exact(k),
+            self.q.chunks_exact_mut(k),
+            self.d.chunks_exact_mut(nb),
+            self.lane_sums.chunks_exact_mut(nb * 8),
+            self.lane_sums_f32.chunks_exact_mut(nb * 8),
+        );
+        if rows * k >= 2 * QUANTIZE_TASK_VALUES {
+            x.par_chunks_exact(k)
+                .zip(self.q.par_chunks_exact_mut(k))
+                .zip(self.d.par_chunks_exact_mut(nb))
+                .zip(self.lane_sums.par_chunks_exact_mut(nb * 8))
+                .zip(self.lane_sums_f32.par_chunks_exact_mut(nb * 8))
+                .with_min_len(QUANTIZE_TASK_VALUES / k + 1)
+                .for_each(row);
+        } else {
+            let (x, q, d, s, sf) = parts;
+            x.zip(q).zip(d).zip(s).zip(sf).for_each(row);
+        }
+    }
+}
+
+type RowParts<'a> = (
+    (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]),
+    &'a mut [f32],
+);
+
+/// One block of 32 activations: `q`, the lane sums, and the scale returned.
+fn quantize_block(
+    path: Int8Path,
+    x: &[f32],
+    q: &mut [i8],
+    sums: &mut [i32],
+    sums_f32: &mut [f32],
+) -> f32 {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the AVX2 and VNNI paths are chosen only where AVX2 and FMA were detected.
+        Int8Path::Avx2 | Int8Path::Vnni => unsafe { quantize_block_avx2(x, q, sums, sums_f32) },
+        _ => quantize_block_portable(x, q, sums, sums_f32),
+    }
+}
+
+/// The same operations compiled for AVX2 (the compiler vectorises them; results are equal).
+///
+/// # Safety
+/// AVX2 and FMA present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block_avx2(
+    x: &[f32],
+    q: &mut [i8],
+    sums: &mut [i32],
+    sums_f32: &mut [f32],
+) -> f32 {
+    quantize_block_portable(x, q, sums, sums_f32)
+}
+
+#[inline(always)]
+fn quantize_block_portable(x: &[f32], q: &mut [i8], sums: &mut [i32], sums_f32: &mut [f32]) -> f32 {
+    let (x, q) = (&x[..BLOCK], &mut q[..BLOCK]);
+    let mut amax = 0f32;
+    let mut finite = true;
+    for &v in x {
+        amax = amax.max(v.abs());
+        finite &= v.is_finite();
+    }
+    if !finite {
+        q.fill(0);
+        sums[..8].fill(0);
+        sums_f32[..8].fill(0.0);
+        return f32::NAN;
+    }
+    let scale = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    // Adding and subtracting 1.5·2^23 rounds |v| < 2^22 to the nearest integer, ties to even —
+    // what `vcvtps2dq` does — in plain arithmetic that vectorises on every level.
+    const ROUND: f32 = 12_582_912.0;
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = ((v * scale + ROUND) - ROUND).clamp(-127.0, 127.0) as i8;
+    }
+    for l in 0..8 {
+        let s: i32 = q[4 * l..4 * l + 4].iter().map(|&v| v as i32).sum();
+        sums[l] = s;
+        sums_f32[l] = s as f32;
+    }
+    amax / 127.0
+}
+
+/// Bytes per 32-value block.
+const fn unit_bytes(ty: u8) -> usize {
+    match ty {
+        Q4_0 => 18,
+        Q4_1 => 20,
+        _ => 34,
+    }
+}
+
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
+
+fn type_code(ty: GgmlType) -> u8 {
+    match ty {
+        GgmlType::Q4_0 => Q4_0,
+        GgmlType::Q4_1 => Q4_1,
+        _ => Q8_0,
+    }
+}
+
+/// # Safety
+/// `out` valid for `rect.r1 * w.n` writes, the rectangle exclusive to the caller; operands
+/// checked by [`int8_matmul_on`]; `path` no higher than the machine supports.
+unsafe fn compute_rect(
+    path: Int8Path,
+    out: *mut f32,
+    xs: &QuantRows,
+    w: QuantMatrix<'_>,
+    bias: Option<&[f32]>,
+    rect: Rect,
+) {
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! dispatch {
+        ($m:ident) => {
+            match type_code(w.ty) {
+                Q4_0 => $m::rect::<{ Q4_0 }>(out, xs, w, bias, rect),
+                Q4_1 => $m::rect::<{ Q4_1 }>(out, xs, w, bias, rect),
+                _ => $m::rect::<{ Q8_0 }>(out, xs, w, bias, rect),
+            }
+        };
+    }
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512 F/VL/BW/VNNI, AVX2, FMA, F16C detected; caller's contract.
+        Int8Path::Vnni => unsafe { dispatch!(x86_vnni) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2, FMA, F16C detected; caller's contract.
+        Int8Path::Avx2 => unsafe { dispatch!(x86_avx2) },
+        // SAFETY: caller's contract.
+        _ => unsafe { scalar_rect(out, xs, w, bias, rect) },
+    }
+}
+
+/// Weight value `i` of a block (its integer part, before the scale).
+#[inline(always)]
+fn weight_value(ty: u8, block: &[u8], i: usize) -> i32 {
+    match ty {
+        Q8_0 => block[2 + i] as i8 as i32,
+        _ => {
+            let qs = &block[if ty == Q4_1 { 4 } else { 2 }..];
+            let nibble = if i < 16 { qs[i] & 15 } else { qs[i - 16] >> 4 } as i32;
+            if ty == Q4_0 {
+                nibble - 8
+            } else {
+                nibble
+            }
+        }
+    }
+}
+
+fn f16_at(block: &[u8], at: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([block[at], block[at + 1]])).to_f32()
+}
+
+/// The reference: the module notes' arithmetic, one value at a time.
+///
+/// # Safety
+/// As [`compute_rect`].
+unsafe fn scalar_rect(
+    out: *mut f32,
+    xs: &QuantRows,
+    w: QuantMatrix<'_>,
+    bias: Option<&[f32]>,
+    r: Rect,
+) {
+    let ty = type_code(w.ty);
+    let (n, k, row_bytes) = (w.n, w.k, w.row_bytes());
+    let (nb, unit) = (k / BLOCK, unit_bytes(ty));
+    for c in r.c0..r.c1 {
+        let wrow = &w.data[c * row_bytes..(c + 1) * row_bytes];
+        for t in r.r0..r.r1 {
+            let mut acc = [0f32; 8];
+            for b in 0..nb {
+                let block = &wrow[b * unit..(b + 1) * unit];
+                let q = &xs.q[t * k + b * BLOCK..][..BLOCK];
+                let dx = xs.d[t * nb + b];
+                let scale = f16_at(block, 0) * dx;
+                let sums = &xs.lane_sums_f32[(t * nb + b) * 8..][..8];
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let p: i32 = (4 * l..4 * l + 4)
+                        .map(|i| weight_value(ty, block, i) * q[i] as i32)
+                        .sum();
+                    *a = (p as f32).mul_add(scale, *a);
+                    if ty == Q4_1 {
+                        *a = sums[l].mul_add(f16_at(block, 2) * dx, *a);
+                    }
+                }
+            }
+            let mut v = reduce8(&acc);
+            if let Some(b) = bias {
+                v += b[c];
+            }
+            // SAFETY: (t, c) lies in the caller's rectangle.
+            unsafe { *out.add(t * n + c) = v };
+        }
+    }
+}
+
+/// The x86 kernels: `$vnni` picks `vpdpbusd` over `vpmaddubsw` + `vpmaddwd`.
+macro_rules! x86_int8_kernels {
+    ($name:ident, $features:literal, $vnni:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $name {
+            use std::arch::x86_64::*;
+
+            use super::super::simd::x86::hsum;
+            use super::*;
+
+            /// Input rows per tile.
+            const MR: usize = 4;
+
+            /// # Safety
+            /// As [`compute_rect`], with this module's features present.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn rect<const TY: u8>(
+                out: *mut f32,
+                xs: &QuantRows,
+                w: QuantMatrix<'_>,
+                bias: Option<&[f32]>,
+                r: Rect,
+            ) {
+                let mut c = r.c0;
+                while c < r.c1 {
+                    let cols = (r.c1 - c).min(NC);
+                    let mut t = r.r0;
+                    while t < r.r1 {
+                        let take = (r.r1 - t).min(MR);
+                        macro_rules! by_cols {
+                            ($r:literal) => {
+                                match cols {
+                                    4 => tile::<TY, $r, 4>(out, xs, w, bias, t, c),
+                                    3 => tile::<TY, $r, 3>(out, xs, w, bias, t, c),
+                                    2 => tile::<TY, $r, 2>(out, xs, w, bias, t, c),
+                                    _ => tile::<TY, $r, 1>(out, xs, w, bias, t, c),
+                                }
+                            };
+                        }
+                        // SAFETY: rows t..t+take and columns c..c+cols lie in the rectangle.
+                        unsafe {
+                            match take {
+                                1 => by_cols!(1),
+                                2 => by_cols!(2),
+                                3 => by_cols!(3),
+                                _ => by_cols!(4),
+                            }
+                        }
+                        t += take;
+                    }
+                    c += cols;
+                }
+            }
+
+            /// Lane `l`: `init_l + Σ_{i<4} u_{4l+i} · s_{4l+i}` (u unsigned, s signed bytes).
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn dot_lanes(init: __m256i, u: __m256i, s: __m256i) -> __m256i {
+                if $vnni {
+                    #[allow(unused_unsafe)]
+                    // SAFETY: `$vnni` is set only for the VNNI module, whose features
+                    // `dpbusd` needs.
+                    unsafe {
+                        dpbusd(init, u, s)
+                    }
+                } else {
+                    let pairs = _mm256_maddubs_epi16(u, s);
+                    _mm256_add_epi32(init, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+                }
+            }
+
+            /// Outputs `(t..t+R, c..c+C)` by the module notes' arithmetic.
+            ///
+            /// # Safety
+            /// As [`rect`]; `t + R <= rows`, `c + C <= w.n`.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn tile<const TY: u8, const R: usize, const C: usize>(
+                out: *mut f32,
+                xs: &QuantRows,
+                w: QuantMatrix<'_>,
+                bias: Option<&[f32]>,
+                t: usize,
+                c: usize,
+            ) {
+                let unit = unit_bytes(TY);
+                let (k, n, row_bytes) = (w.k, w.n, w.row_bytes());
+                let nb = k / BLOCK;
+                let wp = w.data[c * row_bytes..].as_ptr();
+                let mut acc = [[_mm256_setzero_ps(); C]; R];
+                for b in 0..nb {
+                    let mut wq = [_mm256_setzero_si256(); C];
+                    // Q8_0 without VNNI: the signed bytes themselves (their signs move to the
+                    // activations, so the unsigned operand |w| stays within i16 pair sums).
+                    let mut wsigned = [_mm256_setzero_si256(); C];
+                    let mut dw = [_mm256_setzero_ps(); C];
+                    let mut mw = [_mm256_setzero_ps(); C];
+                    for j in 0..C {
+                        let block = wp.wrapping_add(j * row_bytes + b * unit);
+                        // A prefetch never faults, even past the end of the matrix.
+                        _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH).cast::<i8>());
+                        // SAFETY: row c+j exists and block b lies inside it (operands checked).
+                        unsafe {
+                            dw[j] = _mm256_cvtph_ps(_mm_set1_epi16(
+                                block.cast::<i16>().read_unaligned(),
+                            ));
+                            if TY == Q4_1 {
+                                mw[j] = _mm256_cvtph_ps(_mm_set1_epi16(
+                                    block.add(2).cast::<i16>().read_unaligned(),
+                                ));
+                            }
+                            wq[j] = if TY == Q8_0 {
+                                let raw = _mm256_loadu_si256(block.add(2).cast::<__m256i>());
+                                if $vnni {
+                                    // w + 128 as unsigned bytes; the lanes start at −128·Σq.
+                                    _mm256_xor_si256(raw, _mm256_set1_epi8(-128))
+                                } else {
+                                    wsigned[j] = raw;
+                                    _mm256_abs_epi8(raw)
+                                }
+                            } else {
+                                let qs = block.add(if TY == Q4_1 { 4 } else { 2 });
+                                let raw = _mm_loadu_si128(qs.cast::<__m128i>());
+                                let high = _mm_srli_epi16(raw, 4);
+                                _mm256_and_si256(
+                                    _mm256_set_m128i(high, raw),
+                                    _mm256_set1_epi8(0x0f),
+                                )
+                            };
+                        }
+                    }
+                    for (i, acc_row) in acc.iter_mut().enumerate() {
+                        let row_block = (t + i) * nb + b;
+                        // SAFETY: row t+i was quantized: k values, nb scales, 8·nb lane sums.
+                        let (xq, dx, sums, sums_f32) = unsafe {
+                            (
+                                _mm256_loadu_si256(
+                                    xs.q.as_ptr().add((t + i) * k + b * BLOCK).cast::<__m256i>(),
+                                ),
+                                _mm256_set1_ps(*xs.d.get_unchecked(row_block)),
+                                _mm256_loadu_si256(
+                                    xs.lane_sums.as_ptr().add(row_block * 8).cast::<__m256i>(),
+                                ),
+                                _mm256_loadu_ps(xs.lane_sums_f32.as_ptr().add(row_block * 8)),
+                            )
+                        };
+                        // The weights' offsets (Q4_0's −8, VNNI Q8_0's +128) taken out of the
+                        // integer sums up front.
+                        let init = match TY {
+                            Q4_0 => {
+                                _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 3))
+                            }
+                            Q8_0 if $vnni => {
+                                _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 7))
+                            }
+                            _ => _mm256_setzero_si256(),
+                        };
+                        for (j, a) in acc_row.iter_mut().enumerate() {
+                            let p = if TY == Q8_0 && !$vnni {
+                                dot_lanes(init, wq[j], _mm256_sign_epi8(xq, wsigned[j]))
+                            } else {
+                                dot_lanes(init, wq[j], xq)
+                            };
+                            let scale = _mm256_mul_ps(dw[j], dx);
+                            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, *a);
+                            if TY == Q4_1 {
+                                *a = _mm256_fmadd_ps(sums_f32, _mm256_mul_ps(mw[j], dx), *a);
+                            }
+                        }
+                    }
+                }
+                for (i, acc_row) in acc.iter().enumerate() {
+                    for (j, a) in acc_row.iter().enumerate() {
+                        let mut s = hsum(*a);
+                        if let Some(bias) = bias {
+                            s += bias[c + j];
+                        }
+                        // SAFETY: (t+i, c+j) lies in the caller's rectangle.
+                        unsafe { *out.add((t + i) * n + c + j) = s };
+                    }
+                }
+            }
+        }
+    };
+}
+
+/// `vpdpbusd` on 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512bw,avx512vnni")]
+#[inline]
+fn dpbusd(
+    init: std::arch::x86_64::__m256i,
+    u: std::arch::x86_64::__m256i,
+    s: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    std::arch::x86_64::_mm256_dpbusd_epi32(init, u, s)
+}
+
+x86_int8_kernels!(x86_avx2, "avx2,fma,f16c", false);
+x86_int8_kernels!(
+    x86_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni",
+    true
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::test_values;
+
+    /// Valid random blocks: hashed bytes, small finite f16 scales (negative offsets for Q4_1).
+    fn random_blocks(ty: GgmlType, n: usize, k: usize, seed: u32) -> Vec<u8> {
+        let bytes = n * k / ty.block_size() * ty.type_size();
+        let mut v: Vec<u8> = (0..bytes)
+            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8)
+            .collect();
+        for (u, unit) in v.chunks_exact_mut(ty.type_size()).enumerate() {
+            let s = 0.001 + 0.01 * ((u * 7 % 13) as f32) / 13.0;
+            unit[..2].copy_from_slice(&half::f16::from_f32(s).to_le_bytes());
+            if ty == GgmlType::Q4_1 {
+                unit[2..4].copy_from_slice(&half::f16::from_f32(-s * 3.0).to_le_bytes());
+            }
+        }
+        v
+    }
+
+    const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+
+    fn paths() -> Vec<Int8Path> {
+        [Int8Path::Scalar, Int8Path::Avx2, Int8Path::Vnni]
+            .into_iter()
+            .filter(|&p| p <= Int8Path::detect())
+            .collect()
+    }
+
+    /// Every path, row count and thread count computes the same bits (the promise that lets
+    /// `generate` and `logprobs` agree).
+    #[test]
+    fn paths_rows_and_threads_agree_bitwise() {
+        if Int8Path::detect() < Int8Path::Vnni {
+            println!("only {:?} and below run here", Int8Path::detect());
+        }
+        for (rows, n, k) in [(9, 37, 512), (5, 8, 32), (2, 13, 96)] {
+            let mut x = test_values(rows * k, 5);
+            // One all-zero block and one tiny one.
+            x[..BLOCK].fill(0.0);
+            x[BLOCK..2 * BLOCK].iter_mut().for_each(|v| *v *= 1e-30);
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25).collect();
+            for ty in TYPES {
+                let data = random_blocks(ty, n, k, 7);
+                let w = QuantMatrix {
+                    ty,
+                    data: &data,
+                    n,
+                    k,
+                };
+                let mut want = vec![0f32; rows * n];
+                int8_matmul_on(Int8Path::Scalar, &mut want, &x, w, Some(&bias), rows);
+                for path in paths() {
+                    for take in 1..=rows {
+                        let mut out = vec![0f32; take * n];
+                        int8_matmul_on(path, &mut out, &x, w, Some(&bias), take);
+                        assert_eq!(out, want[..take * n], "{ty:?} {path:?} {take} rows");
+                    }
+                    for t in 0..rows {
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(1 + t % 3)
+                            .build()
+                            .unwrap();
+                        let mut out = vec![0f32; n];
+                        pool.install(|| {
+                            int8_matmul_on(path, &mut out, &x[t * k..], w, Some(&bias), 1)
+                        });
+                        assert_eq!(out, want[t * n..(t + 1) * n], "{ty:?} {path:?} row {t}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Against the exact product on the dequantized weights: each activation moves by at most
+    /// half its block's step (amax/254), so |error| ≤ Σ_i |w_i| · step_i / 2, plus f32 rounding.
+    #[test]
+    fn within_the_activation_rounding_of_the_exact_product() {
+        let (rows, n, k) = (4, 16, 256);
+        let x: Vec<f32> = test_values(rows * k, 9).iter().map(|v| v * 3.0).collect();
+        for ty in TYPES {
+            let data = random_blocks(ty, n, k, 3);
+            let dense = ty.dequantize(&data, k).unwrap();
+            let w = QuantMatrix {
+                ty,
+                data: &data,
+                n,
+                k,
+            };
+            for path in paths() {
+                let mut out = vec![0f32; rows * n];
+                int8_matmul_on(path, &mut out, &x, w, None, rows);
+                let mut worst = 0f64;
+                for t in 0..rows {
+                    for j in 0..n {
+                        let (mut exact, mut bound, mut size) = (0f64, 0f64, 0f64);
+                        for b in 0..k / BLOCK {
+                            let xb = &x[t * k + b * BLOCK..][..BLOCK];
+                            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                            for i in 0..BLOCK {
+                                let (xv, wv) = (xb[i] as f64, dense[j * k + b * BLOCK + i] as f64);
+                                exact += xv * wv;
+                                bound += wv.abs() * amax / 254.0;
+                                size += (xv * wv).abs();
+                            }
+                        }
+                        let err = (out[t * n + j] as f64 - exact).abs();
+                        assert!(
+                            err <= bound * 1.001 + size * 1e-5,
+                            "{ty:?} {path:?} ({t},{j}): error {err} above bound {bound}"
+                        );
+                        worst = worst.max(err / size);
+                    }
+                }
+                // Not the f32 result either (the test would pass trivially on exact kernels
+                // only if the bound were loose; it is not zero here).
+                assert!(worst > 0.0, "{ty:?} {path:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_activations_give_nan() {
+        let (n, k) = (4, 64);
+        for ty in TYPES {
+            let data = random_blocks(ty, n, k, 1);
+            let w = QuantMatrix {
+                ty,
+                data: &data,
+                n,
+                k,
+            };
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut x = test_values(k, 4);
+                x[40] = bad;
+                for path in paths() {
+                    let mut out = vec![0f32; n];
+                    int8_matmul_on(path, &mut out, &x, w, None, 1);
+                    assert!(out.iter().all(|v| v.is_nan()), "{ty:?} {path:?} {bad}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_activations_round_half_to_even() {
+        // amax 127 makes the scale exactly 1: values land on halves.
+        let mut x = [0f32; BLOCK];
+        x[0] = 127.0;
+        x[1] = 2.5;
+        x[2] = -3.5;
+        x[3] = 0.5;
+        x[4] = -126.5;
+        let (mut q, mut s, mut sf) = ([0i8; BLOCK], [0i32; 8], [0f32; 8]);
+        for path in paths() {
+            let d = quantize_block(path, &x, &mut q, &mut s, &mut sf);
+            assert_eq!(d, 1.0);
+            assert_eq!(&q[..5], &[127, 2, -4, 0, -126], "{path:?}");
+            assert_eq!(s[0], 127 + 2 - 4);
+            assert_eq!(sf[1], -126.0);
+        }
+    }
+}
