@@ -214,6 +214,14 @@ typedef struct rlx_model_params {
    * as bf16 (sums stay f32; a trainer trains an f32 copy). Must be f32 on the CPU.
    */
   const char *device_dtype;
+  /**
+   * Non-zero: a GGUF's Q4_0/Q4_1/Q8_0 matrices run with 8-bit activations (integer dot
+   * products, as llama.cpp runs them): faster decoding, log-probs within the activations'
+   * rounding of the exact ones (generation and rlx_logprobs still agree exactly; training
+   * log-probs no longer equal the model's). CPU and GGUF only, else RLX_INVALID_ARGUMENT.
+   * 0 (the default): exact.
+   */
+  uint8_t int8_activations;
 } rlx_model_params;
 
 /**

@@ -51,6 +51,12 @@ pub struct rlx_model_params {
     /// On CUDA: NULL or "f32" (the default), or "bf16": the matrices and the KV cache stored
     /// as bf16 (sums stay f32; a trainer trains an f32 copy). Must be f32 on the CPU.
     pub device_dtype: *const c_char,
+    /// Non-zero: a GGUF's Q4_0/Q4_1/Q8_0 matrices run with 8-bit activations (integer dot
+    /// products, as llama.cpp runs them): faster decoding, log-probs within the activations'
+    /// rounding of the exact ones (generation and rlx_logprobs still agree exactly; training
+    /// log-probs no longer equal the model's). CPU and GGUF only, else RLX_INVALID_ARGUMENT.
+    /// 0 (the default): exact.
+    pub int8_activations: u8,
 }
 
 impl Handle for rlx_model {
@@ -89,6 +95,7 @@ pub extern "C" fn rlx_model_default_params() -> rlx_model_params {
         allow_non_finite: 0,
         device: std::ptr::null(),
         device_dtype: std::ptr::null(),
+        int8_activations: 0,
     }
 }
 
@@ -163,6 +170,7 @@ pub unsafe extern "C" fn rlx_model_load(
             LoadOptions {
                 threads,
                 allow_non_finite: params.allow_non_finite != 0,
+                int8_activations: params.int8_activations != 0,
                 device,
                 device_dtype,
                 ..Default::default()

@@ -619,3 +619,35 @@ fn one_model_many_threads_and_thread_local_errors() {
     let other = std::thread::spawn(last_error).join().unwrap();
     assert_eq!(other, "");
 }
+
+/// `int8_activations` on something with no blocks to run (an HF folder) is refused with
+/// RLX_INVALID_ARGUMENT and a message naming the option; on the default model it loads.
+#[test]
+fn int8_activations_is_checked() {
+    let mut params = rlx_model_default_params();
+    assert_eq!(params.int8_activations, 0);
+    params.int8_activations = 1;
+    let folder = CString::new(fixture("gpt2-f32").to_str().unwrap()).unwrap();
+    let mut m = null_mut();
+    assert_fails(
+        unsafe { rlx_model_load(folder.as_ptr(), &params, &mut m) },
+        rlx_status::RLX_INVALID_ARGUMENT,
+    );
+    assert!(m.is_null());
+    assert!(
+        last_error().contains("int8_activations"),
+        "{}",
+        last_error()
+    );
+    let gguf =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.is_file() {
+        eprintln!("SKIPPED the load: {} is missing", gguf.display());
+        return;
+    }
+    let gguf = CString::new(gguf.to_str().unwrap()).unwrap();
+    assert_ok(unsafe { rlx_model_load(gguf.as_ptr(), &params, &mut m) });
+    let model = Handle(m);
+    let (tokens, logprobs) = generate(&model, &[1, 2, 3], &greedy(4));
+    assert_eq!((tokens.len(), logprobs.len()), (4, 4));
+}

@@ -89,6 +89,7 @@ class Model:
         allow_non_finite: bool = False,
         device: str = "cpu",
         device_dtype: str = "f32",
+        int8_activations: bool = False,
     ) -> Model:
         """Loads a Hugging Face model folder (config.json, model.safetensors,
         tokenizer.json, ...) or a GGUF file.
@@ -96,6 +97,10 @@ class Model:
         ``threads``: worker threads for this model's calls; 0 = one per CPU core.
         ``device``: "cpu", "cuda" or "cuda:N"; ``device_dtype``: on CUDA, "f32" or
         "bf16" storage of the matrices and KV cache (f32 accumulation).
+        ``int8_activations``: a GGUF's Q4_0/Q4_1/Q8_0 matrices run with 8-bit
+        activations (faster decoding; log-probs within the activations' rounding of
+        the exact ones; generate and logprobs still agree exactly). CPU and GGUF only,
+        else InvalidArgumentError.
         Raises FileNotFoundError / PermissionError / OSError, ModelFormatError,
         UnsupportedError, TokenizerError.
         """

@@ -109,6 +109,7 @@ pub(crate) fn load_model(
     path: &std::path::Path,
     threads: i64,
     allow_non_finite: bool,
+    int8_activations: bool,
     device: &str,
     device_dtype: &str,
 ) -> PyResult<rlx::Model> {
@@ -121,6 +122,7 @@ pub(crate) fn load_model(
             LoadOptions {
                 threads,
                 allow_non_finite,
+                int8_activations,
                 device,
                 device_dtype,
                 ..Default::default()
@@ -142,8 +144,13 @@ impl PyModel {
     /// on a GPU); a missing driver, device, NVRTC or cuBLAS raises UnsupportedError.
     /// `device_dtype`: on CUDA, "f32" (default) or "bf16" storage of the matrices and the KV
     /// cache (f32 accumulation; a Trainer trains an f32 copy).
+    /// `int8_activations`: a GGUF's Q4_0/Q4_1/Q8_0 matrices run with 8-bit activations
+    /// (integer dot products, as llama.cpp runs them): faster decoding, log-probs within the
+    /// activations' rounding of the exact ones (generate and logprobs still agree exactly;
+    /// training log-probs no longer equal the model's). CPU and GGUF only, else
+    /// InvalidArgumentError.
     #[staticmethod]
-    #[pyo3(signature = (path, threads = 0, allow_non_finite = false, device = "cpu", device_dtype = "f32"))]
+    #[pyo3(signature = (path, threads = 0, allow_non_finite = false, device = "cpu", device_dtype = "f32", int8_activations = false))]
     fn load(
         py: Python<'_>,
         path: PathBuf,
@@ -151,12 +158,14 @@ impl PyModel {
         allow_non_finite: bool,
         device: &str,
         device_dtype: &str,
+        int8_activations: bool,
     ) -> PyResult<Self> {
         Ok(PyModel::from_model(load_model(
             py,
             &path,
             threads,
             allow_non_finite,
+            int8_activations,
             device,
             device_dtype,
         )?))

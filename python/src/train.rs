@@ -93,7 +93,7 @@ impl PyRewardModel {
         device: &str,
         device_dtype: &str,
     ) -> PyResult<Self> {
-        let inner = load_model(py, &path, threads, false, device, device_dtype)?;
+        let inner = load_model(py, &path, threads, false, false, device, device_dtype)?;
         if inner.weights().score.is_none() {
             return Err(
                 Class::InvalidArgument.err(py, format!("{} has no score head", path.display()))

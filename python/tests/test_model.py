@@ -263,3 +263,23 @@ def test_exception_hierarchy():
     assert issubclass(rlx.ContextOverflowError, rlx.InvalidArgumentError)
     assert issubclass(rlx.TemplateError, rlx.TokenizerError)
     assert issubclass(rlx.UnsupportedError, rlx.RlxError)
+
+
+def test_int8_activations():
+    # An HF folder has no blocks to run with 8-bit activations: a clear error, not a no-op.
+    with pytest.raises(rlx.InvalidArgumentError, match="int8_activations"):
+        rlx.Model.load(FIXTURES / "gpt2-f32", int8_activations=True)
+    gguf = Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        pytest.skip(f"{gguf} is missing (scripts/fetch_model.sh)")
+    exact = rlx.Model.load(gguf, threads=2)
+    fast = rlx.Model.load(gguf, threads=2, int8_activations=True)
+    ids = exact.encode("The reward model ranks two answers to the same question.")
+    want = exact.logprobs([ids])[0]
+    got = fast.logprobs([ids])[0]
+    change = np.abs(np.asarray(got) - np.asarray(want))
+    assert 0 < change.mean() <= 0.15
+    # generate's log-probs still equal logprobs' exactly.
+    out = fast.generate([ids[:5]], max_new_tokens=6, temperature=0.0)[0]
+    rescored = fast.logprobs([ids[:5] + list(out.tokens)])[0][4:]
+    assert np.array_equal(np.asarray(rescored, dtype=np.float32), np.asarray(out.logprobs, dtype=np.float32))

@@ -967,6 +967,24 @@ fn default_eos_ids(dir: &Path, cfg: &ModelConfig, tok: Option<&Tokenizer>) -> Re
         .collect())
 }
 
+/// A product on blocks kept in memory: exact ([`quant_matmul`]), or with 8-bit activations
+/// ([`int8_matmul`]) when the model asks for them and the type has that kernel.
+pub(crate) fn quantized_product(
+    int8_activations: bool,
+    out: &mut [f32],
+    x: &[f32],
+    w: QuantMatrix<'_>,
+    bias: Option<&[f32]>,
+    rows: usize,
+) {
+    if int8_activations && int8_matmul::supports(w.ty) {
+        int8_matmul(out, x, w, bias, rows);
+    } else {
+        // Bit for bit the f32 product on the dequantized weights.
+        quant_matmul(out, x, w, bias, rows);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -989,23 +1007,5 @@ mod tests {
             {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
         assert_eq!(hf_chat_template(&cfg).as_deref(), Some("D"));
         assert_eq!(hf_chat_template(&serde_json::json!({})), None);
-    }
-}
-
-/// A product on blocks kept in memory: exact ([`quant_matmul`]), or with 8-bit activations
-/// ([`int8_matmul`]) when the model asks for them and the type has that kernel.
-pub(crate) fn quantized_product(
-    int8_activations: bool,
-    out: &mut [f32],
-    x: &[f32],
-    w: QuantMatrix<'_>,
-    bias: Option<&[f32]>,
-    rows: usize,
-) {
-    if int8_activations && int8_matmul::supports(w.ty) {
-        int8_matmul(out, x, w, bias, rows);
-    } else {
-        // Bit for bit the f32 product on the dequantized weights.
-        quant_matmul(out, x, w, bias, rows);
     }
 }
