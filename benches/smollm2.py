@@ -30,7 +30,8 @@ def rlx_bench(model: Path, threads: int, repeats: int, **kw) -> dict:
     cmd = [str(RLX), "bench", "--model", str(model), "--threads", str(threads),
            "--repeats", str(repeats)]
     for k, v in kw.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
+        flag = f"--{k.replace('_', '-')}"
+        cmd += [flag] if v is True else [flag, str(v)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
@@ -140,10 +141,16 @@ def main() -> int:
         ref = llama_bench(llama, gguf(kind), t, 0, 64) if llama else None
         row(f"decode b=1, {kind} blocks (tok/s)", q["decode_tok_per_s"], f"llama.cpp {kind}",
             ref, ">= 1.0x")
+        # With 8-bit activations, as llama.cpp itself runs these files.
+        q8 = rlx_bench(gguf(kind), t, r, prefill=512, decode=64, int8_activations=True)
+        row(f"decode b=1, {kind}, int8 activations (tok/s)", q8["decode_tok_per_s"],
+            f"llama.cpp {kind}", ref, ">= 1.0x")
         if kind == "Q4_1":
             ref = llama_bench(llama, gguf(kind), t, 512, 0) if llama else None
             row("prefill 512, Q4_1 blocks (tok/s)", q["prefill_tok_per_s"], "llama.cpp Q4_1",
                 ref, "-")
+            row("prefill 512, Q4_1, int8 activations (tok/s)", q8["prefill_tok_per_s"],
+                "llama.cpp Q4_1", ref, "-")
     b16 = rlx_bench(gguf("F32"), t, r, prefill=8, decode=32, decode_batch=16)
     row("decode b=16 total, f32 (tok/s)", b16["decode_tok_per_s"], "transformers f32",
         tb16["decode_tok_per_s"], ">= 3x")

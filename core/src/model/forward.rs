@@ -6,6 +6,7 @@ use crate::backend::cpu::activation::{add_inplace, gelu_tanh, silu_mul};
 use crate::backend::cpu::attention::{attention, Heads, KvView, Slot};
 use crate::backend::cpu::matmul::matmul;
 use crate::backend::cpu::norm::{layernorm, rmsnorm};
+use crate::backend::cpu::quant_matmul::QuantProduct;
 use crate::backend::cpu::rope;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
@@ -261,28 +262,12 @@ impl Model {
     ) {
         let cfg = &self.config;
         self.norm(&layer.attn_norm, &mut s.h, &s.x);
-        linear(
-            &mut s.q,
+        linears(
+            [&mut s.q, &mut s.k, &mut s.v],
+            [&layer.q, &layer.k, &layer.v],
             &s.h,
-            &layer.q,
             t,
-            panels.map(|p| &p[Q]),
-            self.int8_activations,
-        );
-        linear(
-            &mut s.k,
-            &s.h,
-            &layer.k,
-            t,
-            panels.map(|p| &p[K]),
-            self.int8_activations,
-        );
-        linear(
-            &mut s.v,
-            &s.h,
-            &layer.v,
-            t,
-            panels.map(|p| &p[V]),
+            [Q, K, V].map(|i| panels.map(|p| &p[i])),
             self.int8_activations,
         );
         if let Some((cos, sin)) = rope_tables {
@@ -354,15 +339,14 @@ impl Model {
                 );
             }
             Mlp::SwiGlu { gate, up, down } => {
-                linear(
-                    &mut s.m1,
+                linears(
+                    [&mut s.m1, &mut s.m2],
+                    [gate, up],
                     &s.h,
-                    gate,
                     t,
-                    mlp_panel(0),
+                    [mlp_panel(0), mlp_panel(1)],
                     self.int8_activations,
                 );
-                linear(&mut s.m2, &s.h, up, t, mlp_panel(1), self.int8_activations);
                 if let Some(lt) = lt.as_deref_mut() {
                     copy_into(&mut lt.m1, &s.m1[..t * f]);
                     copy_into(&mut lt.m2, &s.m2[..t * f]);
@@ -447,6 +431,46 @@ impl Model {
 fn copy_into(dst: &mut Vec<f32>, src: &[f32]) {
     dst.clear();
     dst.extend_from_slice(src);
+}
+
+/// Several [`linear`]s of the same input: one parallel step for all when their weights are
+/// kept in blocks (q/k/v and gate/up of a decode step are small products, and each step costs
+/// a thread hand-off), the same bits as one call each.
+fn linears<const N: usize>(
+    outs: [&mut [f32]; N],
+    layers: [&Linear; N],
+    x: &[f32],
+    t: usize,
+    panels: [Option<&LinearPanels>; N],
+    int8_activations: bool,
+) {
+    let ws = layers.map(|l| l.w.quant());
+    if panels.iter().any(Option::is_some) || ws.iter().any(Option::is_none) {
+        for ((out, layer), panels) in outs.into_iter().zip(layers).zip(panels) {
+            linear(out, x, layer, t, panels, int8_activations);
+        }
+        return;
+    }
+    let mut outs = outs.into_iter();
+    let mut list = std::array::from_fn::<_, N, _>(|i| {
+        let (n, out) = (layers[i].w.shape()[0], outs.next().unwrap_or_default());
+        let w = ws[i].expect("every matrix was checked to be in blocks");
+        let bias = layers[i].b.as_ref().map(|b| b.as_slice());
+        QuantProduct {
+            out: &mut out[..t * n],
+            w,
+            bias,
+        }
+    });
+    super::quantized_products(
+        int8_activations,
+        &mut list,
+        &x[..t * layers[0].w.shape()[1]],
+        t,
+    );
+    for (p, layer) in list.iter_mut().zip(layers) {
+        super::lora::add_adapter(p.out, x, layer, t);
+    }
 }
 
 /// `out (T, out) = x (T, in) · Wᵀ + b`; with bf16 compute (`panels`), on the weight's bf16 copy.

@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::backend::cpu::attention::Slot;
 use crate::backend::cpu::int8_matmul::{self, int8_matmul};
 use crate::backend::cpu::matmul::matmul;
-use crate::backend::cpu::quant_matmul::{quant_matmul, QuantMatrix};
+use crate::backend::cpu::quant_matmul::{quant_matmul, quant_matmuls, QuantMatrix, QuantProduct};
 use crate::backend::cpu::rope;
 use crate::backend::cpu::softmax::log_prob_of;
 use crate::backend::Device;
@@ -965,6 +965,26 @@ fn default_eos_ids(dir: &Path, cfg: &ModelConfig, tok: Option<&Tokenizer>) -> Re
         .filter(|&id| (id as usize) < cfg.vocab_size)
         .into_iter()
         .collect())
+}
+
+/// Several [`quantized_product`]s of the same input as one parallel step (where every product
+/// takes the same kernel; otherwise one call each) — the same bits either way.
+pub(crate) fn quantized_products(
+    int8_activations: bool,
+    products: &mut [QuantProduct<'_>],
+    x: &[f32],
+    rows: usize,
+) {
+    let int8 = |p: &QuantProduct<'_>| int8_activations && int8_matmul::supports(p.w.ty);
+    if products.iter().all(int8) {
+        int8_matmul::int8_matmuls(products, x, rows);
+    } else if !products.iter().any(int8) {
+        quant_matmuls(products, x, rows);
+    } else {
+        for p in products {
+            quantized_product(int8_activations, p.out, x, p.w, p.bias, rows);
+        }
+    }
 }
 
 /// A product on blocks kept in memory: exact ([`quant_matmul`]), or with 8-bit activations

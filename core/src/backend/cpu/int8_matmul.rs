@@ -28,9 +28,10 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::quant_matmul::{for_each_rect, QuantMatrix, Rect, BLOCK, NC, PREFETCH};
+use super::quant_matmul::{
+    checked_jobs, for_each_rect, QuantMatrix, QuantProduct, Rect, BLOCK, NC, PREFETCH,
+};
 use super::simd::{isa, reduce8, Isa};
-use super::SendPtr;
 use crate::weights::quant::GgmlType;
 
 /// Whether [`int8_matmul`] runs `ty` (other types stay on the exact kernels).
@@ -94,31 +95,38 @@ pub fn int8_matmul_on(
     bias: Option<&[f32]>,
     rows: usize,
 ) {
-    let (n, k) = (w.n, w.k);
-    assert!(
-        supports(w.ty)
-            && QuantMatrix::supports(w.ty, k)
-            && x.len() >= rows * k
-            && w.data.len() >= n * w.row_bytes()
-            && out.len() >= rows * n
-            && bias.is_none_or(|b| b.len() >= n),
-        "int8_matmul operands do not match"
-    );
-    if rows == 0 || n == 0 {
+    int8_matmuls_on(path, &mut [QuantProduct { out, w, bias }], x, rows)
+}
+
+/// Several [`int8_matmul`]s of the same input rows (q/k/v, gate/up): the rows are quantized
+/// once and the products run as one parallel step. Each output's bits are [`int8_matmul`]'s.
+pub fn int8_matmuls(products: &mut [QuantProduct<'_>], x: &[f32], rows: usize) {
+    int8_matmuls_on(Int8Path::detect(), products, x, rows)
+}
+
+/// [`int8_matmuls`] on a chosen path (capped at what the machine has).
+pub fn int8_matmuls_on(path: Int8Path, products: &mut [QuantProduct<'_>], x: &[f32], rows: usize) {
+    let jobs = checked_jobs(products, x, rows, |ty, k| {
+        supports(ty) && QuantMatrix::supports(ty, k)
+    });
+    let Some(k) = jobs[0].map(|j| j.w.k) else {
+        return;
+    };
+    if rows == 0 {
         return;
     }
     let path = path.min(Int8Path::detect());
     thread_local! {
         static ROWS: RefCell<QuantRows> = RefCell::new(QuantRows::default());
     }
-    let dst = SendPtr(out.as_mut_ptr());
     let run = |xs: &mut QuantRows| {
         xs.fill(path, &x[..rows * k], rows, k);
         let xs = &*xs;
-        for_each_rect(rows, n, w.row_bytes(), |rect| {
-            // SAFETY: tasks cover disjoint rectangles of `out` (rows*n values, asserted); `xs`
-            // holds `rows` quantized rows of k values; `path` is capped at the machine's.
-            unsafe { compute_rect(path, dst.get(), xs, w, bias, rect) };
+        for_each_rect(rows, &jobs, |job, rect| {
+            // SAFETY: tasks cover disjoint rectangles of each product's `out` (rows*n values,
+            // checked); `xs` holds `rows` quantized rows of k values; `path` is capped at the
+            // machine's.
+            unsafe { compute_rect(path, job.out.get(), xs, job.w, job.bias, rect) };
         });
     };
     // A call made while this thread's buffer is in use (a task stolen while waiting) gets its
@@ -693,6 +701,48 @@ mod tests {
                 // Not the f32 result either (the test would pass trivially on exact kernels
                 // only if the bound were loose; it is not zero here).
                 assert!(worst > 0.0, "{ty:?} {path:?}");
+            }
+        }
+    }
+
+    /// Products sharing an input in one call give each product's own bits.
+    #[test]
+    fn grouped_products_equal_single_calls() {
+        let (rows, k) = (3, 128);
+        let x = test_values(rows * k, 8);
+        let shapes = [
+            (GgmlType::Q4_1, 40),
+            (GgmlType::Q8_0, 9),
+            (GgmlType::Q4_0, 17),
+        ];
+        let data: Vec<Vec<u8>> = shapes
+            .iter()
+            .map(|&(ty, n)| random_blocks(ty, n, k, n as u32))
+            .collect();
+        let ws: Vec<QuantMatrix<'_>> = shapes
+            .iter()
+            .zip(&data)
+            .map(|(&(ty, n), d)| QuantMatrix { ty, data: d, n, k })
+            .collect();
+        let bias: Vec<f32> = (0..40).map(|j| j as f32).collect();
+        for take in 1..=rows {
+            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; take * w.n]).collect();
+            {
+                let mut products: Vec<QuantProduct<'_>> = outs
+                    .iter_mut()
+                    .zip(&ws)
+                    .map(|(out, &w)| QuantProduct {
+                        out,
+                        w,
+                        bias: Some(&bias),
+                    })
+                    .collect();
+                int8_matmuls(&mut products, &x, take);
+            }
+            for (out, &w) in outs.iter().zip(&ws) {
+                let mut want = vec![0f32; take * w.n];
+                int8_matmul(&mut want, &x, w, Some(&bias), take);
+                assert_eq!(out, &want, "{:?}, {take} rows", w.ty);
             }
         }
     }

@@ -69,60 +69,162 @@ pub fn quant_matmul_on(
     bias: Option<&[f32]>,
     rows: usize,
 ) {
-    let (n, k) = (w.n, w.k);
-    assert!(
-        QuantMatrix::supports(w.ty, k)
-            && x.len() >= rows * k
-            && w.data.len() >= n * w.row_bytes()
-            && out.len() >= rows * n
-            && bias.is_none_or(|b| b.len() >= n),
-        "quant_matmul operands do not match"
-    );
-    if rows == 0 || n == 0 {
-        return;
-    }
+    quant_matmuls_on(level, &mut [QuantProduct { out, w, bias }], x, rows)
+}
+
+/// One product of several sharing an input ([`quant_matmuls`]).
+pub struct QuantProduct<'a> {
+    pub out: &'a mut [f32],
+    pub w: QuantMatrix<'a>,
+    pub bias: Option<&'a [f32]>,
+}
+
+/// Most products one call takes (a layer's q, k and v).
+pub const MAX_PRODUCTS: usize = 4;
+
+/// Several [`quant_matmul`]s of the same input rows (q/k/v, gate/up) as one parallel step:
+/// one thread hand-off instead of one per product. Each output's bits are those of
+/// [`quant_matmul`].
+pub fn quant_matmuls(products: &mut [QuantProduct<'_>], x: &[f32], rows: usize) {
+    quant_matmuls_on(isa(), products, x, rows)
+}
+
+/// [`quant_matmuls`] on a chosen instruction-set level (capped at what the machine has).
+pub fn quant_matmuls_on(level: Isa, products: &mut [QuantProduct<'_>], x: &[f32], rows: usize) {
+    let jobs = checked_jobs(products, x, rows, QuantMatrix::supports);
     let level = level.min(isa());
-    let dst = SendPtr(out.as_mut_ptr());
-    for_each_rect(rows, n, w.row_bytes(), |rect| {
-        // SAFETY: tasks cover disjoint rectangles of `out`, which holds rows*n values
-        // (asserted); operand lengths were asserted above.
-        unsafe { compute_rect(level, dst.get(), x, w, bias, rect) };
+    for_each_rect(rows, &jobs, |job, rect| {
+        // SAFETY: tasks cover disjoint rectangles of each product's `out`, which holds
+        // rows*n values (checked); operand lengths were checked too.
+        unsafe { compute_rect(level, job.out.get(), x, job.w, job.bias, rect) };
     });
 }
 
-/// Splits a product of `rows` inputs over `n` weight rows of `row_bytes` bytes into disjoint
-/// rectangles of outputs and runs `run` on each, in parallel when there are several. The split
-/// depends on the sizes only; each output's arithmetic does not depend on it.
-pub(super) fn for_each_rect(rows: usize, n: usize, row_bytes: usize, run: impl Fn(Rect) + Sync) {
-    let threads = rayon::current_num_threads().max(1);
-    // Row blocks of activations share each dequantized weight chunk; columns are split so a
-    // task's weights stay in L2 while its row groups pass over them. Small products (a decode
-    // step's k/v projections) get fewer tasks: each costs a thread hand-off.
-    let row_block = if rows <= 6 { rows } else { 48.min(rows) };
-    let row_blocks = rows.div_ceil(row_block);
-    let work = rows * n * row_bytes;
-    // One task, or a multiple of the thread count (3 tasks on 2 threads would idle one).
-    let tasks_wanted = if work < 2 * MIN_TASK_BYTES {
-        1
-    } else {
-        threads * (work / (MIN_TASK_BYTES * threads)).clamp(1, 4)
-    };
-    let col_blocks_wanted = tasks_wanted.div_ceil(row_blocks).max(1);
-    let mut col_block = n.div_ceil(col_blocks_wanted).next_multiple_of(NC);
-    if rows > 6 {
-        col_block = col_block.min((256 * 1024 / row_bytes).next_multiple_of(NC).max(NC));
+/// A product ready for the tasks: where its outputs go, its weights and bias.
+#[derive(Clone, Copy)]
+pub(super) struct Job<'a> {
+    pub(super) out: SendPtr,
+    pub(super) w: QuantMatrix<'a>,
+    pub(super) bias: Option<&'a [f32]>,
+}
+
+/// The products as jobs, after checking that each matches the shared input and that the
+/// kernel reads its type (`supports`); panics otherwise (callers check).
+pub(super) fn checked_jobs<'a>(
+    products: &'a mut [QuantProduct<'_>],
+    x: &[f32],
+    rows: usize,
+    supports: impl Fn(GgmlType, usize) -> bool,
+) -> [Option<Job<'a>>; MAX_PRODUCTS] {
+    assert!(
+        products.len() <= MAX_PRODUCTS,
+        "too many products in one call"
+    );
+    let k = products.first().map_or(0, |p| p.w.k);
+    let mut jobs = [None; MAX_PRODUCTS];
+    for (job, p) in jobs.iter_mut().zip(products.iter_mut()) {
+        *job = {
+            let (w, n) = (p.w, p.w.n);
+            assert!(
+                supports(w.ty, k)
+                    && w.k == k
+                    && x.len() >= rows * k
+                    && w.data.len() >= n * w.row_bytes()
+                    && p.out.len() >= rows * n
+                    && p.bias.is_none_or(|b| b.len() >= n),
+                "quantized product operands do not match"
+            );
+            Some(Job {
+                out: SendPtr(p.out.as_mut_ptr()),
+                w,
+                bias: p.bias,
+            })
+        };
     }
-    let col_blocks = n.div_ceil(col_block);
-    let task = |task: usize| {
-        let (rb, cb) = (task / col_blocks, task % col_blocks);
-        run(Rect {
-            r0: rb * row_block,
-            r1: ((rb + 1) * row_block).min(rows),
-            c0: cb * col_block,
-            c1: ((cb + 1) * col_block).min(n),
-        })
+    jobs
+}
+
+/// How one product's outputs are split into tasks: by the sizes only, so each output's
+/// arithmetic does not depend on it.
+#[derive(Clone, Copy, Default)]
+struct Partition {
+    rows: usize,
+    n: usize,
+    row_block: usize,
+    col_block: usize,
+    col_blocks: usize,
+    tasks: usize,
+}
+
+impl Partition {
+    fn new(rows: usize, n: usize, row_bytes: usize) -> Partition {
+        if rows == 0 || n == 0 {
+            return Partition::default();
+        }
+        let threads = rayon::current_num_threads().max(1);
+        // Row blocks of activations share each dequantized weight chunk; columns are split so
+        // a task's weights stay in L2 while its row groups pass over them. Small products (a
+        // decode step's k/v projections) get fewer tasks: each costs a thread hand-off.
+        let row_block = if rows <= 6 { rows } else { 48.min(rows) };
+        let row_blocks = rows.div_ceil(row_block);
+        let work = rows * n * row_bytes;
+        // One task, or a multiple of the thread count (3 tasks on 2 threads would idle one).
+        let tasks_wanted = if work < 2 * MIN_TASK_BYTES {
+            1
+        } else {
+            threads * (work / (MIN_TASK_BYTES * threads)).clamp(1, 4)
+        };
+        let col_blocks_wanted = tasks_wanted.div_ceil(row_blocks).max(1);
+        let mut col_block = n.div_ceil(col_blocks_wanted).next_multiple_of(NC);
+        if rows > 6 {
+            col_block = col_block.min((256 * 1024 / row_bytes).next_multiple_of(NC).max(NC));
+        }
+        let col_blocks = n.div_ceil(col_block);
+        Partition {
+            rows,
+            n,
+            row_block,
+            col_block,
+            col_blocks,
+            tasks: row_blocks * col_blocks,
+        }
+    }
+
+    fn rect(&self, task: usize) -> Rect {
+        let (rb, cb) = (task / self.col_blocks, task % self.col_blocks);
+        Rect {
+            r0: rb * self.row_block,
+            r1: ((rb + 1) * self.row_block).min(self.rows),
+            c0: cb * self.col_block,
+            c1: ((cb + 1) * self.col_block).min(self.n),
+        }
+    }
+}
+
+/// Splits each job's outputs into disjoint rectangles and runs `run` on every (job,
+/// rectangle), all in one parallel step when there are several.
+pub(super) fn for_each_rect<'a>(
+    rows: usize,
+    jobs: &[Option<Job<'a>>; MAX_PRODUCTS],
+    run: impl Fn(&Job<'a>, Rect) + Sync,
+) {
+    let mut parts = [Partition::default(); MAX_PRODUCTS];
+    for (part, job) in parts.iter_mut().zip(jobs) {
+        if let Some(job) = job {
+            *part = Partition::new(rows, job.w.n, job.w.row_bytes());
+        }
+    }
+    let total: usize = parts.iter().map(|p| p.tasks).sum();
+    let task = |mut t: usize| {
+        for (part, job) in parts.iter().zip(jobs.iter().flatten()) {
+            if t < part.tasks {
+                return run(job, part.rect(t));
+            }
+            t -= part.tasks;
+        }
     };
-    match row_blocks * col_blocks {
+    match total {
+        0 => {}
         1 => task(0),
         tasks => (0..tasks).into_par_iter().for_each(task),
     }
@@ -809,6 +911,43 @@ mod tests {
                     .unwrap();
                 pool.install(|| quant_matmul(&mut out, &x[t * k..], w, Some(&bias), 1));
                 assert_eq!(out, want[t * n..(t + 1) * n], "{ty:?} row {t}");
+            }
+        }
+    }
+
+    /// Products sharing an input in one call give each product's own bits.
+    #[test]
+    fn grouped_products_equal_single_calls() {
+        let (rows, k) = (8, 256);
+        let x = test_values(rows * k, 8);
+        let shapes = [
+            (GgmlType::Q4K, 24),
+            (GgmlType::Q6K, 9),
+            (GgmlType::BF16, 17),
+        ];
+        let data: Vec<Vec<u8>> = shapes
+            .iter()
+            .map(|&(ty, n)| random_blocks(ty, n, k, n as u32))
+            .collect();
+        let ws: Vec<QuantMatrix<'_>> = shapes
+            .iter()
+            .zip(&data)
+            .map(|(&(ty, n), d)| QuantMatrix { ty, data: d, n, k })
+            .collect();
+        for take in [1, 2, 7, 8] {
+            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; take * w.n]).collect();
+            {
+                let mut products: Vec<QuantProduct<'_>> = outs
+                    .iter_mut()
+                    .zip(&ws)
+                    .map(|(out, &w)| QuantProduct { out, w, bias: None })
+                    .collect();
+                quant_matmuls(&mut products, &x, take);
+            }
+            for (out, &w) in outs.iter().zip(&ws) {
+                let mut want = vec![0f32; take * w.n];
+                quant_matmul(&mut want, &x, w, None, take);
+                assert_eq!(out, &want, "{:?}, {take} rows", w.ty);
             }
         }
     }
