@@ -203,11 +203,21 @@ impl Model {
 
             while !active.is_empty() {
                 self.install(|| self.lm_head(&mut logits, &hidden, active.len()));
+                // Each running sequence's token and log-prob, sequences in parallel (each has
+                // its own sampler stream, so the picks do not depend on the thread count).
+                let picks = self.install(|| {
+                    pick_tokens(
+                        &mut samplers,
+                        &active,
+                        &logits,
+                        v,
+                        &history,
+                        params,
+                        lp_temperature,
+                    )
+                });
                 let mut still = Vec::with_capacity(active.len());
-                for (row, &seq) in active.iter().enumerate() {
-                    let l = &logits[row * v..(row + 1) * v];
-                    let tok = samplers[seq].sample(l, &history[seq], params);
-                    let lp = log_prob_of(l, lp_temperature, tok as usize);
+                for (&seq, &(tok, lp)) in active.iter().zip(&picks) {
                     let step = TokenStep {
                         seq,
                         token: tok,
@@ -255,4 +265,35 @@ impl Model {
         let new = out.first().map(|g| g.tokens.as_slice()).unwrap_or_default();
         tok.decode(new, true)
     }
+}
+
+/// The next token and its log-prob for each running sequence (`active[row]` reads logits row
+/// `row`, rows of `v`), in row order.
+fn pick_tokens(
+    samplers: &mut [Sampler],
+    active: &[usize],
+    logits: &[f32],
+    v: usize,
+    history: &[Vec<u32>],
+    params: &SamplingParams,
+    lp_temperature: f32,
+) -> Vec<(u32, f32)> {
+    use rayon::prelude::*;
+    let mut row_of = vec![usize::MAX; samplers.len()];
+    for (row, &seq) in active.iter().enumerate() {
+        row_of[seq] = row;
+    }
+    let mut picked: Vec<(usize, u32, f32)> = samplers
+        .par_iter_mut()
+        .enumerate()
+        .filter(|(seq, _)| row_of[*seq] != usize::MAX)
+        .map(|(seq, sampler)| {
+            let row = row_of[seq];
+            let l = &logits[row * v..(row + 1) * v];
+            let tok = sampler.sample(l, &history[seq], params);
+            (row, tok, log_prob_of(l, lp_temperature, tok as usize))
+        })
+        .collect();
+    picked.sort_unstable_by_key(|p| p.0);
+    picked.into_iter().map(|(_, tok, lp)| (tok, lp)).collect()
 }

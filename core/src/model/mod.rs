@@ -11,6 +11,7 @@ mod weights;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rayon::prelude::*;
 use rayon::ThreadPool;
 use serde_json::Value;
 
@@ -785,9 +786,14 @@ impl Model {
                 hidden[i * c..(i + 1) * c].copy_from_slice(&s.h[r * c..(r + 1) * c]);
             }
             self.lm_head(&mut logits, &hidden, chunk.len());
-            for (i, (&(_, target), lp)) in chunk.iter().zip(lp_chunk.iter_mut()).enumerate() {
-                *lp = log_prob_of(&logits[i * v..(i + 1) * v], temperature, target as usize);
-            }
+            // Rows in parallel: each is its own serial log-softmax over the vocabulary.
+            lp_chunk
+                .par_iter_mut()
+                .zip(chunk)
+                .zip(logits.par_chunks(v))
+                .for_each(|((lp, &(_, target)), row)| {
+                    *lp = log_prob_of(row, temperature, target as usize);
+                });
         }
         let mut out = Vec::with_capacity(sequences.len());
         let mut taken = 0;
