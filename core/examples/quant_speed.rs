@@ -1,6 +1,7 @@
 //! Times the quantized products on SmolLM2-135M's decode shapes (one layer's maps repeated to the
 //! model's 30 layers, plus the Q8_0 LM head), reporting weight GB/s; and prefill rows; beside
-//! them the same blocks with 8-bit activations and the f32 weights.
+//! them the same blocks with 8-bit activations and the f32 weights. `RLX_QUANT_TYPE=bf16|f16|q8_0|q4_0`
+//! times every matrix in that type instead.
 //!
 //!     cargo run --release -p rlx --example quant_speed [threads]
 use rlx::backend::cpu::int8_matmul::int8_matmul;
@@ -38,18 +39,22 @@ fn main() {
         (1536, 576),
         (576, 1536),
     ];
+    // `RLX_QUANT_TYPE=bf16|f16|q8_0|q4_0` times every matrix in that type instead of the
+    // default model's Q4_1 layers and Q8_0 head.
+    let (layer_ty, head_ty) = match std::env::var("RLX_QUANT_TYPE").as_deref() {
+        Ok("bf16") => (GgmlType::BF16, GgmlType::BF16),
+        Ok("f16") => (GgmlType::F16, GgmlType::F16),
+        Ok("q8_0") => (GgmlType::Q8_0, GgmlType::Q8_0),
+        Ok("q4_0") => (GgmlType::Q4_0, GgmlType::Q8_0),
+        _ => (GgmlType::Q4_1, GgmlType::Q8_0),
+    };
     let mut mats: Vec<(GgmlType, usize, usize, Vec<u8>)> = Vec::new();
     for _ in 0..30 {
         for &(n, k) in &layer {
-            mats.push((GgmlType::Q4_1, n, k, blocks(GgmlType::Q4_1, n, k)));
+            mats.push((layer_ty, n, k, blocks(layer_ty, n, k)));
         }
     }
-    mats.push((
-        GgmlType::Q8_0,
-        49152,
-        576,
-        blocks(GgmlType::Q8_0, 49152, 576),
-    ));
+    mats.push((head_ty, 49152, 576, blocks(head_ty, 49152, 576)));
     let total: usize = mats.iter().map(|m| m.3.len()).sum();
     for rows in [1usize, 16, 128] {
         let x: Vec<f32> = (0..rows * 1536)
@@ -74,7 +79,14 @@ fn main() {
         }
         // The same blocks with 8-bit activations (`int8_activations`).
         let mut best_int8 = f64::MAX;
-        for _ in 0..if rows == 1 { 30 } else { 3 } {
+        let int8_runs = if !rlx::backend::cpu::int8_matmul::supports(layer_ty) {
+            0
+        } else if rows == 1 {
+            30
+        } else {
+            3
+        };
+        for _ in 0..int8_runs {
             let s = Instant::now();
             pool.install(|| {
                 for (ty, n, k, data) in &mats {
