@@ -477,8 +477,9 @@ macro_rules! x86_int8_kernels {
                     let mut mw = [_mm256_setzero_ps(); C];
                     for j in 0..C {
                         let block = wp.wrapping_add(j * row_bytes + b * unit);
-                        // A prefetch never faults, even past the end of the matrix.
-                        _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH).cast::<i8>());
+                        // Into L2 (see PREFETCH). A prefetch never faults, even past the end of
+                        // the matrix.
+                        _mm_prefetch::<_MM_HINT_T1>(block.wrapping_add(PREFETCH).cast::<i8>());
                         // SAFETY: row c+j exists and block b lies inside it (operands checked).
                         unsafe {
                             dw[j] = _mm256_cvtph_ps(_mm_set1_epi16(
