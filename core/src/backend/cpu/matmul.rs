@@ -180,6 +180,8 @@ macro_rules! forward_kernels {
 
             use super::super::simd::x86::hsum;
             use super::Rect;
+            /// Floats ahead (64 KB) that the tiles prefetch into L2.
+            const F32_PREFETCH: usize = 16384;
 
             /// # Safety
             /// AVX2+FMA present; `out` valid for `rect.r1 * n` writes, region exclusive to the caller.
@@ -305,6 +307,17 @@ macro_rules! forward_kernels {
                         for j in 0..NR {
                             let next = wp.wrapping_add((NR + j) * k + off);
                             _mm_prefetch::<_MM_HINT_T0>(next.cast::<i8>());
+                        }
+                    }
+                    if ch % 2 == 0 {
+                        // Ask L2 for each weight row's line F32_PREFETCH floats ahead in the
+                        // row-major stream, so decode (which reads every weight from DRAM once)
+                        // keeps enough lines in flight (see quant_matmul::PREFETCH; measured:
+                        // decode ~50 → ~54 tok/s, batch-16 decode ~394 → ~441; prefill, whose
+                        // weights are in cache, unchanged).
+                        for j in 0..NR {
+                            let next = wp.wrapping_add(j * k + off + F32_PREFETCH);
+                            _mm_prefetch::<_MM_HINT_T1>(next.cast::<i8>());
                         }
                     }
                     let mut wv = [_mm256_setzero_ps(); NR];
