@@ -34,7 +34,7 @@
 /**
  * Minor version of the header.
  */
-#define RLX_VERSION_MINOR 1
+#define RLX_VERSION_MINOR 2
 
 /**
  * Patch version of the header.
@@ -44,7 +44,7 @@
 /**
  * `MAJOR * 1000000 + MINOR * 1000 + PATCH` of the header; compare with rlx_version_number().
  */
-#define RLX_VERSION_NUMBER 1000
+#define RLX_VERSION_NUMBER 2000
 
 /**
  * `rlx_trainer_params.head`: no new head.
@@ -480,7 +480,7 @@ const char *rlx_status_string(int32_t status);
 uint32_t rlx_version_number(void);
 
 /**
- * The library's version as a static string, e.g. "0.1.0". Never free it.
+ * The library's version as a static string, e.g. "0.2.0". Never free it.
  */
 const char *rlx_version_string(void);
 

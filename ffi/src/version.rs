@@ -9,11 +9,11 @@ use std::ffi::c_char;
 /// Major version of the header.
 pub const RLX_VERSION_MAJOR: u32 = 0;
 /// Minor version of the header.
-pub const RLX_VERSION_MINOR: u32 = 1;
+pub const RLX_VERSION_MINOR: u32 = 2;
 /// Patch version of the header.
 pub const RLX_VERSION_PATCH: u32 = 0;
 /// `MAJOR * 1000000 + MINOR * 1000 + PATCH` of the header; compare with rlx_version_number().
-pub const RLX_VERSION_NUMBER: u32 = 1000;
+pub const RLX_VERSION_NUMBER: u32 = 2000;
 
 /// The library's version as `MAJOR * 1000000 + MINOR * 1000 + PATCH`. A program can check
 /// `rlx_version_number() == RLX_VERSION_NUMBER` to catch a header/library mismatch.
@@ -22,7 +22,7 @@ pub extern "C" fn rlx_version_number() -> u32 {
     RLX_VERSION_NUMBER
 }
 
-/// The library's version as a static string, e.g. "0.1.0". Never free it.
+/// The library's version as a static string, e.g. "0.2.0". Never free it.
 #[no_mangle]
 pub extern "C" fn rlx_version_string() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()

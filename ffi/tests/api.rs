@@ -647,7 +647,15 @@ fn int8_activations_is_checked() {
     }
     let gguf = CString::new(gguf.to_str().unwrap()).unwrap();
     assert_ok(unsafe { rlx_model_load(gguf.as_ptr(), &params, &mut m) });
-    let model = Handle(m);
-    let (tokens, logprobs) = generate(&model, &[1, 2, 3], &greedy(4));
+    let int8 = Handle(m);
+    let mut exact = null_mut();
+    let defaults = rlx_model_default_params();
+    assert_ok(unsafe { rlx_model_load(gguf.as_ptr(), &defaults, &mut exact) });
+    let exact = Handle(exact);
+    let prompt = [1, 2, 3, 4, 5];
+    let (tokens, logprobs) = generate(&int8, &prompt, &greedy(4));
     assert_eq!((tokens.len(), logprobs.len()), (4, 4));
+    // The option took effect: the same tokens score differently on the exact kernels.
+    let (_, exact_logprobs) = generate(&exact, &prompt, &greedy(4));
+    assert_ne!(logprobs, exact_logprobs);
 }

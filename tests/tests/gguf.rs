@@ -472,11 +472,19 @@ fn int8_activations_stay_close_and_keep_generate_and_logprobs_equal() {
         int8_activations: true,
         ..Default::default()
     };
-    let err = Model::load(fixture("gpt2-f32"), folder)
+    let err = Model::load(fixture("gpt2-f32"), folder.clone())
         .err()
         .unwrap()
         .to_string();
     assert!(err.contains("int8_activations"), "{err}");
+    // A GGUF with no Q4_0/Q4_1/Q8_0 matrix (all f32 here) has nothing to run either.
+    let (_dir32, f32_path) = write(&gpt2_fixture_as_gguf());
+    let err = Model::load(&f32_path, folder).err().unwrap().to_string();
+    assert!(err.contains("no Q4_0, Q4_1 or Q8_0"), "{err}");
+    // A trainer's f32 copy drops the setting with the blocks.
+    let mut trained = int8.clone();
+    trained.dequantize_weights();
+    assert!(!trained.int8_activations());
 }
 
 /// Zero-sized tensors: any tensor with a zero dimension is refused at open, naming it (no model

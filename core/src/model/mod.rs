@@ -181,6 +181,13 @@ impl Model {
             let keep_quantized = options.keep_quantized && options.device == Device::Cpu;
             let mut model = Self::load_gguf(dir, pool, keep_quantized)?;
             model.check_finite(&options)?;
+            if options.int8_activations && !model.weights.has_quantized_of(int8_matmul::supports) {
+                return Err(Error::InvalidArgument(
+                    "int8_activations: this GGUF holds no Q4_0, Q4_1 or Q8_0 matrix to run with \
+                     8-bit activations"
+                        .into(),
+                ));
+            }
             model.int8_activations = options.int8_activations;
             return model.place(options.device, options.device_dtype);
         }
@@ -839,6 +846,8 @@ impl Model {
     /// Turns every quantized matrix into f32 (what a trainer needs; a no-op on f32 models).
     pub fn dequantize_weights(&mut self) {
         self.weights.dequantize();
+        // Nothing is left for 8-bit activations to run on.
+        self.int8_activations = false;
     }
 }
 

@@ -4,6 +4,7 @@
 use crate::config::{Family, ModelConfig};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use crate::weights::quant::GgmlType;
 use crate::weights::SafetensorsCheckpoint;
 
 /// Where tensors come from, by HF name: a safetensors checkpoint or a GGUF file.
@@ -341,6 +342,16 @@ impl ModelWeights {
                 .layers
                 .iter()
                 .any(|l| l.linears().iter().any(|lin| lin.w.is_quantized()))
+    }
+
+    /// Whether some matrix is kept in blocks of a type `accept`s.
+    pub fn has_quantized_of(&self, accept: impl Fn(GgmlType) -> bool) -> bool {
+        let of = |t: &Tensor| t.quant().is_some_and(|q| accept(q.ty));
+        of(self.lm_head())
+            || self
+                .layers
+                .iter()
+                .any(|l| l.linears().iter().any(|lin| of(&lin.w)))
     }
 
     pub fn lm_head(&self) -> &Tensor {

@@ -31,7 +31,9 @@ use rayon::prelude::*;
 use super::quant_matmul::{
     checked_jobs, for_each_rect, QuantMatrix, QuantProduct, Rect, BLOCK, NC, PREFETCH,
 };
-use super::simd::{isa, reduce8, Isa};
+use super::simd::reduce8;
+#[cfg(target_arch = "x86_64")]
+use super::simd::{isa, Isa};
 use crate::weights::quant::GgmlType;
 
 /// Whether [`int8_matmul`] runs `ty` (other types stay on the exact kernels).
@@ -132,7 +134,13 @@ pub fn int8_matmuls_on(path: Int8Path, products: &mut [QuantProduct<'_>], x: &[f
     // A call made while this thread's buffer is in use (a task stolen while waiting) gets its
     // own.
     ROWS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut xs) => run(&mut xs),
+        Ok(mut xs) => {
+            run(&mut xs);
+            // Decode and small batches reuse the buffer; a long prompt's is not kept.
+            if xs.held_bytes() > KEEP_BYTES {
+                *xs = QuantRows::default();
+            }
+        }
         Err(_) => run(&mut QuantRows::default()),
     });
 }
@@ -149,10 +157,18 @@ struct QuantRows {
     lane_sums_f32: Vec<f32>,
 }
 
+/// Largest quantized-rows buffer a thread keeps between calls.
+const KEEP_BYTES: usize = 8 << 20;
+
 /// Values quantized per thread task when a call's rows are quantized in parallel.
 const QUANTIZE_TASK_VALUES: usize = 1 << 15;
 
 impl QuantRows {
+    fn held_bytes(&self) -> usize {
+        self.q.capacity()
+            + 4 * (self.d.capacity() + self.lane_sums.capacity() + self.lane_sums_f32.capacity())
+    }
+
     fn fill(&mut self, path: Int8Path, x: &[f32], rows: usize, k: usize) {
         let nb = k / BLOCK;
         self.q.resize(rows * k, 0);
@@ -171,13 +187,6 @@ impl QuantRows {
                 );
             }
         };
-        let parts = (
-            x.chunks_exact(k),
-            self.q.chunks_exact_mut(k),
-            self.d.chunks_exact_mut(nb),
-            self.lane_sums.chunks_exact_mut(nb * 8),
-            self.lane_sums_f32.chunks_exact_mut(nb * 8),
-        );
         if rows * k >= 2 * QUANTIZE_TASK_VALUES {
             x.par_chunks_exact(k)
                 .zip(self.q.par_chunks_exact_mut(k))
@@ -187,8 +196,12 @@ impl QuantRows {
                 .with_min_len(QUANTIZE_TASK_VALUES / k + 1)
                 .for_each(row);
         } else {
-            let (x, q, d, s, sf) = parts;
-            x.zip(q).zip(d).zip(s).zip(sf).for_each(row);
+            x.chunks_exact(k)
+                .zip(self.q.chunks_exact_mut(k))
+                .zip(self.d.chunks_exact_mut(nb))
+                .zip(self.lane_sums.chunks_exact_mut(nb * 8))
+                .zip(self.lane_sums_f32.chunks_exact_mut(nb * 8))
+                .for_each(row);
         }
     }
 }
@@ -244,19 +257,29 @@ fn quantize_block_portable(x: &[f32], q: &mut [i8], sums: &mut [i32], sums_f32: 
         sums_f32[..8].fill(0.0);
         return f32::NAN;
     }
-    let scale = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    let d = amax / 127.0;
     // Adding and subtracting 1.5·2^23 rounds |v| < 2^22 to the nearest integer, ties to even —
     // what `vcvtps2dq` does — in plain arithmetic that vectorises on every level.
     const ROUND: f32 = 12_582_912.0;
-    for (q, &v) in q.iter_mut().zip(x) {
-        *q = ((v * scale + ROUND) - ROUND).clamp(-127.0, 127.0) as i8;
+    let scale = 127.0 / amax;
+    if scale.is_finite() {
+        for (q, &v) in q.iter_mut().zip(x) {
+            *q = ((v * scale + ROUND) - ROUND).clamp(-127.0, 127.0) as i8;
+        }
+    } else if amax > 0.0 {
+        // amax below ~3.7e-37: 127/amax overflows, so divide by the (subnormal) step instead.
+        for (q, &v) in q.iter_mut().zip(x) {
+            *q = ((v / d + ROUND) - ROUND).clamp(-127.0, 127.0) as i8;
+        }
+    } else {
+        q.fill(0);
     }
     for l in 0..8 {
         let s: i32 = q[4 * l..4 * l + 4].iter().map(|&v| v as i32).sum();
         sums[l] = s;
         sums_f32[l] = s as f32;
     }
-    amax / 127.0
+    d
 }
 
 /// Bytes per 32-value block.
@@ -706,6 +729,48 @@ mod tests {
         }
     }
 
+    /// Products big enough to split into several tasks per product, with rows quantized in
+    /// parallel: the same bits on 1 and 3 threads, grouped or alone, and as the scalar path.
+    #[test]
+    fn split_products_agree_bitwise() {
+        let (rows, k) = (40, 2048);
+        let x = test_values(rows * k, 12);
+        let shapes = [(GgmlType::Q4_1, 300), (GgmlType::Q4_0, 150)];
+        let data: Vec<Vec<u8>> = shapes
+            .iter()
+            .map(|&(ty, n)| random_blocks(ty, n, k, n as u32))
+            .collect();
+        let ws: Vec<QuantMatrix<'_>> = shapes
+            .iter()
+            .zip(&data)
+            .map(|(&(ty, n), d)| QuantMatrix { ty, data: d, n, k })
+            .collect();
+        let want: Vec<Vec<f32>> = ws
+            .iter()
+            .map(|&w| {
+                let mut out = vec![0f32; rows * w.n];
+                int8_matmul_on(Int8Path::Scalar, &mut out, &x, w, None, rows);
+                out
+            })
+            .collect();
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; rows * w.n]).collect();
+            pool.install(|| {
+                let mut products: Vec<QuantProduct<'_>> = outs
+                    .iter_mut()
+                    .zip(&ws)
+                    .map(|(out, &w)| QuantProduct { out, w, bias: None })
+                    .collect();
+                int8_matmuls(&mut products, &x, rows);
+            });
+            assert_eq!(outs, want, "{threads} threads");
+        }
+    }
+
     /// Products sharing an input in one call give each product's own bits.
     #[test]
     fn grouped_products_equal_single_calls() {
@@ -787,6 +852,17 @@ mod tests {
             assert_eq!(&q[..5], &[127, 2, -4, 0, -126], "{path:?}");
             assert_eq!(s[0], 127 + 2 - 4);
             assert_eq!(sf[1], -126.0);
+        }
+        // A block so small that 127/amax overflows still quantizes within half a step.
+        let mut tiny = [0f32; BLOCK];
+        tiny[0] = 1e-38;
+        tiny[1] = -5e-39;
+        for path in paths() {
+            let d = quantize_block(path, &tiny, &mut q, &mut s, &mut sf);
+            assert!(d > 0.0 && d.is_finite(), "{path:?}");
+            assert_eq!(q[0], 127, "{path:?}");
+            assert!((-64..=-63).contains(&q[1]), "{path:?}: {}", q[1]);
+            assert!(q[2..].iter().all(|&v| v == 0), "{path:?}");
         }
     }
 }

@@ -216,9 +216,12 @@ pub(super) fn for_each_rect<'a>(
     }
     let total: usize = parts.iter().map(|p| p.tasks).sum();
     let task = |mut t: usize| {
-        for (part, job) in parts.iter().zip(jobs.iter().flatten()) {
+        for (part, job) in parts.iter().zip(jobs) {
             if t < part.tasks {
-                return run(job, part.rect(t));
+                if let Some(job) = job {
+                    run(job, part.rect(t));
+                }
+                return;
             }
             t -= part.tasks;
         }
