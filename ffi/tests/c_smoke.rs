@@ -69,7 +69,13 @@ fn compile(cc: &str, ffi: &Path, out: &Path, link: &[String]) {
 fn run_on_fixtures(binary: &Path) {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
     for name in ["gpt2-f32", "llama-f32"] {
-        let text = run(Command::new(binary).arg(fixtures.join(name)));
+        // The library built with this test first: cargo's LD_LIBRARY_PATH (which outranks the
+        // binary's RUNPATH) also lists target/<profile>, where an older librlx.so may sit.
+        let mut cmd = Command::new(binary);
+        if let Ok(path) = std::env::var("LD_LIBRARY_PATH") {
+            cmd.env("LD_LIBRARY_PATH", format!("{}:{path}", lib_dir().display()));
+        }
+        let text = run(cmd.arg(fixtures.join(name)));
         println!("{name}: {text}");
         assert!(text.contains("all checks passed"), "{text}");
     }
