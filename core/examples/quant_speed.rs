@@ -61,46 +61,36 @@ fn main() {
             .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
             .collect();
         let mut out = vec![0f32; rows * 49152];
-        let mut best = f64::MAX;
-        for _ in 0..if rows == 1 { 30 } else { 3 } {
-            let s = Instant::now();
-            pool.install(|| {
-                for (ty, n, k, data) in &mats {
-                    let w = QuantMatrix {
-                        ty: *ty,
-                        data,
-                        n: *n,
-                        k: *k,
-                    };
-                    quant_matmul(&mut out[..rows * n], &x[..rows * k], w, None, rows);
-                }
-            });
-            best = best.min(s.elapsed().as_secs_f64());
-        }
-        // The same blocks with 8-bit activations (`int8_activations`).
-        let mut best_int8 = f64::MAX;
-        let int8_runs = if !rlx::backend::cpu::int8_matmul::supports(layer_ty) {
-            0
-        } else if rows == 1 {
-            30
-        } else {
-            3
+        let runs = if rows == 1 { 30 } else { 3 };
+        // Best time of `runs` passes over every matrix with `product`.
+        type Product = fn(&mut [f32], &[f32], QuantMatrix<'_>, Option<&[f32]>, usize);
+        let mut time_blocks = |product: Product, runs: usize| {
+            let mut best = f64::MAX;
+            for _ in 0..runs {
+                let s = Instant::now();
+                pool.install(|| {
+                    for (ty, n, k, data) in &mats {
+                        let w = QuantMatrix {
+                            ty: *ty,
+                            data,
+                            n: *n,
+                            k: *k,
+                        };
+                        product(&mut out[..rows * n], &x[..rows * k], w, None, rows);
+                    }
+                });
+                best = best.min(s.elapsed().as_secs_f64());
+            }
+            best
         };
-        for _ in 0..int8_runs {
-            let s = Instant::now();
-            pool.install(|| {
-                for (ty, n, k, data) in &mats {
-                    let w = QuantMatrix {
-                        ty: *ty,
-                        data,
-                        n: *n,
-                        k: *k,
-                    };
-                    int8_matmul(&mut out[..rows * n], &x[..rows * k], w, None, rows);
-                }
-            });
-            best_int8 = best_int8.min(s.elapsed().as_secs_f64());
-        }
+        let best = time_blocks(quant_matmul, runs);
+        // The same blocks with 8-bit activations (`int8_activations`), where the type has them.
+        let int8_runs = if rlx::backend::cpu::int8_matmul::supports(layer_ty) {
+            runs
+        } else {
+            0
+        };
+        let best_int8 = time_blocks(int8_matmul, int8_runs);
         // The same products on f32 weights, side by side.
         let dense: Vec<Vec<f32>> = mats
             .iter()

@@ -28,9 +28,9 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::quant_matmul::{
-    checked_jobs, for_each_rect, QuantMatrix, QuantProduct, Rect, BLOCK, NC, PREFETCH,
-};
+use super::quant_matmul::{checked_jobs, for_each_rect, QuantMatrix, QuantProduct, Rect, BLOCK};
+#[cfg(target_arch = "x86_64")]
+use super::quant_matmul::{for_each_tile, store_tile, PREFETCH};
 use super::simd::reduce8;
 #[cfg(target_arch = "x86_64")]
 use super::simd::{isa, Isa};
@@ -408,7 +408,6 @@ macro_rules! x86_int8_kernels {
         mod $name {
             use std::arch::x86_64::*;
 
-            use super::super::simd::x86::hsum;
             use super::*;
 
             /// Input rows per tile.
@@ -424,35 +423,27 @@ macro_rules! x86_int8_kernels {
                 bias: Option<&[f32]>,
                 r: Rect,
             ) {
-                let mut c = r.c0;
-                while c < r.c1 {
-                    let cols = (r.c1 - c).min(NC);
-                    let mut t = r.r0;
-                    while t < r.r1 {
-                        let take = (r.r1 - t).min(MR);
-                        macro_rules! by_cols {
-                            ($r:literal) => {
-                                match cols {
-                                    4 => tile::<TY, $r, 4>(out, xs, w, bias, t, c),
-                                    3 => tile::<TY, $r, 3>(out, xs, w, bias, t, c),
-                                    2 => tile::<TY, $r, 2>(out, xs, w, bias, t, c),
-                                    _ => tile::<TY, $r, 1>(out, xs, w, bias, t, c),
-                                }
-                            };
-                        }
-                        // SAFETY: rows t..t+take and columns c..c+cols lie in the rectangle.
-                        unsafe {
-                            match take {
-                                1 => by_cols!(1),
-                                2 => by_cols!(2),
-                                3 => by_cols!(3),
-                                _ => by_cols!(4),
+                for_each_tile(r, MR, |t, take, c, cols| {
+                    macro_rules! by_cols {
+                        ($r:literal) => {
+                            match cols {
+                                4 => tile::<TY, $r, 4>(out, xs, w, bias, t, c),
+                                3 => tile::<TY, $r, 3>(out, xs, w, bias, t, c),
+                                2 => tile::<TY, $r, 2>(out, xs, w, bias, t, c),
+                                _ => tile::<TY, $r, 1>(out, xs, w, bias, t, c),
                             }
-                        }
-                        t += take;
+                        };
                     }
-                    c += cols;
-                }
+                    // SAFETY: rows t..t+take and columns c..c+cols lie in the rectangle.
+                    unsafe {
+                        match take {
+                            1 => by_cols!(1),
+                            2 => by_cols!(2),
+                            3 => by_cols!(3),
+                            _ => by_cols!(4),
+                        }
+                    }
+                });
             }
 
             /// Lane `l`: `init_l + Σ_{i<4} u_{4l+i} · s_{4l+i}` (u unsigned, s signed bytes).
@@ -573,16 +564,8 @@ macro_rules! x86_int8_kernels {
                         }
                     }
                 }
-                for (i, acc_row) in acc.iter().enumerate() {
-                    for (j, a) in acc_row.iter().enumerate() {
-                        let mut s = hsum(*a);
-                        if let Some(bias) = bias {
-                            s += bias[c + j];
-                        }
-                        // SAFETY: (t+i, c+j) lies in the caller's rectangle.
-                        unsafe { *out.add((t + i) * n + c + j) = s };
-                    }
-                }
+                // SAFETY: the tile lies in the caller's rectangle.
+                unsafe { store_tile(&acc, out, n, bias, t, c) };
             }
         }
     };
@@ -609,24 +592,9 @@ x86_int8_kernels!(
 
 #[cfg(test)]
 mod tests {
+    use super::super::quant_matmul::tests::{blocks_for, grouped, matrices, random_blocks};
     use super::*;
     use crate::backend::cpu::test_values;
-
-    /// Valid random blocks: hashed bytes, small finite f16 scales (negative offsets for Q4_1).
-    fn random_blocks(ty: GgmlType, n: usize, k: usize, seed: u32) -> Vec<u8> {
-        let bytes = n * k / ty.block_size() * ty.type_size();
-        let mut v: Vec<u8> = (0..bytes)
-            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8)
-            .collect();
-        for (u, unit) in v.chunks_exact_mut(ty.type_size()).enumerate() {
-            let s = 0.001 + 0.01 * ((u * 7 % 13) as f32) / 13.0;
-            unit[..2].copy_from_slice(&half::f16::from_f32(s).to_le_bytes());
-            if ty == GgmlType::Q4_1 {
-                unit[2..4].copy_from_slice(&half::f16::from_f32(-s * 3.0).to_le_bytes());
-            }
-        }
-        v
-    }
 
     const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
 
@@ -736,37 +704,18 @@ mod tests {
         let (rows, k) = (40, 2048);
         let x = test_values(rows * k, 12);
         let shapes = [(GgmlType::Q4_1, 300), (GgmlType::Q4_0, 150)];
-        let data: Vec<Vec<u8>> = shapes
-            .iter()
-            .map(|&(ty, n)| random_blocks(ty, n, k, n as u32))
-            .collect();
-        let ws: Vec<QuantMatrix<'_>> = shapes
-            .iter()
-            .zip(&data)
-            .map(|(&(ty, n), d)| QuantMatrix { ty, data: d, n, k })
-            .collect();
-        let want: Vec<Vec<f32>> = ws
-            .iter()
-            .map(|&w| {
-                let mut out = vec![0f32; rows * w.n];
-                int8_matmul_on(Int8Path::Scalar, &mut out, &x, w, None, rows);
-                out
-            })
-            .collect();
+        let data = blocks_for(&shapes, k);
+        let ws = matrices(&shapes, &data, k);
+        let scalar = |p: &mut [QuantProduct<'_>], x: &[f32], rows: usize| {
+            int8_matmuls_on(Int8Path::Scalar, p, x, rows)
+        };
+        let want = grouped(scalar, &ws, &x, rows, None);
         for threads in [1, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; rows * w.n]).collect();
-            pool.install(|| {
-                let mut products: Vec<QuantProduct<'_>> = outs
-                    .iter_mut()
-                    .zip(&ws)
-                    .map(|(out, &w)| QuantProduct { out, w, bias: None })
-                    .collect();
-                int8_matmuls(&mut products, &x, rows);
-            });
+            let outs = pool.install(|| grouped(int8_matmuls, &ws, &x, rows, None));
             assert_eq!(outs, want, "{threads} threads");
         }
     }
@@ -781,30 +730,11 @@ mod tests {
             (GgmlType::Q8_0, 9),
             (GgmlType::Q4_0, 17),
         ];
-        let data: Vec<Vec<u8>> = shapes
-            .iter()
-            .map(|&(ty, n)| random_blocks(ty, n, k, n as u32))
-            .collect();
-        let ws: Vec<QuantMatrix<'_>> = shapes
-            .iter()
-            .zip(&data)
-            .map(|(&(ty, n), d)| QuantMatrix { ty, data: d, n, k })
-            .collect();
+        let data = blocks_for(&shapes, k);
+        let ws = matrices(&shapes, &data, k);
         let bias: Vec<f32> = (0..40).map(|j| j as f32).collect();
         for take in 1..=rows {
-            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; take * w.n]).collect();
-            {
-                let mut products: Vec<QuantProduct<'_>> = outs
-                    .iter_mut()
-                    .zip(&ws)
-                    .map(|(out, &w)| QuantProduct {
-                        out,
-                        w,
-                        bias: Some(&bias),
-                    })
-                    .collect();
-                int8_matmuls(&mut products, &x, take);
-            }
+            let outs = grouped(int8_matmuls, &ws, &x, take, Some(&bias));
             for (out, &w) in outs.iter().zip(&ws) {
                 let mut want = vec![0f32; take * w.n];
                 int8_matmul(&mut want, &x, w, Some(&bias), take);

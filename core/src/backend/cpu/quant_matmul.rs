@@ -256,6 +256,52 @@ pub(super) struct Rect {
     pub(super) c1: usize,
 }
 
+/// Walks `r` in tiles: up to [`NC`] weight rows at a time and, for each, the input rows in
+/// groups of `mr` then one group of the rest (each tile reads its weights once, so a remainder
+/// costs one pass, not one per row); `tile(t, take, c, cols)` computes one.
+#[inline(always)]
+pub(super) fn for_each_tile(r: Rect, mr: usize, mut tile: impl FnMut(usize, usize, usize, usize)) {
+    let mut c = r.c0;
+    while c < r.c1 {
+        let cols = (r.c1 - c).min(NC);
+        let mut t = r.r0;
+        while t < r.r1 {
+            let take = (r.r1 - t).min(mr);
+            tile(t, take, c, cols);
+            t += take;
+        }
+        c += cols;
+    }
+}
+
+/// A tile's outputs: `out[(t+i)*n + c+j] = hsum(acc[i][j]) + bias[c+j]`.
+///
+/// # Safety
+/// AVX2 and FMA present; `out` valid for writes at every `(t+i)*n + c+j`, `i < R`, `j < C`,
+/// which the caller owns; `bias`, when given, holds `c + C` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(super) unsafe fn store_tile<const R: usize, const C: usize>(
+    acc: &[[std::arch::x86_64::__m256; C]; R],
+    out: *mut f32,
+    n: usize,
+    bias: Option<&[f32]>,
+    t: usize,
+    c: usize,
+) {
+    for (i, acc_row) in acc.iter().enumerate() {
+        for (j, a) in acc_row.iter().enumerate() {
+            let mut s = super::simd::x86::hsum(*a);
+            if let Some(bias) = bias {
+                s += bias[c + j];
+            }
+            // SAFETY: the caller's contract.
+            unsafe { *out.add((t + i) * n + c + j) = s };
+        }
+    }
+}
+
 /// Type codes for the kernels' const parameter.
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
@@ -450,7 +496,6 @@ macro_rules! x86_kernels {
         mod $name {
             use std::arch::x86_64::*;
 
-            use super::super::simd::x86::hsum;
             use super::*;
 
             /// Input rows per tile.
@@ -466,38 +511,28 @@ macro_rules! x86_kernels {
                 bias: Option<&[f32]>,
                 r: Rect,
             ) {
-                let mut c = r.c0;
-                while c < r.c1 {
-                    let cols = (r.c1 - c).min(NC);
-                    let mut t = r.r0;
-                    while t < r.r1 {
-                        // Tiles of MR rows, then one tile of the rest: each tile reads the
-                        // weights once, so the remainder costs one pass, not one per row.
-                        let take = (r.r1 - t).min(MR);
-                        macro_rules! by_cols {
-                            ($r:literal) => {
-                                match cols {
-                                    4 => tile::<TY, $r, 4>(out, x, w, bias, t, c),
-                                    3 => tile::<TY, $r, 3>(out, x, w, bias, t, c),
-                                    2 => tile::<TY, $r, 2>(out, x, w, bias, t, c),
-                                    _ => tile::<TY, $r, 1>(out, x, w, bias, t, c),
-                                }
-                            };
-                        }
-                        // SAFETY: rows t..t+take and columns c..c+cols lie in the rectangle.
-                        unsafe {
-                            match take {
-                                1 => by_cols!(1),
-                                2 => by_cols!(2),
-                                3 if MR >= 3 => by_cols!(3),
-                                _ if MR >= 4 => by_cols!(4),
-                                _ => by_cols!(2),
+                for_each_tile(r, MR, |t, take, c, cols| {
+                    macro_rules! by_cols {
+                        ($r:literal) => {
+                            match cols {
+                                4 => tile::<TY, $r, 4>(out, x, w, bias, t, c),
+                                3 => tile::<TY, $r, 3>(out, x, w, bias, t, c),
+                                2 => tile::<TY, $r, 2>(out, x, w, bias, t, c),
+                                _ => tile::<TY, $r, 1>(out, x, w, bias, t, c),
                             }
-                        }
-                        t += take;
+                        };
                     }
-                    c += cols;
-                }
+                    // SAFETY: rows t..t+take and columns c..c+cols lie in the rectangle.
+                    unsafe {
+                        match take {
+                            1 => by_cols!(1),
+                            2 => by_cols!(2),
+                            3 if MR >= 3 => by_cols!(3),
+                            _ if MR >= 4 => by_cols!(4),
+                            _ => by_cols!(2),
+                        }
+                    }
+                });
             }
 
             /// Outputs `(t..t+R, c..c+C)`: per output one FMA chain from zero over K in chunks
@@ -556,16 +591,8 @@ macro_rules! x86_kernels {
                         }
                     }
                 }
-                for (i, acc_row) in acc.iter().enumerate() {
-                    for (j, a) in acc_row.iter().enumerate() {
-                        let mut s = hsum(*a);
-                        if let Some(bias) = bias {
-                            s += bias[c + j];
-                        }
-                        // SAFETY: (t+i, c+j) lies in the caller's rectangle.
-                        unsafe { *out.add((t + i) * n + c + j) = s };
-                    }
-                }
+                // SAFETY: the tile lies in the caller's rectangle.
+                unsafe { store_tile(&acc, out, n, bias, t, c) };
             }
 
             /// Whole units of `bytes` into `out` (as many as both hold).
@@ -824,14 +851,14 @@ x86_kernels!(x86_avx2, "avx2,fma,f16c", 2, false);
 x86_kernels!(x86_avx512, "avx2,fma,f16c,avx512f,avx512vl", 4, true);
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::matmul::matmul;
     use super::*;
     use crate::backend::cpu::test_values;
 
     /// Random but valid blocks: bytes from a hash, f16 scales small and finite (negative mins
     /// for Q4_1).
-    fn random_blocks(ty: GgmlType, n: usize, k: usize, seed: u32) -> Vec<u8> {
+    pub(in super::super) fn random_blocks(ty: GgmlType, n: usize, k: usize, seed: u32) -> Vec<u8> {
         let bytes = n * k / ty.block_size() * ty.type_size();
         let mut v: Vec<u8> = (0..bytes)
             .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8)
@@ -866,6 +893,46 @@ mod tests {
             }
         }
         v
+    }
+
+    /// Random blocks for each `(type, rows)` of `shapes`, rows of `k` values.
+    pub(in super::super) fn blocks_for(shapes: &[(GgmlType, usize)], k: usize) -> Vec<Vec<u8>> {
+        shapes
+            .iter()
+            .map(|&(ty, n)| random_blocks(ty, n, k, n as u32))
+            .collect()
+    }
+
+    /// The matrices over `data` (from [`blocks_for`] with the same shapes).
+    pub(in super::super) fn matrices<'a>(
+        shapes: &[(GgmlType, usize)],
+        data: &'a [Vec<u8>],
+        k: usize,
+    ) -> Vec<QuantMatrix<'a>> {
+        shapes
+            .iter()
+            .zip(data)
+            .map(|(&(ty, n), d)| QuantMatrix { ty, data: d, n, k })
+            .collect()
+    }
+
+    /// Every matrix of `ws` on the same `rows` of `x` in one grouped call of `run`.
+    pub(in super::super) fn grouped(
+        run: impl Fn(&mut [QuantProduct<'_>], &[f32], usize),
+        ws: &[QuantMatrix<'_>],
+        x: &[f32],
+        rows: usize,
+        bias: Option<&[f32]>,
+    ) -> Vec<Vec<f32>> {
+        let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; rows * w.n]).collect();
+        let mut products: Vec<QuantProduct<'_>> = outs
+            .iter_mut()
+            .zip(ws)
+            .map(|(out, &w)| QuantProduct { out, w, bias })
+            .collect();
+        run(&mut products, x, rows);
+        drop(products);
+        outs
     }
 
     const TYPES: [GgmlType; 8] = [
@@ -932,25 +999,10 @@ mod tests {
             (GgmlType::Q6K, 9),
             (GgmlType::BF16, 17),
         ];
-        let data: Vec<Vec<u8>> = shapes
-            .iter()
-            .map(|&(ty, n)| random_blocks(ty, n, k, n as u32))
-            .collect();
-        let ws: Vec<QuantMatrix<'_>> = shapes
-            .iter()
-            .zip(&data)
-            .map(|(&(ty, n), d)| QuantMatrix { ty, data: d, n, k })
-            .collect();
+        let data = blocks_for(&shapes, k);
+        let ws = matrices(&shapes, &data, k);
         for take in [1, 2, 7, 8] {
-            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; take * w.n]).collect();
-            {
-                let mut products: Vec<QuantProduct<'_>> = outs
-                    .iter_mut()
-                    .zip(&ws)
-                    .map(|(out, &w)| QuantProduct { out, w, bias: None })
-                    .collect();
-                quant_matmuls(&mut products, &x, take);
-            }
+            let outs = grouped(quant_matmuls, &ws, &x, take, None);
             for (out, &w) in outs.iter().zip(&ws) {
                 let mut want = vec![0f32; take * w.n];
                 quant_matmul(&mut want, &x, w, None, take);
