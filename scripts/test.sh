@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting, lints, the Rust workspace (unit, parity, agreement,
-# bad-input, GGUF, CLI and C ABI tests), the Python package's pytest suite, and the fuzzers
+# bad-input, GGUF, CLI and C ABI tests), the Python package's pytest suite, the aarch64 (NEON)
+# path under emulation (scripts/test-aarch64.sh), and the fuzzers
 # (each target for RLX_FUZZ_SECONDS, 60 by default; RLX_FUZZ_SECONDS=0 skips them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +51,12 @@ cargo test --workspace
 
 echo "== python package"
 ./python/test.sh
+
+# The NEON path, cross-built and run under qemu (skipped with a message where the cross tools
+# cannot be installed). RLX_TEST_AARCH64=0 skips it.
+if [ "${RLX_TEST_AARCH64:-1}" = 1 ]; then
+    ./scripts/test-aarch64.sh
+fi
 
 if [ "${RLX_FUZZ_SECONDS:-60}" != 0 ]; then
     echo "== fuzzing"

@@ -15,7 +15,9 @@ use crate::backend::cpu::attention::{attention_backward, Heads, KvGrad, KvView, 
 use crate::backend::cpu::matmul::{matmul, matmul_backward};
 use crate::backend::cpu::norm::{layernorm_backward, rmsnorm_backward};
 use crate::backend::cpu::rope;
-use crate::backend::cpu::simd::{dot, exp, isa, Isa};
+#[cfg(target_arch = "x86_64")]
+use crate::backend::cpu::simd::Isa;
+use crate::backend::cpu::simd::{dot, exp, isa};
 use crate::backend::cpu::zeroed;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;

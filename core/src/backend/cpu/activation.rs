@@ -2,7 +2,9 @@
 
 use rayon::prelude::*;
 
-use super::simd::{exp, isa, Isa};
+use super::simd::exp;
+#[cfg(target_arch = "x86_64")]
+use super::simd::{isa, Isa};
 
 const CHUNK: usize = 4096;
 

@@ -9,7 +9,9 @@
 use rayon::prelude::*;
 
 use super::gemm::{gemm, gemm_serial, Strided};
-use super::simd::{axpy, dot, exp, isa, Isa};
+#[cfg(target_arch = "x86_64")]
+use super::simd::Isa;
+use super::simd::{axpy, dot, exp, isa};
 use super::SendPtr;
 
 /// Keys and values of one sequence for one layer: `(capacity, NKV·HS)` each.

@@ -73,7 +73,7 @@ pub fn bf16_path() -> Bf16Path {
             Isa::Avx512 if !capped && hardware_bf16() => Bf16Path::Hardware,
             Isa::Avx512 => Bf16Path::EmulatedAvx512,
             Isa::Avx2Fma => Bf16Path::EmulatedAvx2,
-            Isa::Scalar => Bf16Path::EmulatedScalar,
+            Isa::Scalar | Isa::Neon => Bf16Path::EmulatedScalar,
         }
     })
 }

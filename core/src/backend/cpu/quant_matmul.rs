@@ -243,6 +243,7 @@ const MIN_TASK_BYTES: usize = 64 * 1024;
 /// lines in flight (measured on SmolLM2's shapes, 2 threads, `--example quant_speed`: BF16
 /// ~13.5 → ~7.5 ms per pass, Q8_0 with int8 activations ~10 → ~4.5 ms; the earlier L1
 /// prefetch 3 KB ahead had beaten 0.5, 1.5 and 6 KB).
+#[cfg(target_arch = "x86_64")]
 pub(super) const PREFETCH: usize = 8192;
 
 /// Weight rows processed side by side (independent FMA chains when there is one input row).
@@ -259,6 +260,7 @@ pub(super) struct Rect {
 /// Walks `r` in tiles: up to [`NC`] weight rows at a time and, for each, the input rows in
 /// groups of `mr` then one group of the rest (each tile reads its weights once, so a remainder
 /// costs one pass, not one per row); `tile(t, take, c, cols)` computes one.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(super) fn for_each_tile(r: Rect, mr: usize, mut tile: impl FnMut(usize, usize, usize, usize)) {
     let mut c = r.c0;
@@ -303,15 +305,24 @@ pub(super) unsafe fn store_tile<const R: usize, const C: usize>(
 }
 
 /// Type codes for the kernels' const parameter.
+#[cfg(target_arch = "x86_64")]
 const Q4_0: u8 = 0;
+#[cfg(target_arch = "x86_64")]
 const Q4_1: u8 = 1;
+#[cfg(target_arch = "x86_64")]
 const Q8_0: u8 = 2;
+#[cfg(target_arch = "x86_64")]
 const Q4_K: u8 = 3;
+#[cfg(target_arch = "x86_64")]
 const F16: u8 = 4;
+#[cfg(target_arch = "x86_64")]
 const BF16: u8 = 5;
+#[cfg(target_arch = "x86_64")]
 const Q5_0: u8 = 6;
+#[cfg(target_arch = "x86_64")]
 const Q6_K: u8 = 7;
 
+#[cfg(target_arch = "x86_64")]
 fn type_code(ty: GgmlType) -> u8 {
     match ty {
         GgmlType::Q4_0 => Q4_0,
@@ -365,7 +376,7 @@ unsafe fn compute_rect(
         // SAFETY: AVX2, FMA and F16C detected; caller's contract.
         Isa::Avx2Fma => unsafe { dispatch!(x86_avx2) },
         // SAFETY: caller's contract.
-        _ => unsafe { scalar_rect(out, x, w, bias, rect) },
+        _ => unsafe { scalar_rect(level, out, x, w, bias, rect) },
     }
 }
 
@@ -443,24 +454,45 @@ fn dequantize_panel(bytes: &[u8], ty: GgmlType, out: &mut [f32]) {
 ///
 /// # Safety
 /// As [`compute_rect`].
-unsafe fn scalar_rect(out: *mut f32, x: &[f32], w: QuantMatrix<'_>, bias: Option<&[f32]>, r: Rect) {
-    let (n, k, row_bytes) = (w.n, w.k, w.row_bytes());
-    for c in r.c0..r.c1 {
-        let bytes = &w.data[c * row_bytes..(c + 1) * row_bytes];
-        // Checked by `supports`: whole blocks.
-        let dense = w.ty.dequantize(bytes, k).unwrap_or_else(|| vec![0.0; k]);
-        for t in r.r0..r.r1 {
-            let mut v = super::simd::dot_scalar(&x[t * k..(t + 1) * k], &dense);
-            if let Some(b) = bias {
-                v += b[c];
-            }
-            // SAFETY: t < r.r1 and c < n: inside the caller's rectangle.
-            unsafe { *out.add(t * n + c) = v };
-        }
+unsafe fn scalar_rect(
+    level: Isa,
+    out: *mut f32,
+    x: &[f32],
+    w: QuantMatrix<'_>,
+    bias: Option<&[f32]>,
+    r: Rect,
+) {
+    // NEON's dot product is the f32 matmul's chain on that level (the x86 levels never get here).
+    let dot: fn(&[f32], &[f32]) -> f32 = match level {
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => super::simd::neon::dot,
+        _ => super::simd::dot_scalar,
+    };
+    thread_local! {
+        /// One dequantized weight row, reused across rows and calls (decode runs this per token).
+        static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    let (n, k, row_bytes) = (w.n, w.k, w.row_bytes());
+    ROW.with_borrow_mut(|dense| {
+        dense.clear();
+        dense.resize(k, 0.0);
+        for c in r.c0..r.c1 {
+            // Checked by `supports`: whole blocks of `k` values per row.
+            w.ty.dequantize_into(&w.data[c * row_bytes..(c + 1) * row_bytes], dense);
+            for t in r.r0..r.r1 {
+                let mut v = dot(&x[t * k..(t + 1) * k], dense);
+                if let Some(b) = bias {
+                    v += b[c];
+                }
+                // SAFETY: t < r.r1 and c < n: inside the caller's rectangle.
+                unsafe { *out.add(t * n + c) = v };
+            }
+        }
+    });
 }
 
 /// (bytes per unit, 32-value sub-blocks per unit).
+#[cfg(target_arch = "x86_64")]
 const fn unit_shape(ty: u8) -> (usize, usize) {
     match ty {
         Q4_0 => (18, 1),
@@ -476,6 +508,7 @@ const fn unit_shape(ty: u8) -> (usize, usize) {
 
 /// 6-bit scale and min of sub-block `j` of a Q4_K super-block (12 packed bytes), as the f32
 /// dequantizer computes them.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
     if j < 4 {
@@ -964,10 +997,9 @@ pub(super) mod tests {
                 n,
                 k,
             };
-            let levels: &[Isa] = if isa() == Isa::Scalar {
-                &[Isa::Scalar]
-            } else {
-                &[Isa::Avx2Fma, Isa::Avx512]
+            let levels: &[Isa] = match isa() {
+                Isa::Scalar | Isa::Neon => &[isa()],
+                _ => &[Isa::Avx2Fma, Isa::Avx512],
             };
             // Few rows run the in-register tiles, many rows the f32 panel.
             for &level in levels {

@@ -1,14 +1,22 @@
 //! Runtime ISA detection (one chokepoint) and the few vector primitives shared by kernels.
 //!
-//! `RLX_ISA=scalar|avx2|avx512` caps the level used (`RLX_FORCE_SCALAR=1` is `RLX_ISA=scalar`), so
-//! tests and benchmarks can exercise every path on one machine. A process always uses one path, so
-//! results are reproducible within a machine.
+//! `RLX_ISA=scalar|avx2|avx512` (x86-64) or `RLX_ISA=scalar|neon` (aarch64) caps the level used
+//! (`RLX_FORCE_SCALAR=1` is `RLX_ISA=scalar`), so tests and benchmarks can exercise every path on
+//! one machine. A process always uses one path, so results are reproducible within a machine.
+//!
+//! The vector paths of every architecture compute the same operations: 8-lane fused
+//! multiply-add chains (NEON holds the 8 lanes in two 4-lane registers) summed by [`reduce8`]'s
+//! pairing, so AVX2, AVX-512 and NEON give the same bits. The portable path multiplies and adds
+//! separately (a fused multiply-add is a libm call without hardware support), so it agrees with
+//! them only to rounding.
 
 use std::sync::OnceLock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
+    /// aarch64 Advanced SIMD (NEON): 4 f32 lanes, 32 vector registers, fused multiply-add.
+    Neon,
     /// x86-64 with AVX2 and FMA: 8 f32 lanes.
     Avx2Fma,
     /// x86-64 with AVX-512 F and VL (plus AVX2 and FMA): 16 f32 lanes, mask registers and 32
@@ -21,6 +29,7 @@ impl Isa {
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
+            Isa::Neon => "neon",
             Isa::Avx2Fma => "avx2",
             Isa::Avx512 => "avx512",
         }
@@ -38,11 +47,18 @@ fn detect() -> Isa {
     } else {
         match std::env::var("RLX_ISA").as_deref() {
             Ok("scalar") => Isa::Scalar,
+            Ok("neon") => Isa::Neon,
             Ok("avx2") => Isa::Avx2Fma,
             _ => Isa::Avx512,
         }
     };
-    detect_hardware().min(cap)
+    let level = detect_hardware().min(cap);
+    // A cap from another architecture (`RLX_ISA=neon` on x86-64) leaves the portable path.
+    if level == Isa::Neon && !cfg!(target_arch = "aarch64") {
+        Isa::Scalar
+    } else {
+        level
+    }
 }
 
 fn detect_hardware() -> Isa {
@@ -53,6 +69,12 @@ fn detect_hardware() -> Isa {
                 return Isa::Avx512;
             }
             return Isa::Avx2Fma;
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            return Isa::Neon;
         }
     }
     Isa::Scalar
@@ -66,6 +88,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() returns Avx2Fma or above only after detecting AVX2 and FMA.
         Isa::Avx2Fma | Isa::Avx512 => unsafe { x86::dot(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::dot(a, b),
         _ => dot_scalar(a, b),
     }
 }
@@ -76,6 +100,8 @@ pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() returns Avx2Fma or above only after detecting AVX2 and FMA.
         Isa::Avx2Fma | Isa::Avx512 => unsafe { x86::axpy(y, alpha, x) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::axpy(y, alpha, x),
         _ => {
             for (y, x) in y.iter_mut().zip(x) {
                 *y += alpha * x;
@@ -198,6 +224,81 @@ pub(crate) mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon {
+    use std::arch::aarch64::*;
+
+    /// The 8 lanes `lo` (0–3) and `hi` (4–7) summed in [`super::reduce8`]'s order — the same
+    /// pairing as the x86 `hsum`.
+    #[inline(always)]
+    pub(crate) fn hsum(lo: float32x4_t, hi: float32x4_t) -> f32 {
+        // SAFETY: NEON is part of the aarch64 baseline; these touch registers only.
+        unsafe {
+            let q = vaddq_f32(lo, hi);
+            let d = vadd_f32(vget_low_f32(q), vget_high_f32(q));
+            vget_lane_f32::<0>(d) + vget_lane_f32::<1>(d)
+        }
+    }
+
+    /// `y += alpha * x`, 8 values at a time with fused multiply-adds (as the x86 path), then the
+    /// scalar tail.
+    pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        // Chunks of 8, as the x86 path, so the same elements take the fused and the plain tail.
+        let chunks = n / 8;
+        for c in 0..chunks * 2 {
+            // SAFETY: c*4 + 4 <= chunks*8 <= n <= len of both slices.
+            unsafe {
+                let yp = y.as_mut_ptr().add(c * 4);
+                let v = vfmaq_n_f32(vld1q_f32(yp), vld1q_f32(x.as_ptr().add(c * 4)), alpha);
+                vst1q_f32(yp, v);
+            }
+        }
+        for i in chunks * 8..n {
+            y[i] += alpha * x[i];
+        }
+    }
+
+    /// Dot product: one 8-lane fused chain over chunks of 8, [`hsum`], then the scalar tail.
+    pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let chunks = n / 8;
+        // SAFETY: every load reads c*8 .. c*8 + 8 <= n values of both slices.
+        let (lo, hi) = unsafe {
+            let (mut lo, mut hi) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+            for c in 0..chunks {
+                let (pa, pb) = (a.as_ptr().add(c * 8), b.as_ptr().add(c * 8));
+                lo = vfmaq_f32(lo, vld1q_f32(pa), vld1q_f32(pb));
+                hi = vfmaq_f32(hi, vld1q_f32(pa.add(4)), vld1q_f32(pb.add(4)));
+            }
+            (lo, hi)
+        };
+        let mut s = hsum(lo, hi);
+        for i in chunks * 8..n {
+            s += a[i] * b[i];
+        }
+        s
+    }
+}
+
+/// The vector paths' dot product written out with scalar fused multiply-adds: what AVX2,
+/// AVX-512 and NEON must each compute bit for bit (tests compare them to it).
+#[cfg(test)]
+pub(crate) fn dot_fused_reference(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut lanes = [0f32; 8];
+    for c in 0..n / 8 {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            *lane = a[c * 8 + l].mul_add(b[c * 8 + l], *lane);
+        }
+    }
+    let mut s = reduce8(&lanes);
+    for i in n / 8 * 8..n {
+        s += a[i] * b[i];
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +310,37 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
             assert!((dot(&a, &b) as f64 - exact).abs() < 1e-4, "n={n}");
+        }
+    }
+
+    #[test]
+    fn vector_dot_and_axpy_are_the_fused_lane_order_on_every_architecture() {
+        if isa() == Isa::Scalar {
+            println!("skipped: no vector path here (or RLX_ISA caps it)");
+            return;
+        }
+        for n in [0, 1, 7, 8, 9, 63, 64, 100, 577] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.1).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos() / 7.0).collect();
+            assert_eq!(
+                dot(&a, &b).to_bits(),
+                dot_fused_reference(&a, &b).to_bits(),
+                "{:?} n={n}",
+                isa()
+            );
+            let mut y = b.clone();
+            axpy(&mut y, 0.3, &a);
+            let mut expected = b.clone();
+            let vector = n / 8 * 8;
+            for (i, e) in expected.iter_mut().enumerate() {
+                *e = if i < vector {
+                    0.3f32.mul_add(a[i], *e)
+                } else {
+                    *e + 0.3 * a[i]
+                };
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y), bits(&expected), "{:?} n={n}", isa());
         }
     }
 }
