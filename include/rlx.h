@@ -215,7 +215,7 @@ typedef struct rlx_model_params {
    */
   const char *device_dtype;
   /**
-   * Non-zero: a GGUF's Q4_0/Q4_1/Q8_0 matrices run with 8-bit activations (integer dot
+   * Non-zero: a GGUF's Q4_0/Q4_1/Q8_0/Q4_K/Q6_K matrices run with 8-bit activations (integer dot
    * products, as llama.cpp runs them): faster decoding, log-probs within the activations'
    * rounding of the exact ones (generation and rlx_logprobs still agree exactly; training
    * log-probs no longer equal the model's). CPU and GGUF only, else RLX_INVALID_ARGUMENT.

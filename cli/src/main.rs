@@ -111,7 +111,7 @@ struct ModelArgs {
     /// bit; the blocks use several times less memory and decode faster.
     #[arg(long)]
     dequantize: bool,
-    /// Run a GGUF's Q4_0/Q4_1/Q8_0 matrices with 8-bit activations (integer dot products, as
+    /// Run a GGUF's Q4_0/Q4_1/Q8_0/Q4_K/Q6_K matrices with 8-bit activations (integer dot products, as
     /// llama.cpp does): faster decoding, results within the activations' rounding of the exact
     /// ones (training log-probs then no longer equal the model's). CPU only.
     #[arg(long)]

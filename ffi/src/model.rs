@@ -51,7 +51,7 @@ pub struct rlx_model_params {
     /// On CUDA: NULL or "f32" (the default), or "bf16": the matrices and the KV cache stored
     /// as bf16 (sums stay f32; a trainer trains an f32 copy). Must be f32 on the CPU.
     pub device_dtype: *const c_char,
-    /// Non-zero: a GGUF's Q4_0/Q4_1/Q8_0 matrices run with 8-bit activations (integer dot
+    /// Non-zero: a GGUF's Q4_0/Q4_1/Q8_0/Q4_K/Q6_K matrices run with 8-bit activations (integer dot
     /// products, as llama.cpp runs them): faster decoding, log-probs within the activations'
     /// rounding of the exact ones (generation and rlx_logprobs still agree exactly; training
     /// log-probs no longer equal the model's). CPU and GGUF only, else RLX_INVALID_ARGUMENT.

@@ -97,7 +97,7 @@ class Model:
         ``threads``: worker threads for this model's calls; 0 = one per CPU core.
         ``device``: "cpu", "cuda" or "cuda:N"; ``device_dtype``: on CUDA, "f32" or
         "bf16" storage of the matrices and KV cache (f32 accumulation).
-        ``int8_activations``: a GGUF's Q4_0/Q4_1/Q8_0 matrices run with 8-bit
+        ``int8_activations``: a GGUF's Q4_0/Q4_1/Q8_0/Q4_K/Q6_K matrices run with 8-bit
         activations (faster decoding; log-probs within the activations' rounding of
         the exact ones; generate and logprobs still agree exactly). CPU and GGUF only,
         else InvalidArgumentError.

@@ -144,7 +144,7 @@ impl PyModel {
     /// on a GPU); a missing driver, device, NVRTC or cuBLAS raises UnsupportedError.
     /// `device_dtype`: on CUDA, "f32" (default) or "bf16" storage of the matrices and the KV
     /// cache (f32 accumulation; a Trainer trains an f32 copy).
-    /// `int8_activations`: a GGUF's Q4_0/Q4_1/Q8_0 matrices run with 8-bit activations
+    /// `int8_activations`: a GGUF's Q4_0/Q4_1/Q8_0/Q4_K/Q6_K matrices run with 8-bit activations
     /// (integer dot products, as llama.cpp runs them): faster decoding, log-probs within the
     /// activations' rounding of the exact ones (generate and logprobs still agree exactly;
     /// training log-probs no longer equal the model's). CPU and GGUF only, else

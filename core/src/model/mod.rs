@@ -71,7 +71,7 @@ pub struct LoadOptions {
     /// On a CUDA device: f32 (default) or bf16 storage of the matrices and the KV cache
     /// ([`DeviceDtype`](crate::backend::DeviceDtype)). Must be f32 on the CPU.
     pub device_dtype: crate::backend::DeviceDtype,
-    /// CPU, with `keep_quantized`: run the Q4_0, Q4_1 and Q8_0 matrices with 8-bit activations
+    /// CPU, with `keep_quantized`: run the Q4_0, Q4_1, Q8_0, Q4_K and Q6_K matrices with 8-bit activations
     /// (each input row quantized in blocks of 32, integer dot products), as llama.cpp runs these
     /// files — decode is about 1.5× faster, and results differ from the dequantized f32 model
     /// by the rounding of the activations (see [`int8_matmul`]). Every row count and thread
@@ -113,7 +113,7 @@ pub struct Model {
     source: PathBuf,
     /// Recompute each layer's activations in the backward pass instead of keeping them.
     gradient_checkpointing: bool,
-    /// Q4_0/Q4_1/Q8_0 matrices run with 8-bit activations ([`LoadOptions::int8_activations`]).
+    /// Q4_0/Q4_1/Q8_0/Q4_K/Q6_K matrices run with 8-bit activations ([`LoadOptions::int8_activations`]).
     int8_activations: bool,
     /// Set by a Trainer with bf16 compute around its own gradient calls: the training
     /// forward/backward's products then run on these bf16 copies of the weights.
@@ -832,7 +832,7 @@ impl Model {
         );
     }
 
-    /// Whether Q4_0/Q4_1/Q8_0 matrices run with 8-bit activations
+    /// Whether Q4_0/Q4_1/Q8_0/Q4_K/Q6_K matrices run with 8-bit activations
     /// ([`LoadOptions::int8_activations`]).
     pub fn int8_activations(&self) -> bool {
         self.int8_activations

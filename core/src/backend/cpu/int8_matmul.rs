@@ -1,4 +1,4 @@
-//! `out[T, N] = x[T, K] · w[N, K]ᵀ + bias` for Q4_0, Q4_1 and Q8_0 weights with the activations
+//! `out[T, N] = x[T, K] · w[N, K]ᵀ + bias` for Q4_0, Q4_1, Q8_0, Q4_K and Q6_K weights with the activations
 //! quantized as well: each input row to 8-bit integers in blocks of 32 with one f32 scale per
 //! block, so a block's 32 products are one integer dot product (`vpdpbusd` with AVX-512 VNNI,
 //! `vpmaddubsw` + `vpmaddwd` with AVX2) and one multiply-add of its scale — llama.cpp's way of
@@ -17,9 +17,14 @@
 //! and per output, 8 f32 lanes from zero, for each block in order, lane `l` (values
 //! `4l .. 4l + 4` of the block):
 //!
-//! - `p_l = Σ w_i · q_i`, exact in integers (`w_i`: Q4_0 nibble − 8, Q4_1 nibble, Q8_0 byte);
-//! - `acc_l = fma(p_l, d_w · d_x, acc_l)`; Q4_1 also `acc_l = fma(s_l, m_w · d_x, acc_l)` with
-//!   `s_l = Σ q_i` (its offset `m_w` times the block's activations);
+//! - `p_l = Σ w_i · q_i`, exact in integers (`w_i`: Q4_0 nibble − 8, Q4_1 nibble, Q8_0 byte,
+//!   Q4_K nibble, Q6_K 6-bit value − 32);
+//! - `acc_l = fma(p_l, d_w · d_x, acc_l)`; Q4_1 and Q4_K also `acc_l = fma(s_l, m_w · d_x,
+//!   acc_l)` with `s_l = Σ q_i` (the offset `m_w` times the block's activations);
+//!
+//! where a K-quant's 32-value sub-block `s` of a 256-value super-block with scales `d`, `dmin`
+//! has `d_w = d · sc_s` and `m_w = −(dmin · m_s)` (Q4_K, 6-bit `sc_s`, `m_s`), or per 16 values
+//! `d_w = d · sc` (Q6_K: lanes 0–3 take the first 16 values' scale, lanes 4–7 the second's);
 //!
 //! then the fixed pairwise sum of the 8 lanes ([`super::simd::reduce8`]) and the bias. So
 //! `generate` and `logprobs` still agree bit for bit with each other.
@@ -38,7 +43,10 @@ use crate::weights::quant::GgmlType;
 
 /// Whether [`int8_matmul`] runs `ty` (other types stay on the exact kernels).
 pub fn supports(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    matches!(
+        ty,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K
+    )
 }
 
 /// How the integer dot products run.
@@ -282,25 +290,46 @@ fn quantize_block_portable(x: &[f32], q: &mut [i8], sums: &mut [i32], sums_f32: 
     d
 }
 
-/// Bytes per 32-value block.
-const fn unit_bytes(ty: u8) -> usize {
+/// (bytes per unit, 32-value sub-blocks per unit): a block, or a K-quant's super-block.
+const fn unit_shape(ty: u8) -> (usize, usize) {
     match ty {
-        Q4_0 => 18,
-        Q4_1 => 20,
-        _ => 34,
+        Q4_0 => (18, 1),
+        Q4_1 => (20, 1),
+        Q8_0 => (34, 1),
+        Q4_K => (144, 8),
+        _ => (210, 8),
     }
 }
 
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
+const Q4_K: u8 = 3;
+const Q6_K: u8 = 4;
 
 fn type_code(ty: GgmlType) -> u8 {
     match ty {
         GgmlType::Q4_0 => Q4_0,
         GgmlType::Q4_1 => Q4_1,
+        GgmlType::Q4K => Q4_K,
+        GgmlType::Q6K => Q6_K,
         _ => Q8_0,
     }
+}
+
+/// Q6_K sub-block `s` of a 210-byte unit: where its 32 low-nibble bytes are, whether it takes
+/// their high nibbles, where its 32 `qh` bytes are, the shift of its 2 high bits in them, and
+/// the index of its first scale (the second is the next).
+#[inline(always)]
+fn q6k_layout(s: usize) -> (usize, bool, usize, u32, usize) {
+    let (half, quarter) = (s / 4, s % 4);
+    (
+        half * 64 + (quarter % 2) * 32,
+        quarter >= 2,
+        128 + half * 32,
+        2 * quarter as u32,
+        192 + 2 * s,
+    )
 }
 
 /// # Safety
@@ -320,6 +349,8 @@ unsafe fn compute_rect(
             match type_code(w.ty) {
                 Q4_0 => $m::rect::<{ Q4_0 }>(out, xs, w, bias, rect),
                 Q4_1 => $m::rect::<{ Q4_1 }>(out, xs, w, bias, rect),
+                Q4_K => $m::rect::<{ Q4_K }>(out, xs, w, bias, rect),
+                Q6_K => $m::rect::<{ Q6_K }>(out, xs, w, bias, rect),
                 _ => $m::rect::<{ Q8_0 }>(out, xs, w, bias, rect),
             }
         };
@@ -336,21 +367,67 @@ unsafe fn compute_rect(
     }
 }
 
-/// Weight value `i` of a block (its integer part, before the scale).
-#[inline(always)]
-fn weight_value(ty: u8, block: &[u8], i: usize) -> i32 {
-    match ty {
-        Q8_0 => block[2 + i] as i8 as i32,
-        _ => {
-            let qs = &block[if ty == Q4_1 { 4 } else { 2 }..];
-            let nibble = if i < 16 { qs[i] & 15 } else { qs[i - 16] >> 4 } as i32;
-            if ty == Q4_0 {
-                nibble - 8
-            } else {
-                nibble
-            }
+/// A K-quant unit's scales as the module notes define them: Q4_K `[d·sc_0 … d·sc_7,
+/// −(dmin·m_0) … −(dmin·m_7)]`, Q6_K its 16 `d·sc_i` (one per 16 values).
+fn unit_scales(ty: u8, unit: &[u8]) -> [f32; 16] {
+    let mut out = [0f32; 16];
+    if ty == Q4_K {
+        let (d, dmin) = (f16_at(unit, 0), f16_at(unit, 2));
+        for s in 0..8 {
+            let (sc, m) = super::quant_matmul::scale_min_k4(s, &unit[4..16]);
+            out[s] = d * sc;
+            out[8 + s] = -(dmin * m);
+        }
+    } else {
+        let d = f16_at(unit, 208);
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = d * (unit[192 + i] as i8) as f32;
         }
     }
+    out
+}
+
+/// Sub-block `s` of a unit as the module notes read it: its 32 integer weights, `d_w` of lanes
+/// 0–3 and 4–7, and `m_w`.
+fn sub_block(ty: u8, unit: &[u8], s: usize) -> ([i32; 32], [f32; 2], f32) {
+    let mut w = [0i32; 32];
+    let d = f16_at(unit, 0);
+    let (dw, mw) = match ty {
+        Q8_0 => {
+            for (i, w) in w.iter_mut().enumerate() {
+                *w = unit[2 + i] as i8 as i32;
+            }
+            ([d, d], 0.0)
+        }
+        Q4_0 | Q4_1 => {
+            let qs = &unit[if ty == Q4_1 { 4 } else { 2 }..];
+            for (i, w) in w.iter_mut().enumerate() {
+                let nibble = if i < 16 { qs[i] & 15 } else { qs[i - 16] >> 4 } as i32;
+                *w = if ty == Q4_0 { nibble - 8 } else { nibble };
+            }
+            let m = if ty == Q4_1 { f16_at(unit, 2) } else { 0.0 };
+            ([d, d], m)
+        }
+        Q4_K => {
+            let qs = &unit[16 + (s / 2) * 32..][..32];
+            for (w, &q) in w.iter_mut().zip(qs) {
+                *w = (q >> (4 * (s % 2))) as i32 & 15;
+            }
+            let scales = unit_scales(ty, unit);
+            ([scales[s], scales[s]], scales[8 + s])
+        }
+        _ => {
+            let (ql, high, qh, shift, sc) = q6k_layout(s);
+            for (i, w) in w.iter_mut().enumerate() {
+                let low = (unit[ql + i] >> if high { 4 } else { 0 }) & 15;
+                let top = (unit[qh + i] >> shift) & 3;
+                *w = (low | top << 4) as i32 - 32;
+            }
+            let scales = unit_scales(ty, unit);
+            ([scales[sc - 192], scales[sc - 191]], 0.0)
+        }
+    };
+    (w, dw, mw)
 }
 
 fn f16_at(block: &[u8], at: usize) -> f32 {
@@ -370,24 +447,21 @@ unsafe fn scalar_rect(
 ) {
     let ty = type_code(w.ty);
     let (n, k, row_bytes) = (w.n, w.k, w.row_bytes());
-    let (nb, unit) = (k / BLOCK, unit_bytes(ty));
+    let (nb, (unit, subs)) = (k / BLOCK, unit_shape(ty));
     for c in r.c0..r.c1 {
         let wrow = &w.data[c * row_bytes..(c + 1) * row_bytes];
         for t in r.r0..r.r1 {
             let mut acc = [0f32; 8];
             for b in 0..nb {
-                let block = &wrow[b * unit..(b + 1) * unit];
+                let (weights, dw, mw) = sub_block(ty, &wrow[b / subs * unit..][..unit], b % subs);
                 let q = &xs.q[t * k + b * BLOCK..][..BLOCK];
                 let dx = xs.d[t * nb + b];
-                let scale = f16_at(block, 0) * dx;
                 let sums = &xs.lane_sums_f32[(t * nb + b) * 8..][..8];
                 for (l, a) in acc.iter_mut().enumerate() {
-                    let p: i32 = (4 * l..4 * l + 4)
-                        .map(|i| weight_value(ty, block, i) * q[i] as i32)
-                        .sum();
-                    *a = (p as f32).mul_add(scale, *a);
-                    if ty == Q4_1 {
-                        *a = sums[l].mul_add(f16_at(block, 2) * dx, *a);
+                    let p: i32 = (4 * l..4 * l + 4).map(|i| weights[i] * q[i] as i32).sum();
+                    *a = (p as f32).mul_add(dw[l / 4] * dx, *a);
+                    if matches!(ty, Q4_1 | Q4_K) {
+                        *a = sums[l].mul_add(mw * dx, *a);
                     }
                 }
             }
@@ -426,11 +500,15 @@ macro_rules! x86_int8_kernels {
                 for_each_tile(r, MR, |t, take, c, cols| {
                     macro_rules! by_cols {
                         ($r:literal) => {
-                            match cols {
-                                4 => tile::<TY, $r, 4>(out, xs, w, bias, t, c),
-                                3 => tile::<TY, $r, 3>(out, xs, w, bias, t, c),
-                                2 => tile::<TY, $r, 2>(out, xs, w, bias, t, c),
-                                _ => tile::<TY, $r, 1>(out, xs, w, bias, t, c),
+                            match (unit_shape(TY).1 > 1, cols) {
+                                (true, 4) => tile_k::<TY, $r, 4>(out, xs, w, bias, t, c),
+                                (true, 3) => tile_k::<TY, $r, 3>(out, xs, w, bias, t, c),
+                                (true, 2) => tile_k::<TY, $r, 2>(out, xs, w, bias, t, c),
+                                (true, _) => tile_k::<TY, $r, 1>(out, xs, w, bias, t, c),
+                                (false, 4) => tile::<TY, $r, 4>(out, xs, w, bias, t, c),
+                                (false, 3) => tile::<TY, $r, 3>(out, xs, w, bias, t, c),
+                                (false, 2) => tile::<TY, $r, 2>(out, xs, w, bias, t, c),
+                                (false, _) => tile::<TY, $r, 1>(out, xs, w, bias, t, c),
                             }
                         };
                     }
@@ -477,7 +555,7 @@ macro_rules! x86_int8_kernels {
                 t: usize,
                 c: usize,
             ) {
-                let unit = unit_bytes(TY);
+                let unit = unit_shape(TY).0;
                 let (k, n, row_bytes) = (w.k, w.n, w.row_bytes());
                 let nb = k / BLOCK;
                 let wp = w.data[c * row_bytes..].as_ptr();
@@ -567,6 +645,167 @@ macro_rules! x86_int8_kernels {
                 // SAFETY: the tile lies in the caller's rectangle.
                 unsafe { store_tile(&acc, out, n, bias, t, c) };
             }
+
+            /// [`tile`] for the K-quants (Q4_K, Q6_K): a column's super-block scales are decoded
+            /// once, then its 8 sub-blocks run against every row — the same per-output order.
+            ///
+            /// # Safety
+            /// As [`rect`]; `t + R <= rows`, `c + C <= w.n`.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn tile_k<const TY: u8, const R: usize, const C: usize>(
+                out: *mut f32,
+                xs: &QuantRows,
+                w: QuantMatrix<'_>,
+                bias: Option<&[f32]>,
+                t: usize,
+                c: usize,
+            ) {
+                let unit = unit_shape(TY).0;
+                let (k, n, row_bytes) = (w.k, w.n, w.row_bytes());
+                let (nb, units) = (k / BLOCK, k / (8 * BLOCK));
+                let wp = w.data[c * row_bytes..].as_ptr();
+                let mut acc = [[_mm256_setzero_ps(); C]; R];
+                let nibbles = |raw: __m256i| _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
+                for u in 0..units {
+                    let mut blocks = [std::ptr::null::<u8>(); C];
+                    let mut scales = [[0f32; 16]; C];
+                    for j in 0..C {
+                        blocks[j] = wp.wrapping_add(j * row_bytes + u * unit);
+                        for line in (0..unit).step_by(64) {
+                            // Into L2 (see PREFETCH); never faults, even past the end.
+                            let ahead = blocks[j].wrapping_add(PREFETCH + line);
+                            _mm_prefetch::<_MM_HINT_T1>(ahead.cast::<i8>());
+                        }
+                        // SAFETY: row c+j exists and unit u lies inside it (operands checked).
+                        scales[j] = unsafe { unit_scales_simd::<TY>(blocks[j]) };
+                    }
+                    for sub in 0..8 {
+                        // The columns side by side: independent FMA chains.
+                        let mut wq = [_mm256_setzero_si256(); C];
+                        let mut dw = [_mm256_setzero_ps(); C];
+                        let mut mw = [_mm256_setzero_ps(); C];
+                        for j in 0..C {
+                            let (block, sc) = (blocks[j], &scales[j]);
+                            // SAFETY: the sub-block's bytes lie in unit u of row c+j.
+                            unsafe {
+                                if TY == Q4_K {
+                                    let raw = _mm256_loadu_si256(
+                                        block.add(16 + (sub / 2) * 32).cast::<__m256i>(),
+                                    );
+                                    wq[j] = nibbles(if sub % 2 == 1 {
+                                        _mm256_srli_epi16(raw, 4)
+                                    } else {
+                                        raw
+                                    });
+                                    dw[j] = _mm256_set1_ps(sc[sub]);
+                                    mw[j] = _mm256_set1_ps(sc[8 + sub]);
+                                } else {
+                                    let (ql, high, qh, shift, _) = q6k_layout(sub);
+                                    let low = _mm256_loadu_si256(block.add(ql).cast::<__m256i>());
+                                    let low =
+                                        nibbles(if high { _mm256_srli_epi16(low, 4) } else { low });
+                                    let top = _mm256_loadu_si256(block.add(qh).cast::<__m256i>());
+                                    let top = _mm256_and_si256(
+                                        _mm256_srl_epi16(top, _mm_cvtsi32_si128(shift as i32)),
+                                        _mm256_set1_epi8(3),
+                                    );
+                                    // Each byte's 2 high bits are ≤ 3, so the 16-bit shift
+                                    // cannot carry into the next byte.
+                                    wq[j] = _mm256_or_si256(low, _mm256_slli_epi16(top, 4));
+                                    dw[j] = _mm256_set_m128(
+                                        _mm_set1_ps(sc[2 * sub + 1]),
+                                        _mm_set1_ps(sc[2 * sub]),
+                                    );
+                                }
+                            }
+                        }
+                        let b = u * 8 + sub;
+                        for (i, acc_row) in acc.iter_mut().enumerate() {
+                            let row_block = (t + i) * nb + b;
+                            // SAFETY: row t+i was quantized: k values, nb scales, 8·nb lane sums.
+                            let (xq, dx, sums, sums_f32) = unsafe {
+                                (
+                                    _mm256_loadu_si256(
+                                        xs.q.as_ptr()
+                                            .add((t + i) * k + b * BLOCK)
+                                            .cast::<__m256i>(),
+                                    ),
+                                    _mm256_set1_ps(*xs.d.get_unchecked(row_block)),
+                                    _mm256_loadu_si256(
+                                        xs.lane_sums.as_ptr().add(row_block * 8).cast::<__m256i>(),
+                                    ),
+                                    _mm256_loadu_ps(xs.lane_sums_f32.as_ptr().add(row_block * 8)),
+                                )
+                            };
+                            // Q6_K's −32 taken out of the integer sums up front.
+                            let init = if TY == Q6_K {
+                                _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 5))
+                            } else {
+                                _mm256_setzero_si256()
+                            };
+                            for (j, a) in acc_row.iter_mut().enumerate() {
+                                let p = _mm256_cvtepi32_ps(dot_lanes(init, wq[j], xq));
+                                *a = _mm256_fmadd_ps(p, _mm256_mul_ps(dw[j], dx), *a);
+                                if TY == Q4_K {
+                                    *a = _mm256_fmadd_ps(sums_f32, _mm256_mul_ps(mw[j], dx), *a);
+                                }
+                            }
+                        }
+                    }
+                }
+                // SAFETY: the tile lies in the caller's rectangle.
+                unsafe { store_tile(&acc, out, n, bias, t, c) };
+            }
+
+            /// [`unit_scales`] with F16C and vector conversions (the same values).
+            ///
+            /// # Safety
+            /// `unit` points at a whole Q4_K (144-byte) or Q6_K (210-byte) unit.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn unit_scales_simd<const TY: u8>(unit: *const u8) -> [f32; 16] {
+                let f16 = |at: usize| {
+                    // SAFETY: two bytes inside the unit.
+                    let bits = unsafe { unit.add(at).cast::<u16>().read_unaligned() };
+                    _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
+                };
+                let mut out = [0f32; 16];
+                // SAFETY: the reads stay in the unit's scale bytes; `out` holds 16 values.
+                unsafe {
+                    if TY == Q4_K {
+                        // The 12 scale bytes as three words; byte i of the four results is
+                        // `scale_min_k4`'s scale i (words 0–1) and min i (words 2–3), decoded
+                        // in registers (byte stores feeding a vector load would stall).
+                        let word = |i: usize| unit.add(4 + 4 * i).cast::<u32>().read_unaligned();
+                        let (q0, q1, q2) = (word(0), word(1), word(2));
+                        let (low6, low4, top2) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+                        let packed = _mm_setr_epi32(
+                            (q0 & low6) as i32,
+                            ((q2 & low4) | (((q0 >> 6) & top2) << 4)) as i32,
+                            (q1 & low6) as i32,
+                            (((q2 >> 4) & low4) | (((q1 >> 6) & top2) << 4)) as i32,
+                        );
+                        let wide = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+                        let mins = _mm256_mul_ps(f16(2), wide(_mm_srli_si128::<8>(packed)));
+                        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(f16(0), wide(packed)));
+                        _mm256_storeu_ps(
+                            out.as_mut_ptr().add(8),
+                            // Negation flips the sign bit, as `-(dmin · m)` does.
+                            _mm256_xor_ps(mins, _mm256_set1_ps(-0.0)),
+                        );
+                    } else {
+                        let d = f16(208);
+                        for half in 0..2 {
+                            let sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                                unit.add(192 + 8 * half).cast::<__m128i>(),
+                            )));
+                            _mm256_storeu_ps(out.as_mut_ptr().add(8 * half), _mm256_mul_ps(d, sc));
+                        }
+                    }
+                }
+                out
+            }
         }
     };
 }
@@ -596,7 +835,13 @@ mod tests {
     use super::*;
     use crate::backend::cpu::test_values;
 
-    const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+    const TYPES: [GgmlType; 5] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ];
 
     fn paths() -> Vec<Int8Path> {
         [Int8Path::Scalar, Int8Path::Avx2, Int8Path::Vnni]
@@ -612,13 +857,14 @@ mod tests {
         if Int8Path::detect() < Int8Path::Vnni {
             println!("only {:?} and below run here", Int8Path::detect());
         }
-        for (rows, n, k) in [(9, 37, 512), (5, 8, 32), (2, 13, 96)] {
+        for (rows, n, k) in [(9, 37, 512), (5, 8, 32), (2, 13, 96), (3, 6, 768)] {
             let mut x = test_values(rows * k, 5);
             // One all-zero block and one tiny one.
             x[..BLOCK].fill(0.0);
             x[BLOCK..2 * BLOCK].iter_mut().for_each(|v| *v *= 1e-30);
             let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25).collect();
-            for ty in TYPES {
+            // K-quants need whole 256-value super-blocks.
+            for ty in TYPES.into_iter().filter(|&ty| QuantMatrix::supports(ty, k)) {
                 let data = random_blocks(ty, n, k, 7);
                 let w = QuantMatrix {
                     ty,
@@ -703,7 +949,12 @@ mod tests {
     fn split_products_agree_bitwise() {
         let (rows, k) = (40, 2048);
         let x = test_values(rows * k, 12);
-        let shapes = [(GgmlType::Q4_1, 300), (GgmlType::Q4_0, 150)];
+        let shapes = [
+            (GgmlType::Q4_1, 300),
+            (GgmlType::Q4_0, 150),
+            (GgmlType::Q4K, 200),
+            (GgmlType::Q6K, 90),
+        ];
         let data = blocks_for(&shapes, k);
         let ws = matrices(&shapes, &data, k);
         let scalar = |p: &mut [QuantProduct<'_>], x: &[f32], rows: usize| {
@@ -745,7 +996,7 @@ mod tests {
 
     #[test]
     fn non_finite_activations_give_nan() {
-        let (n, k) = (4, 64);
+        let (n, k) = (4, 256);
         for ty in TYPES {
             let data = random_blocks(ty, n, k, 1);
             let w = QuantMatrix {

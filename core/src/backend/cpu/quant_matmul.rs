@@ -508,9 +508,8 @@ const fn unit_shape(ty: u8) -> (usize, usize) {
 
 /// 6-bit scale and min of sub-block `j` of a Q4_K super-block (12 packed bytes), as the f32
 /// dequantizer computes them.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
     if j < 4 {
         ((q[j] & 63) as f32, (q[j + 4] & 63) as f32)
     } else {
