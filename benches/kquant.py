@@ -14,7 +14,7 @@ the dequantized model) and with `--int8-activations` (as llama.cpp runs these fi
 Needs torch + transformers (to make the model), the SmolLM2 HF folder for the tokenizer
 (bench-out/smollm2-135m-f32, written by `rlx convert` — see benches/smollm2.py), and a llama.cpp
 checkout with its build: the converter is <bin>/../../convert_hf_to_gguf.py (or --llama-src).
-Ratios are rlx ÷ llama.cpp (> 1: rlx faster). Writes bench-out/kquant.json.
+Ratios are rlx ÷ llama.cpp (> 1: rlx faster). Writes bench-out/kquant/kquant.json.
 """
 
 import argparse
@@ -48,6 +48,18 @@ def make_model(folder: Path, tokenizer_from: Path) -> None:
         shutil.copy(tokenizer_from / name, folder / name)
 
 
+def run_tool(cmd: list, out: Path) -> None:
+    """Runs a converter that writes `out`, through a temporary name, so an interrupted run
+    leaves no half-written file to be reused; its output is shown if it fails."""
+    partial = out.with_suffix(".partial")
+    done = subprocess.run([str(c) if c != out else str(partial) for c in cmd],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"{cmd[0]} failed with status {done.returncode}")
+    partial.rename(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--llama-cpp", type=Path, default=os.environ.get("RLX_LLAMA_CPP"))
@@ -63,21 +75,19 @@ def main() -> int:
     src = args.llama_src or args.llama_cpp.resolve().parent.parent
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "rlx-cli"], cwd=ROOT, check=True)
     hf = OUT / "hf-f32"
-    if not (hf / "model.safetensors").is_file():
+    if not (hf / "tokenizer.json").is_file():  # copied last: the folder is whole
         make_model(hf, args.tokenizer_dir)
     f32 = OUT / "kquant-768.F32.gguf"
     if not f32.is_file():
-        subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf),
-                        "--outtype", "f32", "--outfile", str(f32)], check=True,
-                       capture_output=True)
+        run_tool([sys.executable, src / "convert_hf_to_gguf.py", hf, "--outtype", "f32",
+                  "--outfile", f32], f32)
     t, r = args.threads, args.repeats
     rows = []
     print(f"{'workload':46}{'rlx':>10}{'llama.cpp':>11}{'ratio':>8}")
     for kind in ["Q4_K", "Q6_K"]:
         path = OUT / f"kquant-768.{kind}.gguf"
         if not path.is_file():
-            subprocess.run([str(args.llama_cpp / "llama-quantize"), "--pure", str(f32),
-                            str(path), kind], check=True, capture_output=True)
+            run_tool([args.llama_cpp / "llama-quantize", "--pure", f32, path, kind], path)
         exact = rlx_bench(path, t, r, prefill=512, decode=64)
         # With 8-bit activations, as llama.cpp itself runs these files.
         int8 = rlx_bench(path, t, r, prefill=512, decode=64, int8_activations=True)

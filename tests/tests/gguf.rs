@@ -480,7 +480,7 @@ fn int8_activations_stay_close_and_keep_generate_and_logprobs_equal() {
     // A GGUF with no Q4_0/Q4_1/Q8_0/Q4_K/Q6_K matrix (all f32 here) has nothing to run either.
     let (_dir32, f32_path) = write(&gpt2_fixture_as_gguf());
     let err = Model::load(&f32_path, folder).err().unwrap().to_string();
-    assert!(err.contains("no Q4_0, Q4_1 or Q8_0"), "{err}");
+    assert!(err.contains("no Q4_0, Q4_1, Q8_0, Q4_K or Q6_K"), "{err}");
     // A trainer's f32 copy drops the setting with the blocks.
     let mut trained = int8.clone();
     trained.dequantize_weights();

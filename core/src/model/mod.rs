@@ -183,8 +183,8 @@ impl Model {
             model.check_finite(&options)?;
             if options.int8_activations && !model.weights.has_quantized_of(int8_matmul::supports) {
                 return Err(Error::InvalidArgument(
-                    "int8_activations: this GGUF holds no Q4_0, Q4_1 or Q8_0 matrix to run with \
-                     8-bit activations"
+                    "int8_activations: this GGUF holds no Q4_0, Q4_1, Q8_0, Q4_K or Q6_K matrix \
+                     to run with 8-bit activations"
                         .into(),
                 ));
             }

@@ -7,10 +7,12 @@
 //! chain (its partial sum is stored as f32 and reloaded, which changes nothing), and threads split
 //! outputs, never a chain — so results do not depend on block sizes or the number of threads.
 //!
-//! Structure (the classic register-blocked kernel): a tile of `MR` rows × two vectors of columns
-//! keeps its sums in registers while `p` runs over a block of `KC` steps, broadcasting one `A`
-//! value per row and loading two vectors of one `B` row per step. Ragged column edges use masked
-//! loads and stores, so no read or write leaves the operands.
+//! Structure (the classic register-blocked kernel): a tile of `MR` rows × `NR` columns (two
+//! vectors on x86, four 4-lane vectors on NEON) keeps its sums in registers while `p` runs over a
+//! block of `KC` steps, broadcasting one `A` value per row and loading one `B` row's vectors per
+//! step. Ragged column edges use masked loads and stores on x86 and a staging row on NEON, so no
+//! read or write leaves the operands. Every level runs the same fused chain per output, so
+//! AVX2, AVX-512 and NEON give the same bits.
 
 use rayon::prelude::*;
 

@@ -388,8 +388,8 @@ fn unit_scales(ty: u8, unit: &[u8]) -> [f32; 16] {
 }
 
 /// Sub-block `s` of a unit as the module notes read it: its 32 integer weights, `d_w` of lanes
-/// 0–3 and 4–7, and `m_w`.
-fn sub_block(ty: u8, unit: &[u8], s: usize) -> ([i32; 32], [f32; 2], f32) {
+/// 0–3 and 4–7, and `m_w` (a K-quant's from its unit's [`unit_scales`]).
+fn sub_block(ty: u8, unit: &[u8], s: usize, scales: &[f32; 16]) -> ([i32; 32], [f32; 2], f32) {
     let mut w = [0i32; 32];
     let d = f16_at(unit, 0);
     let (dw, mw) = match ty {
@@ -413,7 +413,6 @@ fn sub_block(ty: u8, unit: &[u8], s: usize) -> ([i32; 32], [f32; 2], f32) {
             for (w, &q) in w.iter_mut().zip(qs) {
                 *w = (q >> (4 * (s % 2))) as i32 & 15;
             }
-            let scales = unit_scales(ty, unit);
             ([scales[s], scales[s]], scales[8 + s])
         }
         _ => {
@@ -423,7 +422,6 @@ fn sub_block(ty: u8, unit: &[u8], s: usize) -> ([i32; 32], [f32; 2], f32) {
                 let top = (unit[qh + i] >> shift) & 3;
                 *w = (low | top << 4) as i32 - 32;
             }
-            let scales = unit_scales(ty, unit);
             ([scales[sc - 192], scales[sc - 191]], 0.0)
         }
     };
@@ -448,12 +446,19 @@ unsafe fn scalar_rect(
     let ty = type_code(w.ty);
     let (n, k, row_bytes) = (w.n, w.k, w.row_bytes());
     let (nb, (unit, subs)) = (k / BLOCK, unit_shape(ty));
+    // Each weight sub-block (and a K-quant unit's scales) is decoded once for all the rows.
+    let mut acc = vec![[0f32; 8]; r.r1 - r.r0];
     for c in r.c0..r.c1 {
         let wrow = &w.data[c * row_bytes..(c + 1) * row_bytes];
-        for t in r.r0..r.r1 {
-            let mut acc = [0f32; 8];
-            for b in 0..nb {
-                let (weights, dw, mw) = sub_block(ty, &wrow[b / subs * unit..][..unit], b % subs);
+        acc.fill([0.0; 8]);
+        let mut scales = [0f32; 16];
+        for b in 0..nb {
+            let (unit_bytes, s) = (&wrow[b / subs * unit..][..unit], b % subs);
+            if subs > 1 && s == 0 {
+                scales = unit_scales(ty, unit_bytes);
+            }
+            let (weights, dw, mw) = sub_block(ty, unit_bytes, s, &scales);
+            for (t, acc) in (r.r0..r.r1).zip(acc.iter_mut()) {
                 let q = &xs.q[t * k + b * BLOCK..][..BLOCK];
                 let dx = xs.d[t * nb + b];
                 let sums = &xs.lane_sums_f32[(t * nb + b) * 8..][..8];
@@ -465,7 +470,9 @@ unsafe fn scalar_rect(
                     }
                 }
             }
-            let mut v = reduce8(&acc);
+        }
+        for (t, acc) in (r.r0..r.r1).zip(&acc) {
+            let mut v = reduce8(acc);
             if let Some(b) = bias {
                 v += b[c];
             }
@@ -500,15 +507,20 @@ macro_rules! x86_int8_kernels {
                 for_each_tile(r, MR, |t, take, c, cols| {
                     macro_rules! by_cols {
                         ($r:literal) => {
-                            match (unit_shape(TY).1 > 1, cols) {
-                                (true, 4) => tile_k::<TY, $r, 4>(out, xs, w, bias, t, c),
-                                (true, 3) => tile_k::<TY, $r, 3>(out, xs, w, bias, t, c),
-                                (true, 2) => tile_k::<TY, $r, 2>(out, xs, w, bias, t, c),
-                                (true, _) => tile_k::<TY, $r, 1>(out, xs, w, bias, t, c),
-                                (false, 4) => tile::<TY, $r, 4>(out, xs, w, bias, t, c),
-                                (false, 3) => tile::<TY, $r, 3>(out, xs, w, bias, t, c),
-                                (false, 2) => tile::<TY, $r, 2>(out, xs, w, bias, t, c),
-                                (false, _) => tile::<TY, $r, 1>(out, xs, w, bias, t, c),
+                            if matches!(TY, Q4_K | Q6_K) {
+                                match cols {
+                                    4 => tile_k::<TY, $r, 4>(out, xs, w, bias, t, c),
+                                    3 => tile_k::<TY, $r, 3>(out, xs, w, bias, t, c),
+                                    2 => tile_k::<TY, $r, 2>(out, xs, w, bias, t, c),
+                                    _ => tile_k::<TY, $r, 1>(out, xs, w, bias, t, c),
+                                }
+                            } else {
+                                match cols {
+                                    4 => tile::<TY, $r, 4>(out, xs, w, bias, t, c),
+                                    3 => tile::<TY, $r, 3>(out, xs, w, bias, t, c),
+                                    2 => tile::<TY, $r, 2>(out, xs, w, bias, t, c),
+                                    _ => tile::<TY, $r, 1>(out, xs, w, bias, t, c),
+                                }
                             }
                         };
                     }

@@ -8,8 +8,9 @@
 //! `gemm` crate reorders reductions by problem size, so it cannot keep that promise.
 //!
 //! Threads split the output rectangle into disjoint blocks; within a block, tiles of 4 rows × 3
-//! columns (AVX2; 6 × 4 on AVX-512) keep the FMA units busy, the rows left over run as one
-//! shorter tile, and a single row uses 1 × 8 tiles.
+//! columns (AVX2; 6 × 4 on AVX-512; 4 × 2 on NEON, whose 8 lanes take two registers) keep the
+//! FMA units busy, the rows left over run as one shorter tile, and a single row uses 1 × 8
+//! tiles.
 
 use rayon::prelude::*;
 
@@ -356,8 +357,8 @@ forward_kernels!(avx512, "avx2,fma,avx512f,avx512vl", 6, 4);
 
 /// The forward kernel on aarch64 NEON: each output's 8 lanes live in two 4-lane registers and
 /// take the same fused multiply-add chain, horizontal sum, tail and bias as the x86 kernels, so
-/// the results are the same bits. Tiles of 4 rows × 2 columns for many rows (24 of the 32
-/// registers), 1 × 8 for one row.
+/// the results are the same bits. Tiles of 4 rows × 2 columns for many rows (16 accumulators,
+/// 4 weight and 2 input registers of the 32), 1 × 8 for one row.
 #[cfg(target_arch = "aarch64")]
 mod neon {
     use std::arch::aarch64::*;

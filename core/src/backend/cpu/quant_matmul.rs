@@ -92,7 +92,7 @@ pub fn quant_matmuls(products: &mut [QuantProduct<'_>], x: &[f32], rows: usize) 
 /// [`quant_matmuls`] on a chosen instruction-set level (capped at what the machine has).
 pub fn quant_matmuls_on(level: Isa, products: &mut [QuantProduct<'_>], x: &[f32], rows: usize) {
     let jobs = checked_jobs(products, x, rows, QuantMatrix::supports);
-    let level = level.min(isa());
+    let level = super::simd::runnable(level);
     for_each_rect(rows, &jobs, |job, rect| {
         // SAFETY: tasks cover disjoint rectangles of each product's `out`, which holds
         // rows*n values (checked); operand lengths were checked too.

@@ -6,7 +6,8 @@
 //!
 //! The vector paths of every architecture compute the same operations: 8-lane fused
 //! multiply-add chains (NEON holds the 8 lanes in two 4-lane registers) summed by [`reduce8`]'s
-//! pairing, so AVX2, AVX-512 and NEON give the same bits. The portable path multiplies and adds
+//! pairing, so AVX2, AVX-512 and NEON give the same bits (for finite results: the two
+//! architectures write different NaN bit patterns). The portable path multiplies and adds
 //! separately (a fused multiply-add is a libm call without hardware support), so it agrees with
 //! them only to rounding.
 
@@ -52,8 +53,18 @@ fn detect() -> Isa {
             _ => Isa::Avx512,
         }
     };
-    let level = detect_hardware().min(cap);
-    // A cap from another architecture (`RLX_ISA=neon` on x86-64) leaves the portable path.
+    on_this_arch(detect_hardware().min(cap))
+}
+
+/// `level` capped at this process's [`isa()`], as one this architecture has: the level a
+/// kernel's `_on(level)` variant runs.
+pub fn runnable(level: Isa) -> Isa {
+    on_this_arch(level.min(isa()))
+}
+
+/// NEON asked for on x86-64 (`RLX_ISA=neon`, or `_on(Isa::Neon)`) means the portable path; on
+/// aarch64 the x86 levels sit above NEON in the order, so as caps they leave NEON.
+fn on_this_arch(level: Isa) -> Isa {
     if level == Isa::Neon && !cfg!(target_arch = "aarch64") {
         Isa::Scalar
     } else {
@@ -94,7 +105,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// `y += alpha * x` elementwise (fused multiply-adds on the AVX2 path).
+/// `y += alpha * x` elementwise (fused multiply-adds in chunks of 8 on the vector paths, the
+/// rest and the portable path unfused).
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     match isa() {
         #[cfg(target_arch = "x86_64")]
