@@ -457,15 +457,18 @@ impl Model {
                 &config,
             )
         };
-        let weights = match &pool {
-            Some(p) => p.install(load)?,
-            None => load()?,
+        // The tokenizer (tens of milliseconds for a 49k vocabulary, one thread) is built while
+        // the weights load.
+        let both = || rayon::join(load, || tokenizer_from_gguf(&file));
+        let (weights, tokenizer) = match &pool {
+            Some(p) => p.install(both),
+            None => both(),
         };
+        let (weights, tokenizer) = (weights?, tokenizer?.map(Arc::new));
         let rope_inv_freq = config
             .rope
             .as_ref()
             .map(|r| rope::inv_freq(r, config.head_dim));
-        let tokenizer = tokenizer_from_gguf(&file)?.map(Arc::new);
         Ok(Model {
             eos_token_ids: config.eos_token_ids.clone(),
             config,

@@ -125,7 +125,8 @@ impl GgufFile {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: read-only mapping; concurrent modification of the file by another process is a
         // documented risk (README), as for every mmap-based loader.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+            .map_err(|e| Error::io(path, e))?;
         Self::parse(path, Arc::new(map))
     }
 
