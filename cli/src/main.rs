@@ -149,6 +149,10 @@ struct GenerateArgs {
     repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Do not stop at the model's end-of-sequence tokens: generate exactly --max-new-tokens
+    /// tokens (for benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
     prompt: String,
 }
 
@@ -389,7 +393,8 @@ fn generate(a: GenerateArgs) -> CliResult {
         top_p: a.top_p,
         min_p: a.min_p,
         repetition_penalty: a.repetition_penalty,
-        stop_token_ids: None,
+        // None: the model's own end-of-sequence ids; an empty list: none at all.
+        stop_token_ids: a.ignore_eos.then(Vec::new),
         seed: a.seed,
     };
     stream_generate(&model, prompt, &params)?;

@@ -40,6 +40,60 @@ fn generate_streams_the_greedy_continuation() {
     }
 }
 
+/// `--ignore-eos` generates exactly `--max-new-tokens` tokens: the library's generation with no
+/// stop ids, which here runs through an end-of-sequence token (where the default would stop).
+#[test]
+fn ignore_eos_generates_exactly_the_requested_tokens() {
+    let dir = fixture("llama-f32");
+    let model = Model::load(&dir, LoadOptions::default()).unwrap();
+    let tok = model.require_tokenizer().unwrap();
+    let n = 24;
+    let mut passed_eos = false;
+    for (seed, prompt) in ["hello", "The answer is", "a b c"].iter().enumerate() {
+        let sampled = |stop: Option<Vec<u32>>| SamplingParams {
+            max_new_tokens: n,
+            temperature: 1.5,
+            seed: seed as u64,
+            stop_token_ids: stop,
+            ..SamplingParams::default()
+        };
+        let ids = tok.encode(prompt, true).unwrap();
+        let all = model
+            .generate(&[ids], &sampled(Some(Vec::new())), None)
+            .unwrap();
+        assert_eq!(all[0].tokens.len(), n);
+        passed_eos |= all[0].tokens[..n - 1]
+            .iter()
+            .any(|t| model.eos_token_ids().contains(t));
+        let out = rlx(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--max-new-tokens",
+            &n.to_string(),
+            "--temperature",
+            "1.5",
+            "--seed",
+            &seed.to_string(),
+            "--ignore-eos",
+            prompt,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The CLI prints text without special tokens.
+        let want = tok.decode(&all[0].tokens, true).unwrap();
+        let got = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(got.strip_suffix('\n').unwrap(), want, "{prompt}");
+    }
+    assert!(
+        passed_eos,
+        "no run sampled an end-of-sequence token before its last position"
+    );
+}
+
 #[test]
 fn sampling_flags_are_reproducible() {
     let path = fixture("llama-f32");
