@@ -179,8 +179,8 @@ impl Model {
         if dir.is_file() {
             // The CUDA backend takes f32 weights: dequantize at load.
             let keep_quantized = options.keep_quantized && options.device == Device::Cpu;
-            let mut model = Self::load_gguf(dir, pool, keep_quantized)?;
-            model.check_finite(&options)?;
+            // (The finite-value check runs inside, beside the tokenizer's construction.)
+            let mut model = Self::load_gguf(dir, pool, keep_quantized, !options.allow_non_finite)?;
             if options.int8_activations && !model.weights.has_quantized_of(int8_matmul::supports) {
                 return Err(Error::InvalidArgument(
                     "int8_activations: this GGUF holds no Q4_0, Q4_1, Q8_0, Q4_K or Q6_K matrix \
@@ -425,15 +425,8 @@ impl Model {
         if options.allow_non_finite {
             return Ok(());
         }
-        let bad = self.install(|| self.weights.first_non_finite());
-        match bad {
-            Some(name) => Err(Error::format(
-                &self.source,
-                format!(
-                    "tensor `{name}` holds NaN or infinite values (load with allow_non_finite to \
-                     accept them)"
-                ),
-            )),
+        match self.install(|| self.weights.first_non_finite()) {
+            Some(name) => Err(non_finite_error(&self.source, &name)),
             None => Ok(()),
         }
     }
@@ -444,6 +437,7 @@ impl Model {
         path: &Path,
         pool: Option<Arc<ThreadPool>>,
         keep_quantized: bool,
+        check_finite: bool,
     ) -> Result<Model> {
         let file = GgufFile::open(path)?;
         let config = config_from_gguf(&file)?;
@@ -458,8 +452,20 @@ impl Model {
             )
         };
         // The tokenizer (tens of milliseconds for a 49k vocabulary, one thread) is built while
-        // the weights load.
-        let both = || rayon::join(load, || tokenizer_from_gguf(&file));
+        // the weights load and are checked.
+        let both = || {
+            rayon::join(
+                || {
+                    file.prefault();
+                    let weights = load()?;
+                    match check_finite.then(|| weights.first_non_finite()).flatten() {
+                        Some(name) => Err(non_finite_error(path, &name)),
+                        None => Ok(weights),
+                    }
+                },
+                || tokenizer_from_gguf(&file),
+            )
+        };
         let (weights, tokenizer) = match &pool {
             Some(p) => p.install(both),
             None => both(),
@@ -1021,6 +1027,17 @@ pub(crate) fn quantized_product(
         // Bit for bit the f32 product on the dequantized weights.
         quant_matmul(out, x, w, bias, rows);
     }
+}
+
+/// The load error for a tensor holding NaN or infinite values.
+fn non_finite_error(source: &Path, name: &str) -> Error {
+    Error::format(
+        source,
+        format!(
+            "tensor `{name}` holds NaN or infinite values (load with allow_non_finite to accept \
+             them)"
+        ),
+    )
 }
 
 #[cfg(test)]
