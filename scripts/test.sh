@@ -58,6 +58,17 @@ if [ "${RLX_TEST_AARCH64:-1}" != 0 ]; then
     ./scripts/test-aarch64.sh
 fi
 
+# The core crate type-checked for a non-Linux target (Windows), so Linux-only calls stay fenced.
+# RLX_TEST_WINDOWS_CHECK=0 skips it; without the Rust target it is skipped with a message.
+if [ "${RLX_TEST_WINDOWS_CHECK:-1}" = 1 ]; then
+    echo "== cargo check (core crate, x86_64-pc-windows-gnu)"
+    if rustup target add x86_64-pc-windows-gnu >/dev/null 2>&1; then
+        cargo check -p rlx --target x86_64-pc-windows-gnu
+    else
+        echo "skipped: the Rust target x86_64-pc-windows-gnu could not be installed"
+    fi
+fi
+
 if [ "${RLX_FUZZ_SECONDS:-60}" != 0 ]; then
     echo "== fuzzing"
     ./scripts/fuzz.sh

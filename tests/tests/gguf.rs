@@ -535,13 +535,20 @@ fn non_finite_weights_are_refused_at_load() {
     ] {
         let bytes = poisoned_gpt2_gguf(q8, poison);
         let (_dir, path) = write(&bytes);
-        let err = Model::load(&path, LoadOptions::default()).unwrap_err();
-        let msg = err.to_string();
-        assert!(matches!(err, Error::Format { .. }), "{msg}");
-        assert!(
-            msg.contains("layers.1.mlp.0.weight") && msg.contains("NaN or infinite"),
-            "{msg}"
-        );
+        // Kept in blocks or dequantized at load: the same refusal.
+        for keep_quantized in [true, false] {
+            let options = LoadOptions {
+                keep_quantized,
+                ..Default::default()
+            };
+            let err = Model::load(&path, options).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, Error::Format { .. }), "{msg}");
+            assert!(
+                msg.contains("layers.1.mlp.0.weight") && msg.contains("NaN or infinite"),
+                "{msg}"
+            );
+        }
         let allowed = LoadOptions {
             allow_non_finite: true,
             ..Default::default()

@@ -458,10 +458,8 @@ impl Model {
                 || {
                     file.prefault();
                     let weights = load()?;
-                    match check_finite.then(|| weights.first_non_finite()).flatten() {
-                        Some(name) => Err(non_finite_error(path, &name)),
-                        None => Ok(weights),
-                    }
+                    let bad = check_finite.then(|| weights.first_non_finite()).flatten();
+                    Ok((weights, bad))
                 },
                 || tokenizer_from_gguf(&file),
             )
@@ -470,7 +468,12 @@ impl Model {
             Some(p) => p.install(both),
             None => both(),
         };
-        let (weights, tokenizer) = (weights?, tokenizer?.map(Arc::new));
+        // Errors in the order of a sequential load: the weights, the tokenizer, then NaN/inf.
+        let (weights, bad) = weights?;
+        let tokenizer = tokenizer?.map(Arc::new);
+        if let Some(name) = bad {
+            return Err(non_finite_error(path, &name));
+        }
         let rope_inv_freq = config
             .rope
             .as_ref()

@@ -135,15 +135,18 @@ impl GgufFile {
     /// than a page fault per 64 KB. Only a hint: where the kernel lacks it, pages fault in as
     /// they are read.
     pub fn prefault(&self) {
-        use rayon::prelude::*;
-        const SLICE: usize = 8 << 20;
-        let len = self.map.len();
-        (0..len.div_ceil(SLICE)).into_par_iter().for_each(|i| {
-            let start = i * SLICE;
-            let _ =
-                self.map
-                    .advise_range(memmap2::Advice::PopulateRead, start, SLICE.min(len - start));
-        });
+        // MADV_POPULATE_READ is Linux's; elsewhere pages fault in as they are read.
+        #[cfg(target_os = "linux")]
+        {
+            use rayon::prelude::*;
+            const SLICE: usize = 8 << 20;
+            let len = self.map.len();
+            (0..len.div_ceil(SLICE)).into_par_iter().for_each(|i| {
+                let start = i * SLICE;
+                let advice = memmap2::Advice::PopulateRead;
+                let _ = self.map.advise_range(advice, start, SLICE.min(len - start));
+            });
+        }
     }
 
     fn parse(path: &Path, map: Arc<Mmap>) -> Result<Self> {

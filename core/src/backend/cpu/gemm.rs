@@ -472,6 +472,8 @@ mod neon {
     /// # Safety
     /// Bounds as [`Tile::run`] with packs of `MR` rows and 16 columns.
     pub(super) unsafe fn tile(t: &Tile) {
+        // SAFETY (every arm): `t.rows` is the arm's R (≤ MR, as `gemm` tiles); bounds per
+        // `Tile::run`.
         match t.rows {
             1 => unsafe { rows::<1>(t) },
             2 => unsafe { rows::<2>(t) },
