@@ -444,17 +444,20 @@ fn linears<const N: usize>(
     panels: [Option<&LinearPanels>; N],
     int8_activations: bool,
 ) {
-    let ws = layers.map(|l| l.w.quant());
-    if panels.iter().any(Option::is_some) || ws.iter().any(Option::is_none) {
-        for ((out, layer), panels) in outs.into_iter().zip(layers).zip(panels) {
-            linear(out, x, layer, t, panels, int8_activations);
+    // All N matrices in blocks (and no bf16 panels), or one call each.
+    let ws = match all_some(layers.map(|l| l.w.quant())) {
+        Some(ws) if panels.iter().all(Option::is_none) => ws,
+        _ => {
+            for ((out, layer), panels) in outs.into_iter().zip(layers).zip(panels) {
+                linear(out, x, layer, t, panels, int8_activations);
+            }
+            return;
         }
-        return;
-    }
+    };
     let mut outs = outs.into_iter();
     let mut list = std::array::from_fn::<_, N, _>(|i| {
         let (n, out) = (layers[i].w.shape()[0], outs.next().unwrap_or_default());
-        let w = ws[i].expect("every matrix was checked to be in blocks");
+        let w = ws[i];
         let bias = layers[i].b.as_ref().map(|b| b.as_slice());
         QuantProduct {
             out: &mut out[..t * n],
@@ -471,6 +474,16 @@ fn linears<const N: usize>(
     for (p, layer) in list.iter_mut().zip(layers) {
         super::lora::add_adapter(p.out, x, layer, t);
     }
+}
+
+/// `[Some(a), Some(b), …]` as `Some([a, b, …])`; `None` if any is `None` (no allocation: this
+/// runs per layer in decode).
+fn all_some<T: Copy, const N: usize>(items: [Option<T>; N]) -> Option<[T; N]> {
+    let mut out = [items.iter().flatten().next().copied()?; N];
+    for (o, item) in out.iter_mut().zip(items) {
+        *o = item?;
+    }
+    Some(out)
 }
 
 /// `out (T, out) = x (T, in) · Wᵀ + b`; with bf16 compute (`panels`), on the weight's bf16 copy.

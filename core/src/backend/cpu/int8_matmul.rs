@@ -318,17 +318,16 @@ fn type_code(ty: GgmlType) -> u8 {
 }
 
 /// Q6_K sub-block `s` of a 210-byte unit: where its 32 low-nibble bytes are, whether it takes
-/// their high nibbles, where its 32 `qh` bytes are, the shift of its 2 high bits in them, and
-/// the index of its first scale (the second is the next).
+/// their high nibbles, where its 32 `qh` bytes are, and the shift of its 2 high bits in them
+/// (its two scales are the unit's 2s and 2s + 1).
 #[inline(always)]
-fn q6k_layout(s: usize) -> (usize, bool, usize, u32, usize) {
+fn q6k_layout(s: usize) -> (usize, bool, usize, u32) {
     let (half, quarter) = (s / 4, s % 4);
     (
         half * 64 + (quarter % 2) * 32,
         quarter >= 2,
         128 + half * 32,
         2 * quarter as u32,
-        192 + 2 * s,
     )
 }
 
@@ -416,13 +415,13 @@ fn sub_block(ty: u8, unit: &[u8], s: usize, scales: &[f32; 16]) -> ([i32; 32], [
             ([scales[s], scales[s]], scales[8 + s])
         }
         _ => {
-            let (ql, high, qh, shift, sc) = q6k_layout(s);
+            let (ql, high, qh, shift) = q6k_layout(s);
             for (i, w) in w.iter_mut().enumerate() {
                 let low = (unit[ql + i] >> if high { 4 } else { 0 }) & 15;
                 let top = (unit[qh + i] >> shift) & 3;
                 *w = (low | top << 4) as i32 - 32;
             }
-            ([scales[sc - 192], scales[sc - 191]], 0.0)
+            ([scales[2 * s], scales[2 * s + 1]], 0.0)
         }
     };
     (w, dw, mw)
@@ -553,6 +552,73 @@ macro_rules! x86_int8_kernels {
                 }
             }
 
+            /// One 32-value block of C weight columns, ready for the integer dot products.
+            struct BlockWeights<const C: usize> {
+                /// Unsigned weight bytes (offset by the type's constant, or |w| for Q8_0 on AVX2).
+                wq: [__m256i; C],
+                /// Q8_0 on AVX2: the signed bytes, whose signs move to the activations.
+                wsigned: [__m256i; C],
+                /// `d_w` per lane.
+                dw: [__m256; C],
+                /// `m_w` (Q4_1, Q4_K).
+                mw: [__m256; C],
+            }
+
+            /// Block `b` of the weights into the sums of rows `t..t+R`: the module notes'
+            /// per-block arithmetic, one place for every type.
+            ///
+            /// # Safety
+            /// Rows `t..t+R` of `xs` were quantized with `k` values; `b < k / BLOCK`.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn add_block<const TY: u8, const R: usize, const C: usize>(
+                acc: &mut [[__m256; C]; R],
+                xs: &QuantRows,
+                w: &BlockWeights<C>,
+                t: usize,
+                k: usize,
+                b: usize,
+            ) {
+                let nb = k / BLOCK;
+                for (i, acc_row) in acc.iter_mut().enumerate() {
+                    let row_block = (t + i) * nb + b;
+                    // SAFETY: row t+i was quantized: k values, nb scales, 8·nb lane sums.
+                    let (xq, dx, sums, sums_f32) = unsafe {
+                        (
+                            _mm256_loadu_si256(
+                                xs.q.as_ptr().add((t + i) * k + b * BLOCK).cast::<__m256i>(),
+                            ),
+                            _mm256_set1_ps(*xs.d.get_unchecked(row_block)),
+                            _mm256_loadu_si256(
+                                xs.lane_sums.as_ptr().add(row_block * 8).cast::<__m256i>(),
+                            ),
+                            _mm256_loadu_ps(xs.lane_sums_f32.as_ptr().add(row_block * 8)),
+                        )
+                    };
+                    // The weights' offsets (Q4_0's −8, Q6_K's −32, VNNI Q8_0's +128) taken out
+                    // of the integer sums up front.
+                    let minus = |scaled: __m256i| _mm256_sub_epi32(_mm256_setzero_si256(), scaled);
+                    let init = match TY {
+                        Q4_0 => minus(_mm256_slli_epi32::<3>(sums)),
+                        Q6_K => minus(_mm256_slli_epi32::<5>(sums)),
+                        Q8_0 if $vnni => minus(_mm256_slli_epi32::<7>(sums)),
+                        _ => _mm256_setzero_si256(),
+                    };
+                    for (j, a) in acc_row.iter_mut().enumerate() {
+                        let p = if TY == Q8_0 && !$vnni {
+                            dot_lanes(init, w.wq[j], _mm256_sign_epi8(xq, w.wsigned[j]))
+                        } else {
+                            dot_lanes(init, w.wq[j], xq)
+                        };
+                        let scale = _mm256_mul_ps(w.dw[j], dx);
+                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, *a);
+                        if matches!(TY, Q4_1 | Q4_K) {
+                            *a = _mm256_fmadd_ps(sums_f32, _mm256_mul_ps(w.mw[j], dx), *a);
+                        }
+                    }
+                }
+            }
+
             /// Outputs `(t..t+R, c..c+C)` by the module notes' arithmetic.
             ///
             /// # Safety
@@ -614,45 +680,14 @@ macro_rules! x86_int8_kernels {
                             };
                         }
                     }
-                    for (i, acc_row) in acc.iter_mut().enumerate() {
-                        let row_block = (t + i) * nb + b;
-                        // SAFETY: row t+i was quantized: k values, nb scales, 8·nb lane sums.
-                        let (xq, dx, sums, sums_f32) = unsafe {
-                            (
-                                _mm256_loadu_si256(
-                                    xs.q.as_ptr().add((t + i) * k + b * BLOCK).cast::<__m256i>(),
-                                ),
-                                _mm256_set1_ps(*xs.d.get_unchecked(row_block)),
-                                _mm256_loadu_si256(
-                                    xs.lane_sums.as_ptr().add(row_block * 8).cast::<__m256i>(),
-                                ),
-                                _mm256_loadu_ps(xs.lane_sums_f32.as_ptr().add(row_block * 8)),
-                            )
-                        };
-                        // The weights' offsets (Q4_0's −8, VNNI Q8_0's +128) taken out of the
-                        // integer sums up front.
-                        let init = match TY {
-                            Q4_0 => {
-                                _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 3))
-                            }
-                            Q8_0 if $vnni => {
-                                _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 7))
-                            }
-                            _ => _mm256_setzero_si256(),
-                        };
-                        for (j, a) in acc_row.iter_mut().enumerate() {
-                            let p = if TY == Q8_0 && !$vnni {
-                                dot_lanes(init, wq[j], _mm256_sign_epi8(xq, wsigned[j]))
-                            } else {
-                                dot_lanes(init, wq[j], xq)
-                            };
-                            let scale = _mm256_mul_ps(dw[j], dx);
-                            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, *a);
-                            if TY == Q4_1 {
-                                *a = _mm256_fmadd_ps(sums_f32, _mm256_mul_ps(mw[j], dx), *a);
-                            }
-                        }
-                    }
+                    let weights = BlockWeights {
+                        wq,
+                        wsigned,
+                        dw,
+                        mw,
+                    };
+                    // SAFETY: rows t..t+R were quantized (k values each).
+                    unsafe { add_block::<TY, R, C>(&mut acc, xs, &weights, t, k, b) };
                 }
                 // SAFETY: the tile lies in the caller's rectangle.
                 unsafe { store_tile(&acc, out, n, bias, t, c) };
@@ -675,7 +710,7 @@ macro_rules! x86_int8_kernels {
             ) {
                 let unit = unit_shape(TY).0;
                 let (k, n, row_bytes) = (w.k, w.n, w.row_bytes());
-                let (nb, units) = (k / BLOCK, k / (8 * BLOCK));
+                let units = k / (8 * BLOCK);
                 let wp = w.data[c * row_bytes..].as_ptr();
                 let mut acc = [[_mm256_setzero_ps(); C]; R];
                 let nibbles = |raw: __m256i| _mm256_and_si256(raw, _mm256_set1_epi8(0x0f));
@@ -713,7 +748,7 @@ macro_rules! x86_int8_kernels {
                                     dw[j] = _mm256_set1_ps(sc[sub]);
                                     mw[j] = _mm256_set1_ps(sc[8 + sub]);
                                 } else {
-                                    let (ql, high, qh, shift, _) = q6k_layout(sub);
+                                    let (ql, high, qh, shift) = q6k_layout(sub);
                                     let low = _mm256_loadu_si256(block.add(ql).cast::<__m256i>());
                                     let low =
                                         nibbles(if high { _mm256_srli_epi16(low, 4) } else { low });
@@ -732,38 +767,14 @@ macro_rules! x86_int8_kernels {
                                 }
                             }
                         }
-                        let b = u * 8 + sub;
-                        for (i, acc_row) in acc.iter_mut().enumerate() {
-                            let row_block = (t + i) * nb + b;
-                            // SAFETY: row t+i was quantized: k values, nb scales, 8·nb lane sums.
-                            let (xq, dx, sums, sums_f32) = unsafe {
-                                (
-                                    _mm256_loadu_si256(
-                                        xs.q.as_ptr()
-                                            .add((t + i) * k + b * BLOCK)
-                                            .cast::<__m256i>(),
-                                    ),
-                                    _mm256_set1_ps(*xs.d.get_unchecked(row_block)),
-                                    _mm256_loadu_si256(
-                                        xs.lane_sums.as_ptr().add(row_block * 8).cast::<__m256i>(),
-                                    ),
-                                    _mm256_loadu_ps(xs.lane_sums_f32.as_ptr().add(row_block * 8)),
-                                )
-                            };
-                            // Q6_K's −32 taken out of the integer sums up front.
-                            let init = if TY == Q6_K {
-                                _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sums, 5))
-                            } else {
-                                _mm256_setzero_si256()
-                            };
-                            for (j, a) in acc_row.iter_mut().enumerate() {
-                                let p = _mm256_cvtepi32_ps(dot_lanes(init, wq[j], xq));
-                                *a = _mm256_fmadd_ps(p, _mm256_mul_ps(dw[j], dx), *a);
-                                if TY == Q4_K {
-                                    *a = _mm256_fmadd_ps(sums_f32, _mm256_mul_ps(mw[j], dx), *a);
-                                }
-                            }
-                        }
+                        let weights = BlockWeights {
+                            wq,
+                            wsigned: wq,
+                            dw,
+                            mw,
+                        };
+                        // SAFETY: rows t..t+R were quantized (k values each).
+                        unsafe { add_block::<TY, R, C>(&mut acc, xs, &weights, t, k, u * 8 + sub) };
                     }
                 }
                 // SAFETY: the tile lies in the caller's rectangle.

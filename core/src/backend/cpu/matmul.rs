@@ -504,8 +504,13 @@ mod tests {
         out
     }
 
+    /// Close to the f64 product on awkward shapes; and every vector kernel (AVX2, AVX-512, NEON)
+    /// computes each output as the fused 8-lane chain of `dot_fused_reference` plus the bias —
+    /// the same bits on every architecture, for one row (decode tiles) and many (prefill tiles,
+    /// ragged edges included).
     #[test]
-    fn matches_naive_on_awkward_shapes() {
+    fn matches_naive_and_the_fused_lane_reference_on_awkward_shapes() {
+        use super::super::simd::dot_fused_reference;
         for &(rows, n, k) in &[
             (1, 1, 1),
             (1, 7, 13),
@@ -516,6 +521,10 @@ mod tests {
             (70, 31, 9),
             (0, 4, 4),
             (4, 0, 4),
+            (1, 19, 131),
+            (1, 16, 8),
+            (7, 13, 77),
+            (29, 37, 131),
         ] {
             let x = values(rows * k, 1);
             let w = values(n * k, 2);
@@ -525,6 +534,22 @@ mod tests {
             let want = naive(&x, &w, Some(&b), rows, n, k);
             for (o, e) in out.iter().zip(&want) {
                 assert!((*o as f64 - e).abs() < 1e-4, "{rows}x{n}x{k}: {o} vs {e}");
+            }
+            if isa() == Isa::Scalar {
+                continue; // the portable path multiplies and adds unfused
+            }
+            for r in 0..rows {
+                for c in 0..n {
+                    let (xr, wc) = (&x[r * k..(r + 1) * k], &w[c * k..(c + 1) * k]);
+                    let fused = dot_fused_reference(xr, wc) + b[c];
+                    let got = out[r * n + c];
+                    assert_eq!(
+                        got.to_bits(),
+                        fused.to_bits(),
+                        "{:?} {rows}x{n}x{k} ({r}, {c})",
+                        isa()
+                    );
+                }
             }
         }
     }
@@ -614,43 +639,6 @@ mod tests {
             out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         };
         assert_eq!(run(false), run(true));
-    }
-
-    /// Every vector kernel (AVX2, AVX-512, NEON) computes each output as the fused 8-lane chain
-    /// of `dot_fused_reference` plus the bias: the same bits on every architecture, for one row
-    /// (decode tiles) and many (prefill tiles, ragged edges included).
-    #[test]
-    fn vector_kernels_equal_the_fused_lane_reference() {
-        use super::super::simd::dot_fused_reference;
-        if isa() == Isa::Scalar {
-            println!("skipped: no vector path here (or RLX_ISA caps it)");
-            return;
-        }
-        for &(rows, n, k) in &[
-            (1, 19, 131),
-            (1, 16, 8),
-            (2, 9, 64),
-            (7, 13, 77),
-            (29, 37, 131),
-        ] {
-            let x = values(rows * k, 21);
-            let w = values(n * k, 22);
-            let b = values(n, 23);
-            let mut out = vec![0f32; rows * n];
-            matmul(&mut out, &x, &w, Some(&b), rows, n, k);
-            for r in 0..rows {
-                for c in 0..n {
-                    let want =
-                        dot_fused_reference(&x[r * k..(r + 1) * k], &w[c * k..(c + 1) * k]) + b[c];
-                    assert_eq!(
-                        out[r * n + c].to_bits(),
-                        want.to_bits(),
-                        "{:?} {rows}x{n}x{k} at ({r}, {c})",
-                        isa()
-                    );
-                }
-            }
-        }
     }
 
     #[test]
